@@ -1,0 +1,64 @@
+"""Training progress for people (a rich bar, or plain lines in logs) and for programs (JSON lines)."""
+
+import json
+import sys
+import time
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+
+def format_metrics(metrics: dict) -> str:
+    """'loss 1.234 | lr 0.0600 | ...' for the numbers a person watches."""
+    parts = []
+    for key, value in metrics.items():
+        if isinstance(value, float):
+            value = f"{value:.4g}" if key != "data_wait" else f"{value:.0%}"
+        parts.append(f"{key} {value}")
+    return " | ".join(parts)
+
+
+class ProgressLog:
+    """Appends every logged record to a JSON-lines file; shows a bar on a terminal, else prints.
+
+    Only the main process should create one. `log(step, metrics)` records and displays;
+    `print(text)` writes a line without breaking the bar.
+    """
+
+    def __init__(self, metrics_path: str, total_steps: int, start_step: int, bar: bool | None = None):
+        self.metrics_file = open(metrics_path, "a")  # appended: a resumed run continues the file
+        self.console = Console()
+        self.total_steps = total_steps
+        self.bar = self.console.is_terminal if bar is None else bar
+        self.start_time, self.start_step = time.time(), start_step
+        self.progress = None
+        if self.bar:
+            self.progress = Progress(
+                TextColumn("[bold]pretrain"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                TextColumn("{task.fields[status]}"), console=self.console, transient=False,
+            )
+            self.task = self.progress.add_task("pretrain", total=total_steps, completed=start_step, status="")
+            self.progress.start()
+
+    def log(self, step: int, metrics: dict) -> None:
+        record = {"step": step, "time": round(time.time(), 3), **metrics}
+        self.metrics_file.write(json.dumps(record) + "\n")
+        self.metrics_file.flush()
+        shown = {k: v for k, v in metrics.items() if k in ("epoch", "loss", "lr", "m", "img_per_s", "data_wait", "knn_top1")}
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step, status=format_metrics(shown))
+        else:
+            elapsed = time.time() - self.start_time
+            done = step - self.start_step
+            eta = elapsed / done * (self.total_steps - step) if done > 0 else float("nan")
+            eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta == eta else "?"
+            print(f"step {step}/{self.total_steps} | {format_metrics(shown)} | eta {eta_text}", flush=True)
+
+    def print(self, text: str) -> None:
+        (self.progress.console if self.progress is not None else self.console).print(text)
+        sys.stdout.flush()
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+        self.metrics_file.close()
