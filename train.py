@@ -76,8 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.add_argument("--lr", type=float, default=0.6, help="base lr; the lr used is lr x batch-size / 256")
     a.add_argument("--wd", type=float, default=1e-6, help="weight decay")
     a.add_argument("--optimizer", default="lars", choices=("lars", "adamw"))
-    a.add_argument("--epochs", type=int, default=100)
-    a.add_argument("--warmup-epochs", type=int, default=10, help="linear lr warmup from 0")
+    a.add_argument("--epochs", type=float, default=100, help="length of the schedules; fractions allowed")
+    a.add_argument("--warmup-epochs", type=float, default=10, help="linear lr warmup from 0")
     a = p.add_argument_group("run")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--output-dir", default="runs/pretrain")
@@ -195,7 +195,8 @@ def knn_top1(backbone, bank_loader, query_loader, num_classes, device) -> float:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    accelerator = Accelerator()
+    # torchrun without GPUs: Accelerate starts gloo only when told the processes are CPU ones.
+    accelerator = Accelerator(cpu="LOCAL_RANK" in os.environ and not torch.cuda.is_available())
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
     bf_loss = args.bf_loss or bf_loss_from_add_bf(args.add_bf)
     validate(args, world, bf_loss)
@@ -210,8 +211,8 @@ def main(argv=None) -> int:
     steps_per_epoch = len(dataset) // args.batch_size
     if steps_per_epoch == 0:
         fail(f"{len(dataset)} training images do not fill one global batch of {args.batch_size}; lower --batch-size")
-    total_steps = steps_per_epoch * args.epochs
-    warmup_steps = steps_per_epoch * args.warmup_epochs
+    total_steps = round(steps_per_epoch * args.epochs)
+    warmup_steps = round(steps_per_epoch * args.warmup_epochs)
     last_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
     peak_lr = args.lr * args.batch_size / 256
 

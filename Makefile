@@ -1,0 +1,47 @@
+# Everything goes through a local virtual environment that the Makefile builds itself.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The project needs torch>=2.4; this pin is the build that installs from this machine's disk.
+TORCH  ?= torch==2.14.1 torchvision==0.29.1
+SMOKE  ?= build/smoke
+BUDGET ?= 15
+SEEDS  ?= 2
+OUT    ?= bench-results/quality
+
+.PHONY: venv test test-fast smoke-test bench-speed bench-quality clean
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $@
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# Whole pipeline on a generated JPEG ImageFolder, on the CPU: pretrain with BatchFormer, then kNN probe.
+smoke-test: venv
+	rm -rf $(SMOKE)
+	$(BIN)/python -m bfcl.synthetic $(SMOKE)/data --classes 4 --train-per-class 96 --val-per-class 32 --size 32
+	$(BIN)/accelerate launch --config_file accelerate_configs/cpu.yaml train.py \
+		--data $(SMOKE)/data --output-dir $(SMOKE)/run -a resnet18 --stem small --image-size 32 \
+		-b 32 --epochs 4 --warmup-epochs 1 --lr 0.6 --moco-mlp-dim 512 --add_bf 1 --workers 2 \
+		--log-every 4 --knn-every 12 --knn-samples 128
+	$(BIN)/accelerate launch --config_file accelerate_configs/cpu.yaml probe.py \
+		--pretrained $(SMOKE)/run/backbone.safetensors --data $(SMOKE)/data --mode knn --workers 2 \
+		--output-dir $(SMOKE)/probe
+
+bench-speed: venv
+	$(BIN)/python bench/speed.py
+
+bench-quality: venv
+	$(BIN)/python bench/quality.py --budget-min $(BUDGET) --seeds $(SEEDS) --out $(OUT)
+
+clean:
+	rm -rf build bench-results .pytest_cache
