@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
@@ -108,9 +109,13 @@ def validate(args, num_processes: int, bf_loss: str | None) -> None:
         fail(f"BatchFormer needs at least 2 samples per process, got {args.batch_size // num_processes}; raise --batch-size")
     if args.warmup_epochs >= args.epochs:
         fail(f"--warmup-epochs {args.warmup_epochs} must be shorter than --epochs {args.epochs}")
-    os.makedirs(args.output_dir, exist_ok=True)
-    if not os.access(args.output_dir, os.W_OK):
-        fail(f"--output-dir {args.output_dir} is not writable; choose another folder")
+    try:
+        os.makedirs(args.output_dir, exist_ok=True)
+        probe = os.path.join(args.output_dir, f".write-test-{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        fail(f"--output-dir {args.output_dir} is not writable ({e.strerror}); choose another folder")
     if args.knn_every and not os.path.isdir(os.path.join(args.data, "val")):
         fail(f"--knn-every needs labelled images in {os.path.join(args.data, 'val')}; add them or pass --knn-every 0")
 
@@ -136,6 +141,12 @@ def param_groups(model: MoCo, args) -> tuple[list[dict], list[str]]:
     return groups, [n for n, _ in main + bf]
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """Data workers leave SIGINT/SIGTERM to the main process, which finishes the step first."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class StopSignal:
     """First SIGTERM/SIGINT: ask the loop to checkpoint and exit. Second: exit at once."""
 
@@ -151,7 +162,7 @@ class StopSignal:
         self.requested = True
 
 
-def resume_state(args, accelerator) -> tuple[str | None, dict | None]:
+def resume_state(args) -> tuple[str | None, dict | None]:
     """The checkpoint to resume from (or None) and its meta, with settings checked."""
     if args.resume == "none":
         return None, None
@@ -193,49 +204,73 @@ def knn_top1(backbone, bank_loader, query_loader, num_classes, device) -> float:
     return topk_accuracy(knn_scores(queries, bank, bank_labels, num_classes, k=200), labels)["top1"]
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    # torchrun without GPUs: Accelerate starts gloo only when told the processes are CPU ones.
-    accelerator = Accelerator(cpu="LOCAL_RANK" in os.environ and not torch.cuda.is_available())
-    device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
-    bf_loss = args.bf_loss or bf_loss_from_add_bf(args.add_bf)
-    validate(args, world, bf_loss)
+@dataclass(frozen=True)
+class Plan:
+    """Quantities derived once from the config and the launch; printed at start, never mutated."""
 
-    # ---- data ------------------------------------------------------------------------------
-    try:
-        dataset = PretrainDataset(os.path.join(args.data, "train"),
-                                  pretrain_views(args.image_size, args.crop_min, args.blur))
-    except DataError as e:
-        fail(str(e))
-    local_batch = args.batch_size // world
-    steps_per_epoch = len(dataset) // args.batch_size
+    processes: int
+    local_batch: int
+    steps_per_epoch: int
+    total_steps: int  # the length of the lr and momentum schedules
+    warmup_steps: int
+    last_step: int  # where this invocation stops: total_steps, or --max-steps
+    peak_lr: float  # --lr x global batch / 256
+    bf_loss: str | None  # None: BatchFormer off
+
+
+def make_plan(args, num_images: int, processes: int, bf_loss: str | None) -> Plan:
+    steps_per_epoch = num_images // args.batch_size
     if steps_per_epoch == 0:
-        fail(f"{len(dataset)} training images do not fill one global batch of {args.batch_size}; lower --batch-size")
+        fail(f"{num_images} training images do not fill one global batch of {args.batch_size}; lower --batch-size")
     total_steps = round(steps_per_epoch * args.epochs)
-    warmup_steps = round(steps_per_epoch * args.warmup_epochs)
-    last_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
-    peak_lr = args.lr * args.batch_size / 256
+    return Plan(processes=processes, local_batch=args.batch_size // processes, steps_per_epoch=steps_per_epoch,
+                total_steps=total_steps, warmup_steps=round(steps_per_epoch * args.warmup_epochs),
+                last_step=min(total_steps, args.max_steps) if args.max_steps else total_steps,
+                peak_lr=args.lr * args.batch_size / 256, bf_loss=bf_loss)
 
-    # ---- model and optimizer (same seed everywhere: identical init, BatchFormer included) ----
+
+def build_model_and_optimizer(args, plan: Plan, device: torch.device):
+    """MoCo model and optimizer, plus the parameter names in optimizer order (for checkpoints).
+    Called with the same seed on every process, so all start identical, BatchFormer included."""
     set_seed(args.seed)
-    model = MoCo(args.arch, args.stem, args.moco_dim, args.moco_mlp_dim, batchformer=bf_loss is not None,
+    model = MoCo(args.arch, args.stem, args.moco_dim, args.moco_mlp_dim, batchformer=plan.bf_loss is not None,
                  bf_trainable=args.bf_trainable)
-    if world > 1 and device.type == "cuda":  # gloo on CPU rejects SyncBatchNorm
+    if plan.processes > 1 and device.type == "cuda":  # gloo (CPU) rejects SyncBatchNorm
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    channels_last = device.type == "cuda"
-    if channels_last:
+    if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     groups, param_names = param_groups(model, args)
     if args.optimizer == "lars":
         optimizer = LARS(groups, weight_decay=args.wd, momentum=0.9)
     else:
         optimizer = torch.optim.AdamW(groups, weight_decay=args.wd)
-    free = shutil.disk_usage(args.output_dir).free
-    need = 3 * sum(t.numel() * t.element_size() for t in model.state_dict().values())  # model + optimizer, generously
-    if free < need:
-        fail(f"{free / 2**30:.1f} GiB free in {args.output_dir}, a checkpoint needs about {need / 2**30:.1f} GiB; free space or choose another --output-dir")
+    return model, optimizer, param_names
 
-    path, resumed = resume_state(args, accelerator)
+
+def check_free_disk(args, model) -> None:
+    need = 3 * sum(t.numel() * t.element_size() for t in model.state_dict().values())  # model + optimizer, with room
+    free = shutil.disk_usage(args.output_dir).free
+    if free < need:
+        fail(f"{free / 2**30:.2f} GiB free in {args.output_dir} but a checkpoint needs about {need / 2**30:.2f} GiB; "
+             "free some space or choose another --output-dir")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    # torchrun without GPUs: Accelerate starts gloo only when told the processes are CPU ones.
+    accelerator = Accelerator(cpu="LOCAL_RANK" in os.environ and not torch.cuda.is_available())
+    bf_loss = args.bf_loss or bf_loss_from_add_bf(args.add_bf)
+    validate(args, accelerator.num_processes, bf_loss)
+    try:
+        dataset = PretrainDataset(os.path.join(args.data, "train"),
+                                  pretrain_views(args.image_size, args.crop_min, args.blur))
+    except DataError as e:
+        fail(str(e))
+    plan = make_plan(args, len(dataset), accelerator.num_processes, bf_loss)
+    model, optimizer, param_names = build_model_and_optimizer(args, plan, accelerator.device)
+    check_free_disk(args, model)
+
+    path, resumed = resume_state(args)
     start_step = 0
     if resumed is not None:
         model.load_state_dict(resumed["model"])  # strict: every key must match
@@ -246,61 +281,70 @@ def main(argv=None) -> int:
     model, optimizer = accelerator.prepare(model, optimizer)
     if resumed is not None and accelerator.scaler is not None and resumed["meta"].get("scaler"):
         accelerator.scaler.load_state_dict(resumed["meta"]["scaler"])
-    moco = accelerator.unwrap_model(model)
 
-    trainable = sum(p.numel() for p in moco.parameters() if p.requires_grad)
-    frozen = sum(p.numel() for p in moco.parameters() if not p.requires_grad)
+    moco = accelerator.unwrap_model(model, keep_torch_compile=False)
     summary = {
-        "processes": world, "device": str(device), "precision": accelerator.mixed_precision,
-        "batch per process": local_batch, "global batch": args.batch_size, "lr (scaled)": peak_lr,
-        "steps per epoch": steps_per_epoch, "total steps": total_steps, "warmup steps": warmup_steps,
-        "trainable params": trainable, "frozen params": frozen, "seed": args.seed,
-        "BatchFormer": "off" if bf_loss is None else
-        f"{bf_loss} loss, {'trainable' if args.bf_trainable else 'frozen at init'}, context {local_batch} samples per process",
+        "processes": plan.processes, "device": str(accelerator.device), "precision": accelerator.mixed_precision,
+        "batch per process": plan.local_batch, "global batch": args.batch_size, "lr (scaled)": plan.peak_lr,
+        "steps per epoch": plan.steps_per_epoch, "total steps": plan.total_steps, "warmup steps": plan.warmup_steps,
+        "trainable params": sum(p.numel() for p in moco.parameters() if p.requires_grad),
+        "frozen params": sum(p.numel() for p in moco.parameters() if not p.requires_grad), "seed": args.seed,
+        "BatchFormer": "off" if bf_loss is None else f"{bf_loss} loss, "
+        f"{'trainable' if args.bf_trainable else 'frozen at init'}, context {plan.local_batch} samples per process",
         "resumed from": f"{path} (step {start_step})" if path else "scratch",
     }
     accelerator.print("\n".join(f"{k:>18}: {v}" for k, v in summary.items()))
-    config = vars(args)
     if accelerator.is_main_process:
         with open(os.path.join(args.output_dir, "config.json"), "w") as f:
-            json.dump({"config": config, "derived": summary}, f, indent=1)
+            json.dump({"config": vars(args), "derived": summary}, f, indent=1)
+    return train(args, plan, accelerator, model, optimizer, param_names, dataset, start_step)
 
+
+def save(args, plan: Plan, accelerator, moco: MoCo, optimizer, param_names, step: int) -> None:
+    """Training checkpoint + backbone export. The main process writes; the others wait so
+    that no process runs ahead of a half-written checkpoint."""
+    if accelerator.is_main_process:
+        meta = {"format": "bfcl-checkpoint-1", "version": code_version(), "config": vars(args),
+                "epoch": step / plan.steps_per_epoch, "steps_per_epoch": plan.steps_per_epoch,
+                "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+                "rng": "derived from (seed, step, process index): nothing to restore"}
+        state = moco.state_dict()
+        save_checkpoint(args.output_dir, step, state, optimizer_state_tensors(optimizer.optimizer, param_names),
+                        meta, args.keep)
+        prefix = "base_encoder.backbone."
+        backbone = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        save_file_atomic(backbone, os.path.join(args.output_dir, "backbone.safetensors"),
+                         {"format": "torchvision-resnet-backbone", "arch": args.arch, "stem": args.stem, "step": str(step)})
+    accelerator.wait_for_everyone()
+
+
+def train(args, plan: Plan, accelerator, model, optimizer, param_names, dataset, start_step: int) -> int:
+    """The pretraining loop. Per step: set lr and m -> forward -> gather keys -> loss ->
+    backward -> optimizer step -> momentum update; then, at sync points only, read the
+    device-side sums, log, check for trouble and checkpoint."""
+    device, rank = accelerator.device, accelerator.process_index
+    moco = accelerator.unwrap_model(model, keep_torch_compile=False)
+    log = ProgressLog(os.path.join(args.output_dir, "metrics.jsonl"), plan.last_step, start_step) \
+        if accelerator.is_main_process else None
     knn_sets = knn_monitor_sets(args) if args.knn_every and accelerator.is_main_process else None
-    log = ProgressLog(os.path.join(args.output_dir, "metrics.jsonl"), last_step, start_step) if accelerator.is_main_process else None
-
-    def checkpoint(step: int) -> None:
-        """Main process writes; the others wait so nobody runs ahead of a half-written file."""
-        if accelerator.is_main_process:
-            meta = {"config": config, "epoch": step / steps_per_epoch, "steps_per_epoch": steps_per_epoch,
-                    "version": code_version(), "format": "bfcl-checkpoint-1",
-                    "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-                    "rng": "derived from (seed, step, process index); nothing to restore"}
-            state = moco.state_dict()
-            save_checkpoint(args.output_dir, step, state, optimizer_state_tensors(optimizer.optimizer, param_names),
-                            meta, args.keep)
-            backbone = {k[len("base_encoder.backbone."):]: v for k, v in state.items() if k.startswith("base_encoder.backbone.")}
-            save_file_atomic(backbone, os.path.join(args.output_dir, "backbone.safetensors"),
-                             {"arch": args.arch, "stem": args.stem, "step": str(step), "format": "torchvision-resnet-backbone"})
-        accelerator.wait_for_everyone()
-
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     stop = StopSignal()
-    step = start_step
     # Sums since the last sync point, kept on the device so that a step never waits for the
-    # host: loss, non-finite losses, images that failed to load, stop requests.
+    # host: loss, non-finite losses, image reads that failed, stop requests.
     window, window_steps = torch.zeros(4, device=device), 0
     nonfinite_total, bad_total, images_total = 0, 0, 0
     window_start, data_wait = time.perf_counter(), 0.0
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    while step < last_step:
-        epoch, epoch_step = divmod(step, steps_per_epoch)
-        sampler = EpochBatchSampler(len(dataset), args.batch_size, rank, world, args.seed, epoch, epoch_step)
+    step = start_step
+    while step < plan.last_step:
+        epoch, epoch_step = divmod(step, plan.steps_per_epoch)
+        sampler = EpochBatchSampler(len(dataset), args.batch_size, rank, plan.processes, args.seed, epoch, epoch_step)
         loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers,
-                            pin_memory=device.type == "cuda")
+                            pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
         fetch_start = time.perf_counter()
         for x1, x2, _, failed in loader:
             data_wait += time.perf_counter() - fetch_start
-            lr = learning_rate(step, total_steps, warmup_steps, peak_lr)
-            m = momentum(step, total_steps, args.moco_m, args.moco_m_cos)
+            lr = learning_rate(step, plan.total_steps, plan.warmup_steps, plan.peak_lr)
+            m = momentum(step, plan.total_steps, args.moco_m, args.moco_m_cos)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]
             torch.manual_seed(args.seed * 1_000_003 + step * 1009 + rank)  # BatchFormer's dropout
@@ -308,7 +352,7 @@ def main(argv=None) -> int:
             x2 = x2.to(device, non_blocking=True, memory_format=memory_format)
 
             q1, q2, k1, k2 = model(x1, x2)
-            loss = moco_loss(q1, q2, accelerator.gather(k1), accelerator.gather(k2), rank, args.moco_t, bf_loss)
+            loss = moco_loss(q1, q2, accelerator.gather(k1), accelerator.gather(k2), rank, args.moco_t, plan.bf_loss)
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             optimizer.step()
@@ -319,9 +363,10 @@ def main(argv=None) -> int:
                                    failed.sum().float().to(device), torch.tensor(float(stop.requested)).to(device)])
             window_steps += 1
             images_total += args.batch_size
-            save_now = step % args.save_every == 0 or step % steps_per_epoch == 0 or step == last_step
-            knn_now = args.knn_every and (step % args.knn_every == 0 or step == last_step)
-            if step % args.log_every and not save_now and not knn_now:
+            end_of_epoch = step % plan.steps_per_epoch == 0
+            save_now = step % args.save_every == 0 or end_of_epoch or step == plan.last_step
+            knn_now = args.knn_every and (step % args.knn_every == 0 or step == plan.last_step)
+            if step % args.log_every and not (save_now or knn_now):
                 fetch_start = time.perf_counter()
                 continue
 
@@ -330,29 +375,31 @@ def main(argv=None) -> int:
             nonfinite_total += int(nonfinite)
             bad_total += int(bad)
             if nonfinite_total > args.max_nonfinite_steps:
-                fail(f"non-finite loss at step {step} (lr {lr:.4g}, precision {accelerator.mixed_precision}); the last "
+                fail(f"non-finite loss by step {step} (lr {lr:.4g}, precision {accelerator.mixed_precision}); the last "
                      f"good checkpoint is kept in {args.output_dir}; lower --lr, or use bf16 instead of fp16")
             if bad_total > args.max_bad_image_share * images_total:
                 fail(f"{bad_total} of {images_total} image reads failed, more than --max-bad-image-share "
                      f"{args.max_bad_image_share}; check the data folder")
             elapsed = time.perf_counter() - window_start
             if log is not None:
-                metrics = {"epoch": round(step / steps_per_epoch, 3), "loss": loss_sum / world / window_steps,
+                metrics = {"epoch": round(step / plan.steps_per_epoch, 3), "loss": loss_sum / plan.processes / window_steps,
                            "lr": lr, "m": m, "img_per_s": round(window_steps * args.batch_size / elapsed, 1),
                            "data_wait": data_wait / elapsed, "bad_images": bad_total}
                 if knn_now:
                     metrics["knn_top1"] = knn_top1(moco.base_encoder.backbone, *knn_sets, device)
                 log.log(step, metrics)
+                if end_of_epoch and bad_total:
+                    log.print(f"epoch {step // plan.steps_per_epoch}: {bad_total} unreadable images so far, each replaced by the next readable one")
             window.zero_()
             window_steps, window_start, data_wait = 0, time.perf_counter(), 0.0
             if save_now or stops:
-                checkpoint(step)
+                save(args, plan, accelerator, moco, optimizer, param_names, step)
             if stops:
                 if log is not None:
                     log.print(f"stopped by a signal at step {step}; checkpoint written; run the same command to resume")
                     log.close()
                 return EXIT_PREEMPTED
-            if step >= last_step:
+            if step >= plan.last_step:
                 break
             fetch_start = time.perf_counter()
     if log is not None:

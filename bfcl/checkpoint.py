@@ -67,8 +67,10 @@ def save_checkpoint(output_dir: str, step: int, model_state: dict, optimizer_sta
     root = os.path.join(output_dir, CHECKPOINT_DIR)
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f"step-{step:08d}")
+    for stale in os.listdir(root):  # left by a run killed while saving; only one process saves
+        if stale.startswith(".step-"):
+            shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
     tmp = os.path.join(root, f".step-{step:08d}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     files = {}
     for name, tensors in (("model.safetensors", model_state), ("optimizer.safetensors", optimizer_state)):
@@ -100,6 +102,8 @@ def list_checkpoints(output_dir: str) -> list[str]:
 def read_meta(path: str) -> dict:
     """meta.json of a checkpoint directory, after checking both tensor files' size and checksum."""
     meta_path = os.path.join(path, "meta.json")
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint {path} does not exist; check the path or use --resume auto")
     if not os.path.isfile(meta_path):
         raise CheckpointError(f"{path} is not a bfcl checkpoint (no meta.json); pass a checkpoints/step-* directory")
     try:
