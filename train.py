@@ -108,7 +108,7 @@ def validate(args, num_processes: int, bf_loss: str | None) -> None:
     if bf_loss is not None and args.batch_size // num_processes < 2:
         fail(f"BatchFormer needs at least 2 samples per process, got {args.batch_size // num_processes}; raise --batch-size")
     if args.warmup_epochs >= args.epochs:
-        fail(f"--warmup-epochs {args.warmup_epochs} must be shorter than --epochs {args.epochs}")
+        fail(f"--warmup-epochs {args.warmup_epochs:g} must be shorter than --epochs {args.epochs:g}")
     try:
         os.makedirs(args.output_dir, exist_ok=True)
         probe = os.path.join(args.output_dir, f".write-test-{os.getpid()}")

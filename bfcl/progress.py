@@ -55,7 +55,7 @@ class ProgressLog:
             print(f"step {step}/{self.total_steps} | {format_metrics(shown)} | eta {eta_text}", flush=True)
 
     def print(self, text: str) -> None:
-        (self.progress.console if self.progress is not None else self.console).print(text)
+        (self.progress.console if self.progress is not None else self.console).print(text, soft_wrap=True)
         sys.stdout.flush()
 
     def close(self) -> None:
