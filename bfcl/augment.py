@@ -1,0 +1,251 @@
+"""MoCo v3's two-view augmentation on batches of uint8 tensors, on any device.
+
+The per-image PIL recipe (bfcl.data.pretrain_views) runs in the data-loading processes and
+is the usual bottleneck at 224 px. This module splits the work in two:
+
+- in the loader, per image: decode, resize to a fixed square `source_size`, and draw the
+  random parameters of both views (`BatchedTwoViews.dataset_transforms`, which plugs into
+  PretrainDataset in place of the PIL views, so the draws stay seeded per sample);
+- on the training device, per batch: crop, jitter, grey, blur, solarize, flip and normalise all
+  2B views at once (`BatchedTwoViews.__call__`), with no host synchronisation.
+
+The parameter distributions are those of method.md §1 and of torchvision's transforms
+(RandomResizedCrop's ten tries and fallback, ColorJitter's random order, ...); the pixels differ
+slightly from the PIL path: float arithmetic instead of uint8 rounding, a bilinear crop with
+box-filter antialiasing (roi_align) instead of PIL's, and a truncated Gaussian instead of
+PIL's three box blurs. Crops are drawn in the ORIGINAL image's pixel coordinates and mapped onto
+the square source, so squashing an image to S x S changes no crop's shape or position; only
+detail finer than the source resolution is lost.
+
+Gaussian blur kernel: 2·ceil(3·σ_max)+1 = 13 taps for σ_max = 2 (±3σ at the largest σ, reflect
+padding as in torchvision's gaussian_blur). PIL's GaussianBlur(radius=σ), the reference path,
+is three box blurs with the same σ in output pixels, whose support is also about ±3σ. SimCLR's
+"10% of the side" rule gives 23 taps at 224 px (the same blur, the Gaussian beyond ±6 px holds
+<0.3% of the mass) but only 3 taps at 32 px, where it truncates σ = 2 heavily; the σ-derived
+size matches the reference at every image size.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as nnf
+import torchvision.transforms.v2.functional as F
+from torchvision.ops import roi_align
+
+from bfcl.data import IMAGENET_MEAN, IMAGENET_STD, eval_resize
+
+# ColorJitter(0.4, 0.4, 0.2, 0.1): factor ranges in the op order brightness, contrast,
+# saturation, hue (the op ids used in `order`).
+JITTER_RANGES = ((0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1))
+BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
+SIGMA_RANGE = (0.1, 2.0)
+SOLARIZE_THRESHOLD = 128 / 255
+
+
+def draw_crop_boxes(sizes: torch.Tensor, crop_min: float, generator=None) -> torch.Tensor:
+    """RandomResizedCrop's box, for each row of sizes [n, 2] = (height, width) in pixels.
+
+    torchvision's rule, vectorised: ten tries of area share ~ U[crop_min, 1] and log aspect
+    ratio ~ U[log 3/4, log 4/3]; the first try that fits wins, at a uniform integer position;
+    if none fits, the centre crop at the nearest allowed aspect ratio.
+    Returns boxes [n, 4] = (x0, y0, x1, y1) in pixel units, float.
+    """
+    n = sizes.shape[0]
+    height, width = sizes[:, 0:1].double(), sizes[:, 1:2].double()  # [n, 1]
+    area = height * width * torch.empty(n, 10, dtype=torch.float64).uniform_(crop_min, 1.0, generator=generator)
+    log_ratio = torch.empty(n, 10, dtype=torch.float64).uniform_(math.log(3 / 4), math.log(4 / 3), generator=generator)
+    w = torch.sqrt(area * torch.exp(log_ratio)).round()
+    h = torch.sqrt(area / torch.exp(log_ratio)).round()
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)  # [n, 10]
+    first = fits.int().argmax(dim=1, keepdim=True)  # index of the first fitting try (0 if none)
+    w, h = w.gather(1, first), h.gather(1, first)
+    u = torch.rand(n, 2, dtype=torch.float64, generator=generator)
+    top = torch.floor(u[:, 0:1] * (height - h + 1))
+    left = torch.floor(u[:, 1:2] * (width - w + 1))
+    # Fallback: the whole image, narrowed to the allowed aspect range, centred.
+    ratio = width / height
+    w_fb = torch.where(ratio > 4 / 3, (height * 4 / 3).round(), width)
+    h_fb = torch.where(ratio < 3 / 4, (width / (3 / 4)).round(), height)
+    found = fits.any(dim=1, keepdim=True)
+    w, h = torch.where(found, w, w_fb), torch.where(found, h, h_fb)
+    top = torch.where(found, top, torch.div(height - h, 2, rounding_mode="floor"))
+    left = torch.where(found, left, torch.div(width - w, 2, rounding_mode="floor"))
+    return torch.cat([left, top, left + w, top + h], dim=1).float()
+
+
+def draw_view_params(sizes: torch.Tensor, crop_min: float, blur_p, solarize_p, generator=None) -> dict:
+    """Random parameters of one view per row: sizes [n, 2] (height, width) of the images,
+    blur_p and solarize_p [n] the recipe's probabilities for each row.
+
+    Returns a dict of tensors, all with leading dim n: box [n, 4] (x0, y0, x1, y1 in the
+    image's pixels), jitter [n] bool (ColorJitter applied, p 0.8), factors [n, 4] (brightness,
+    contrast, saturation, hue), order [n, 4] (a random permutation of the four op ids, as
+    ColorJitter's randperm), grey [n] bool (p 0.2), blur [n] bool, sigma [n], solarize [n]
+    bool, flip [n] bool (p 0.5).
+    """
+    n = sizes.shape[0]
+    rand = lambda *shape: torch.rand(*shape, generator=generator)
+    box = draw_crop_boxes(sizes, crop_min, generator)
+    low, high = torch.tensor(JITTER_RANGES).T
+    return {
+        "box": box,
+        "jitter": rand(n) < 0.8,
+        "factors": low + (high - low) * rand(n, 4),
+        "order": rand(n, 4).argsort(dim=1),  # uniform random permutation per row
+        "grey": rand(n) < 0.2,
+        "blur": rand(n) < torch.as_tensor(blur_p),
+        "sigma": SIGMA_RANGE[0] + (SIGMA_RANGE[1] - SIGMA_RANGE[0]) * rand(n),
+        "solarize": rand(n) < torch.as_tensor(solarize_p),
+        "flip": rand(n) < 0.5,
+    }
+
+
+def blend(x: torch.Tensor, kind: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """torchvision's brightness / contrast / saturation adjustment with one op and factor per row.
+
+    x [N, 3, H, W] floats in [0, 1]; kind [N] op id; factor [N]. Each is
+    clamp(f·x + (1 - f)·ref) with ref = 0 (brightness), the image's mean grey (contrast) or the
+    pixel's grey (saturation); factor 1 leaves a row unchanged, saturation 0 turns it grey.
+    """
+    grey = F.rgb_to_grayscale(x)  # [N, 1, H, W]
+    mean = grey.mean(dim=(-2, -1), keepdim=True)
+    rest = (1 - factor).view(-1, 1, 1, 1)  # the weight of ref, split by op kind below
+    kind = kind.view(-1, 1, 1, 1)
+    grey.mul_(torch.where(kind == SATURATION, rest, 0.0))
+    grey.add_(mean.mul_(torch.where(kind == CONTRAST, rest, 0.0)))
+    return x.mul(factor.view(-1, 1, 1, 1)).add_(grey).clamp_(0, 1)
+
+
+def shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """torchvision's adjust_hue with one shift per row: x [N, 3, H, W] in [0, 1], shift [N] in
+    turns (±0.5). Hue goes round the HSV hexagon; value (max) and chroma (max - min) are kept."""
+    r, g, b = x.unbind(dim=1)
+    high, low = x.amax(dim=1), x.amin(dim=1)  # (aminmax over dim 1 is slow on CPUs)
+    chroma = high - low
+    # Hue in sixths of a turn, times chroma; grey pixels (chroma 0) get 0 and stay grey.
+    hue = torch.where(high == r, g - b, torch.where(high == g, (b - r).add_(chroma, alpha=2), (r - g).add_(chroma, alpha=4)))
+    hue.div_(chroma.clamp(min=torch.finfo(x.dtype).tiny)).add_(6 * shift.view(-1, 1, 1))
+    out = torch.empty_like(x)
+    for c, offset in enumerate((5, 3, 1)):  # R, G, B: the closed form of HSV -> RGB
+        k = torch.remainder(hue + offset, 6)
+        k = torch.minimum(k, 4 - k).clamp_(0, 1)
+        torch.sub(high, k.mul_(chroma), out=out[:, c])
+    return out
+
+
+def color_jitter(x: torch.Tensor, p: dict) -> torch.Tensor:
+    """ColorJitter with each row's own factors and op order, on rows where p["jitter"].
+
+    Without host synchronisation, rows cannot be grouped by order. Instead: the ops a row runs
+    before its hue shift (slots 0-2 of its order), one hue shift for all rows (0 where off), then
+    the ops after it (slots 1-3). Rows with nothing to do in a round get factor 1 (identity).
+    """
+    order, factors, on = p["order"], p["factors"], p["jitter"]
+    hue_slot = (order == HUE).int().argmax(dim=1)
+    for slot, before in ((0, True), (1, True), (2, True), (None, None), (1, False), (2, False), (3, False)):
+        if slot is None:
+            x = shift_hue(x, torch.where(on, factors[:, HUE], torch.zeros_like(factors[:, HUE])))
+            continue
+        kind = order[:, slot]
+        active = on & ((slot < hue_slot) if before else (slot > hue_slot))
+        factor = torch.where(active, factors.gather(1, kind[:, None])[:, 0], torch.ones_like(factors[:, 0]))
+        x = blend(x, kind, factor)
+    return x
+
+
+def gaussian_kernels(sigma: torch.Tensor, on: torch.Tensor, size: int) -> torch.Tensor:
+    """1-D Gaussian kernels [N, size] (normalised to sum 1); rows with on=False get a delta."""
+    t = torch.arange(size, device=sigma.device, dtype=torch.float32) - size // 2
+    kernel = torch.exp(-0.5 * (t / sigma[:, None]) ** 2)
+    kernel = kernel / kernel.sum(dim=1, keepdim=True)
+    delta = (t == 0).float().expand_as(kernel)
+    return torch.where(on[:, None], kernel, delta)
+
+
+def gaussian_blur(x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
+    """Separable blur with one kernel per row: x [N, C, H, W], kernels [N, K] -> [N, C, H, W].
+    Reflect padding, as torchvision's gaussian_blur."""
+    n, c, h, w = x.shape
+    k = kernels.shape[1]
+    weight = kernels.repeat_interleave(c, dim=0)[:, None, None, :]  # [N·C, 1, 1, K]: one filter per channel
+    x = nnf.pad(x.reshape(1, n * c, h, w), (k // 2, k // 2, 0, 0), mode="reflect")
+    x = nnf.conv2d(x, weight, groups=n * c)
+    x = nnf.pad(x, (0, 0, k // 2, k // 2), mode="reflect")
+    x = nnf.conv2d(x, weight.transpose(2, 3), groups=n * c)
+    return x.view(n, c, h, w)
+
+
+def augment_rows(crops: torch.Tensor, p: dict, blur_size: int, mean, std) -> torch.Tensor:
+    """Everything after the crop, one parameter row per image: crops [N, 3, S, S] in [0, 1]
+    -> normalised views [N, 3, S, S]. Order as in the recipe: jitter, grey, blur, solarize, flip."""
+    x = color_jitter(crops, p)
+    x = blend(x, torch.full_like(p["order"][:, 0], SATURATION), torch.where(p["grey"], 0.0, 1.0))
+    x = gaussian_blur(x, gaussian_kernels(p["sigma"], p["blur"], blur_size))
+    x = torch.where(p["solarize"].view(-1, 1, 1, 1) & (x >= SOLARIZE_THRESHOLD), 1 - x, x)
+    x = torch.where(p["flip"].view(-1, 1, 1, 1), F.horizontal_flip(x), x)
+    return F.normalize(x, mean, std)
+
+
+class BatchedTwoViews:
+    """MoCo v3's views A (blur p 1, no solarize) and B (blur p 0.1, solarize p 0.2), batched.
+
+    dataset_transforms() -> (to_source, draw_params), the `views` pair for PretrainDataset:
+        to_source(PIL image) -> uint8 [3, S, S] (the image squashed to the square source size);
+        draw_params(PIL image) -> dict of [2, ...] tensors (row 0 view A, row 1 view B), drawn
+        from torch's RNG, which PretrainDataset seeds per sample.
+    __call__(images uint8 [B, 3, S, S], params dict of [B, 2, ...]) -> (view1, view2), each
+        float [B, 3, image_size, image_size], normalised, on the images' device.
+    chunk: rows processed at once after the crop (None: all; on CPUs a few rows stay in cache).
+    """
+
+    def __init__(self, image_size: int = 224, crop_min: float = 0.2, blur: bool = True,
+                 source_size: int | None = None, mean=IMAGENET_MEAN, std=IMAGENET_STD, chunk: int | None = None):
+        self.image_size, self.crop_min = image_size, crop_min
+        self.source_size = source_size or eval_resize(image_size)  # 256 for 224 px, the image size below 96
+        self.blur_p = (1.0, 0.1) if blur else (0.0, 0.0)
+        self.solarize_p = (0.0, 0.2)
+        self.blur_size = min(2 * math.ceil(3 * SIGMA_RANGE[1]) + 1, 2 * (image_size // 2) - 1)  # reflect pad < side
+        self.mean, self.std, self.chunk = list(mean), list(std), chunk
+
+    def draw(self, sizes: torch.Tensor, generator=None) -> dict:
+        """Parameters of both views for images of sizes [n, 2] (height, width): dict of [n, 2, ...]
+        with boxes already mapped onto the S x S source."""
+        n = sizes.shape[0]
+        rows = sizes.repeat_interleave(2, dim=0)  # [2n, 2]: A, B, A, B, ...
+        p = draw_view_params(rows, self.crop_min, torch.tensor(self.blur_p).repeat(n),
+                             torch.tensor(self.solarize_p).repeat(n), generator)
+        scale = self.source_size / rows.flip(1).repeat(1, 2).float()  # (x, y, x, y) scales to S
+        p["box"] = p["box"] * scale
+        return {k: v.view(n, 2, *v.shape[1:]) for k, v in p.items()}
+
+    def dataset_transforms(self):
+        def to_source(img):
+            size = (self.source_size, self.source_size)
+            return F.pil_to_tensor(img if img.size == size else img.resize(size, resample=2))  # 2: bilinear
+
+        def draw_params(img):
+            p = self.draw(torch.tensor([[img.height, img.width]]))
+            return {k: v[0] for k, v in p.items()}
+
+        return to_source, draw_params
+
+    def __call__(self, images: torch.Tensor, params: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        b = images.shape[0]
+        device = images.device
+        # [B, 2, ...] -> [2B, ...], view-major: rows [0, B) view A, [B, 2B) view B.
+        p = {k: v.to(device, non_blocking=True).transpose(0, 1).reshape(2 * b, *v.shape[2:]) for k, v in params.items()}
+        source = images.float().div_(255)
+        image_index = torch.arange(b, device=device, dtype=torch.float32).repeat(2)[:, None]
+        boxes = torch.cat([image_index, p["box"]], dim=1)  # [2B, 5] = (image, x0, y0, x1, y1)
+        chunk = self.chunk or 2 * b
+        views = []
+        for start in range(0, 2 * b, chunk):
+            rows = {k: v[start:start + chunk] for k, v in p.items()}
+            # aligned=True: box edges are pixel edges, samples at output pixel centres (bilinear,
+            # as interpolate(align_corners=False)); sampling_ratio=-1 averages ceil(box/out)
+            # samples per output pixel, so downscaling is antialiased with a box filter.
+            crops = roi_align(source, boxes[start:start + chunk], self.image_size, spatial_scale=1.0,
+                              sampling_ratio=-1, aligned=True)
+            views.append(augment_rows(crops, rows, self.blur_size, self.mean, self.std))
+        views = torch.cat(views) if len(views) > 1 else views[0]
+        return views[:b], views[b:]
