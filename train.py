@@ -314,7 +314,8 @@ def save(args, plan: Plan, accelerator, moco: MoCo, optimizer, param_names, step
         prefix = "base_encoder.backbone."
         backbone = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         save_file_atomic(backbone, os.path.join(args.output_dir, "backbone.safetensors"),
-                         {"format": "torchvision-resnet-backbone", "arch": args.arch, "stem": args.stem, "step": str(step)})
+                         {"format": "torchvision-resnet-backbone", "arch": args.arch, "stem": args.stem,
+                          "image_size": str(args.image_size), "step": str(step)})
     accelerator.wait_for_everyone()
 
 
