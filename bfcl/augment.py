@@ -38,39 +38,43 @@ from bfcl.data import IMAGENET_MEAN, IMAGENET_STD, eval_resize
 # saturation, hue (the op ids used in `order`).
 JITTER_RANGES = ((0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1))
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
+JITTER_LOW = torch.tensor([low for low, _ in JITTER_RANGES])
+JITTER_WIDTH = torch.tensor([high - low for low, high in JITTER_RANGES])
+LOG_RATIO = (math.log(3 / 4), math.log(4 / 3))  # RandomResizedCrop's aspect-ratio range, in logs
+CROP_UNIFORMS = 22  # uniforms per crop: ten tries of (area, log ratio), then (top, left)
 SIGMA_RANGE = (0.1, 2.0)
 SOLARIZE_THRESHOLD = 128 / 255
 
 
 def draw_crop_boxes(sizes: torch.Tensor, crop_min: float, generator=None) -> torch.Tensor:
-    """RandomResizedCrop's box, for each row of sizes [n, 2] = (height, width) in pixels.
+    """RandomResizedCrop's box for each row of sizes [n, 2] = (height, width) in pixels.
+    Returns boxes [n, 4] = (x0, y0, x1, y1) in pixel units, float (see crop_boxes)."""
+    return crop_boxes(sizes, crop_min, torch.rand(sizes.shape[0], CROP_UNIFORMS, dtype=torch.float64, generator=generator))
 
-    torchvision's rule, vectorised: ten tries of area share ~ U[crop_min, 1] and log aspect
-    ratio ~ U[log 3/4, log 4/3]; the first try that fits wins, at a uniform integer position;
-    if none fits, the centre crop at the nearest allowed aspect ratio.
-    Returns boxes [n, 4] = (x0, y0, x1, y1) in pixel units, float.
+
+def crop_boxes(sizes: torch.Tensor, crop_min: float, u: torch.Tensor) -> torch.Tensor:
+    """torchvision's RandomResizedCrop rule, from uniforms u [n, 22] in [0, 1).
+
+    Ten tries of area share ~ U[crop_min, 1] and log aspect ratio ~ U[log 3/4, log 4/3]; the
+    first try that fits wins, at a uniform integer position; if none fits, the centre crop at
+    the nearest allowed aspect ratio. Returns boxes [n, 4] = (x0, y0, x1, y1), float.
+    Plain Python per row: a loader draws one image at a time, where tensor ops cost more.
     """
-    n = sizes.shape[0]
-    height, width = sizes[:, 0:1].double(), sizes[:, 1:2].double()  # [n, 1]
-    area = height * width * torch.empty(n, 10, dtype=torch.float64).uniform_(crop_min, 1.0, generator=generator)
-    log_ratio = torch.empty(n, 10, dtype=torch.float64).uniform_(math.log(3 / 4), math.log(4 / 3), generator=generator)
-    w = torch.sqrt(area * torch.exp(log_ratio)).round()
-    h = torch.sqrt(area / torch.exp(log_ratio)).round()
-    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)  # [n, 10]
-    first = fits.int().argmax(dim=1, keepdim=True)  # index of the first fitting try (0 if none)
-    w, h = w.gather(1, first), h.gather(1, first)
-    u = torch.rand(n, 2, dtype=torch.float64, generator=generator)
-    top = torch.floor(u[:, 0:1] * (height - h + 1))
-    left = torch.floor(u[:, 1:2] * (width - w + 1))
-    # Fallback: the whole image, narrowed to the allowed aspect range, centred.
-    ratio = width / height
-    w_fb = torch.where(ratio > 4 / 3, (height * 4 / 3).round(), width)
-    h_fb = torch.where(ratio < 3 / 4, (width / (3 / 4)).round(), height)
-    found = fits.any(dim=1, keepdim=True)
-    w, h = torch.where(found, w, w_fb), torch.where(found, h, h_fb)
-    top = torch.where(found, top, torch.div(height - h, 2, rounding_mode="floor"))
-    left = torch.where(found, left, torch.div(width - w, 2, rounding_mode="floor"))
-    return torch.cat([left, top, left + w, top + h], dim=1).float()
+    boxes = []
+    for (height, width), r in zip(sizes.tolist(), u.tolist()):
+        for t in range(10):
+            area = height * width * (crop_min + (1 - crop_min) * r[t])
+            aspect = math.exp(LOG_RATIO[0] + (LOG_RATIO[1] - LOG_RATIO[0]) * r[10 + t])
+            w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+            if 0 < w <= width and 0 < h <= height:
+                top, left = math.floor(r[20] * (height - h + 1)), math.floor(r[21] * (width - w + 1))
+                break
+        else:  # the whole image, narrowed to the allowed aspect range, centred
+            w = round(height * 4 / 3) if width / height > 4 / 3 else width
+            h = round(width / (3 / 4)) if width / height < 3 / 4 else height
+            top, left = (height - h) // 2, (width - w) // 2
+        boxes.append((left, top, left + w, top + h))
+    return torch.tensor(boxes, dtype=torch.float32).view(-1, 4)
 
 
 def draw_view_params(sizes: torch.Tensor, crop_min: float, blur_p, solarize_p, generator=None) -> dict:
@@ -81,22 +85,20 @@ def draw_view_params(sizes: torch.Tensor, crop_min: float, blur_p, solarize_p, g
     image's pixels), jitter [n] bool (ColorJitter applied, p 0.8), factors [n, 4] (brightness,
     contrast, saturation, hue), order [n, 4] (a random permutation of the four op ids, as
     ColorJitter's randperm), grey [n] bool (p 0.2), blur [n] bool, sigma [n], solarize [n]
-    bool, flip [n] bool (p 0.5).
+    bool, flip [n] bool (p 0.5). All from one torch.rand call (cheap per sample in a loader).
     """
-    n = sizes.shape[0]
-    rand = lambda *shape: torch.rand(*shape, generator=generator)
-    box = draw_crop_boxes(sizes, crop_min, generator)
-    low, high = torch.tensor(JITTER_RANGES).T
+    u = torch.rand(sizes.shape[0], CROP_UNIFORMS + 14, dtype=torch.float64, generator=generator)
+    v = u[:, CROP_UNIFORMS:].float()
     return {
-        "box": box,
-        "jitter": rand(n) < 0.8,
-        "factors": low + (high - low) * rand(n, 4),
-        "order": rand(n, 4).argsort(dim=1),  # uniform random permutation per row
-        "grey": rand(n) < 0.2,
-        "blur": rand(n) < torch.as_tensor(blur_p),
-        "sigma": SIGMA_RANGE[0] + (SIGMA_RANGE[1] - SIGMA_RANGE[0]) * rand(n),
-        "solarize": rand(n) < torch.as_tensor(solarize_p),
-        "flip": rand(n) < 0.5,
+        "box": crop_boxes(sizes, crop_min, u),
+        "jitter": v[:, 0] < 0.8,
+        "factors": JITTER_LOW + JITTER_WIDTH * v[:, 1:5],
+        "order": v[:, 5:9].argsort(dim=1),  # a uniform random permutation per row
+        "grey": v[:, 9] < 0.2,
+        "blur": v[:, 10] < torch.as_tensor(blur_p),
+        "sigma": SIGMA_RANGE[0] + (SIGMA_RANGE[1] - SIGMA_RANGE[0]) * v[:, 11],
+        "solarize": v[:, 12] < torch.as_tensor(solarize_p),
+        "flip": v[:, 13] < 0.5,
     }
 
 

@@ -14,8 +14,8 @@ import torchvision.transforms as T
 import torchvision.transforms.v2.functional as F
 from PIL import Image
 
-from bfcl.augment import (BRIGHTNESS, CONTRAST, HUE, SATURATION, BatchedTwoViews, blend, color_jitter,
-                          draw_crop_boxes, gaussian_blur, gaussian_kernels, shift_hue)
+from bfcl.augment import (BRIGHTNESS, CONTRAST, CROP_UNIFORMS, HUE, SATURATION, BatchedTwoViews, blend, color_jitter,
+                          crop_boxes, draw_crop_boxes, gaussian_blur, gaussian_kernels, shift_hue)
 from bfcl.data import GaussianBlur, PretrainDataset, pretrain_views
 from bfcl.synthetic import make_image_folder
 
@@ -122,7 +122,8 @@ def test_boxes_are_mapped_onto_the_squashed_source():
     augment = BatchedTwoViews(image_size=32, source_size=64)
     sizes = torch.tensor([[100, 300]])
     p = augment.draw(sizes, torch.Generator().manual_seed(3))
-    raw = draw_crop_boxes(sizes.repeat_interleave(2, 0), 0.2, torch.Generator().manual_seed(3))
+    u = torch.rand(2, CROP_UNIFORMS + 14, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    raw = crop_boxes(sizes.repeat_interleave(2, 0), 0.2, u)  # the same draws, in the image's pixels
     assert torch.allclose(p["box"][0], raw * torch.tensor([64 / 300, 64 / 100, 64 / 300, 64 / 100]))
 
 
