@@ -1,0 +1,318 @@
+"""CPU speed benchmark: train.py against a bare step, BatchFormer's cost, the two augmentation
+paths, and the memory of the ImageNet recipe. It prints figures; nothing here asserts a time.
+
+    make bench-speed                      # = .venv/bin/python bench/speed.py   (~5 min on 2 cores)
+    .venv/bin/python bench/speed.py --only augment,memory --threads 1 --batch 32 --steps 6
+
+1. train.py (a subprocess, on a generated 32 px JPEG folder, data loading, logging every 2 steps
+   and a checkpoint at the epoch end on) against reference_step.py's bare step on views already
+   in memory: same small-stem ResNet-18, batch, LARS and math. The trainer's images/s cover every
+   step after the warm-up, read from its metrics.jsonl log times. Both use --threads compute
+   threads; the trainer's loader gets --workers processes.
+2. BatchFormer (--add_bf 1, pairs-sum) against --add_bf 0: bare steps, alternating, median of
+   the paired ratios.
+3. Views per second on ONE core (one thread): the per-image PIL recipe against the batched
+   tensor path (bfcl/augment.py) at 32, 96 and 224 px, from decoded images.
+4. Peak memory of the ImageNet recipe (ResNet-50, 224 px, BatchFormer on, LARS) at small batches
+   on this CPU, extrapolated to 256 per process (see memory_estimate for how).
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+from reference_step import PHASES, build, make_views, run_steps
+from trainer_log import trainer_throughput
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SECTIONS = ("trainer", "bf", "augment", "memory")
+STEPS_PER_EPOCH = 6  # of the trainer's generated data set: with the default 2 + 6 steps, an epoch ends mid-run
+
+
+def hardware() -> str:
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                 platform.processor())
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (f"{model}, {os.cpu_count()} cores; torch {torch.__version__}; {datetime.date.today().isoformat()}; "
+            f"load average {load} (other processes share this machine)")
+
+
+def median(xs) -> float:
+    return statistics.median(xs)
+
+
+# ---- 1. trainer against the bare step ------------------------------------------------------
+
+def run_trainer(data: str, out: str, args, extra=()) -> dict:
+    """train.py in a subprocess; returns images/s after the warm-up and its data-wait share."""
+    cmd = [sys.executable, "train.py", "--data", data, "--output-dir", out, "--resume", "none",
+           "-a", "resnet18", "--stem", "small", "--image-size", "32", "--no-blur", "--moco-mlp-dim", "512",
+           "-b", str(args.batch), "--epochs", "10", "--warmup-epochs", "1", "--workers", str(args.workers),
+           "--log-every", "2", "--max-steps", str(args.warmup + args.steps), *extra]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    subprocess.run(cmd, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
+    return {**trainer_throughput(os.path.join(out, "metrics.jsonl"), args.batch, args.warmup), "command": " ".join(cmd[1:])}
+
+
+def run_reference(args, steps: int) -> dict:
+    """reference_step.py's bare step in a fresh process with the trainer's thread settings."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--reference-probe", str(steps),
+                          "--batch", str(args.batch), "--warmup", str(args.warmup)], env=env, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def trainer_schedule(args):
+    """The lr and momentum of run_trainer's steps (10 epochs, 1 of warm-up, base lr 0.6)."""
+    from bfcl.schedules import learning_rate, momentum
+    peak, total = 0.6 * args.batch / 256, 10 * STEPS_PER_EPOCH
+    return lambda step: (learning_rate(step, total, STEPS_PER_EPOCH, peak), momentum(step, total, 0.99, True))
+
+
+def reference_probe(args) -> None:
+    """Child process: the trainer's warm-up steps, then `--reference-probe` timed bare steps with
+    the trainer's lr and momentum; prints JSON."""
+    device = torch.device("cpu")
+    model, optimizer = build("resnet18", "small", 512, None, device)
+    views = make_views(args.batch, 32, device)
+    schedule = trainer_schedule(args)
+    run_steps(model, optimizer, views, args.warmup, None, schedule=schedule)
+    times = run_steps(model, optimizer, views, args.reference_probe, None, phases=True, schedule=schedule,
+                      first_step=args.warmup)
+    with tempfile.TemporaryDirectory() as tmp:
+        times["checkpoint"] = [time_checkpoint(model, optimizer, tmp)]
+    print(json.dumps(times))
+
+
+def trainer_vs_reference(args) -> None:
+    from bfcl.synthetic import make_image_folder
+    print(f"\n## 1. train.py against the bare reference step (resnet18 small stem, 32 px, batch {args.batch}, "
+          f"{args.threads} compute thread(s), {args.workers} loader worker(s))")
+    # Reference, trainer, reference: each a fresh process, so that load changes on this shared
+    # machine hit both alike and neither inherits the other's memory.
+    half = max(1, args.steps // 2)
+    ref = run_reference(args, half)
+    with tempfile.TemporaryDirectory() as tmp:
+        # STEPS_PER_EPOCH classes x batch images: the measured steps cross an epoch end (a
+        # checkpoint, then a new loader whose workers start up).
+        data = make_image_folder(os.path.join(tmp, "data"), classes=STEPS_PER_EPOCH, train_per_class=args.batch,
+                                 val_per_class=1, size=32)
+        trainer = run_trainer(data, os.path.join(tmp, "run"), args)
+    more = run_reference(args, max(1, args.steps - half))
+    ref = {k: ref[k] + more[k] for k in ref}
+    ref_ips = args.batch / median(ref["step"])
+    ratio = trainer["img_per_s"] / ref_ips
+    step = args.batch / trainer["img_per_s"]
+    print(f"command: python {trainer['command']}")
+    print(f"trainer: {trainer['img_per_s']:.2f} img/s (steps {args.warmup + 1}-{args.warmup + args.steps}, "
+          f"incl. loading, logs every 2 steps, an epoch end with its checkpoint)")
+    print(f"reference: {ref_ips:.2f} img/s (median of {len(ref['step'])} bare steps, in two processes around the trainer's)")
+    print(f"trainer/reference throughput ratio: {ratio:.3f}")
+    print(f"breakdown of the trainer's {step:.3f} s step:")
+    parts = {"data wait": trainer["data_wait_s"]}
+    parts.update({name: median(ref[name]) for name in PHASES})
+    parts["logging, checkpoint, other"] = step - sum(parts.values())
+    for name, seconds in parts.items():
+        print(f"  {name:28s} {seconds:8.3f} s  {seconds / step:6.1%}")
+    print(f"  (data wait: from the trainer's metrics.jsonl; forward .. momentum update: medians of the bare "
+          f"step's phases; the last line is the remainder, so it also carries the noise between processes. "
+          f"One checkpoint write of this model takes {median(ref['checkpoint']):.2f} s, paid every --save-every "
+          f"steps and at each epoch end.)")
+
+
+def time_checkpoint(model, optimizer, tmp: str) -> float:
+    from bfcl.checkpoint import save_checkpoint
+    state = {k: v for k, v in model.state_dict().items()}
+    opt = {f"{i}.mu": s["mu"] for i, s in enumerate(optimizer.state.values())}
+    start = time.perf_counter()
+    save_checkpoint(os.path.join(tmp, "ckpt"), 1, state, opt, {"config": {}}, 1)
+    return time.perf_counter() - start
+
+
+# ---- 2. BatchFormer's cost -------------------------------------------------------------------
+
+def batchformer_overhead(args) -> None:
+    print(f"\n## 2. BatchFormer overhead (bare step, resnet18 small stem, 32 px, batch {args.batch}, {args.threads} thread(s))")
+    torch.set_num_threads(args.threads)
+    device = torch.device("cpu")
+    views = make_views(args.batch, 32, device)
+    runs = {bf: build("resnet18", "small", 512, bf, device) for bf in (None, "pairs-sum")}
+    for bf, (model, optimizer) in runs.items():
+        run_steps(model, optimizer, views, 1, bf)  # warm-up
+    times = {bf: [] for bf in runs}
+    for _ in range(args.bf_pairs):  # alternate, so that load changes hit both alike
+        for bf, (model, optimizer) in runs.items():
+            times[bf] += run_steps(model, optimizer, views, 1, bf)["step"]
+    ratios = [on / off for off, on in zip(times[None], times["pairs-sum"])]
+    print(f"--add_bf 0: {median(times[None]):.3f} s/step   --add_bf 1: {median(times['pairs-sum']):.3f} s/step")
+    print(f"BatchFormer overhead: {median(ratios) - 1:+.1%} (median of {len(ratios)} paired steps; "
+          f"pairs {', '.join(f'{r - 1:+.1%}' for r in ratios)})")
+
+
+# ---- 3. augmentation: PIL per image against batched tensors --------------------------------
+
+def augmentation_speed(args) -> None:
+    from PIL import Image
+
+    from bfcl.augment import BatchedTwoViews
+    from bfcl.data import eval_resize, pretrain_views
+    from bfcl.synthetic import stripes
+    print("\n## 3. Two-view augmentation, views per second on one core (1 thread), from decoded images")
+    print(f"{'size':>5} {'source':>7} {'PIL per image':>14} {'batched':>9} {'batched+loader':>15} {'speed-up':>9}")
+    torch.set_num_threads(1)
+    n = args.aug_images
+    for size in (32, 96, 224):
+        source = eval_resize(size)
+        g = torch.Generator().manual_seed(0)
+        pil_images = [Image.fromarray(stripes(i % 4, 4, source, g).numpy()) for i in range(n)]
+        view1, view2 = pretrain_views(size, 0.2, blur=True)
+        batched = BatchedTwoViews(size, 0.2, blur=True)
+        to_source, draw_params = batched.dataset_transforms()
+
+        def pil():
+            for img in pil_images:
+                view1(img), view2(img)
+
+        def loader_side():
+            return [to_source(img) for img in pil_images], [draw_params(img) for img in pil_images]
+
+        images, params = loader_side()
+        images = torch.stack(images)
+        params = torch.utils.data.default_collate(params)
+        timings = {name: best_of(fn, args.repeats) for name, fn in
+                   (("pil", pil), ("batched", lambda: batched(images, params)), ("loader", loader_side))}
+        pil_vps = 2 * n / timings["pil"]
+        batched_vps = 2 * n / timings["batched"]
+        total_vps = 2 * n / (timings["batched"] + timings["loader"])
+        print(f"{size:>5} {source:>7} {pil_vps:>14.0f} {batched_vps:>9.0f} {total_vps:>15.0f} {total_vps / pil_vps:>8.1f}x")
+    print(f"(batches of {n} images = {2 * n} views; median of {args.repeats} runs. 'batched': the device part only, "
+          "on this CPU; 'batched+loader' adds the loader side (squash to the source size, draw parameters), "
+          "i.e. the whole batched path on one core. PIL: pretrain_views, blur on.)")
+
+
+def best_of(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return median(times)
+
+
+# ---- 4. memory of the ImageNet recipe ------------------------------------------------------
+
+def memory_probe(batch: int) -> None:
+    """One process: ResNet-50 MoCo v3 + BatchFormer, 224 px, two LARS steps at `batch`; prints JSON."""
+    torch.set_num_threads(1)
+    device = torch.device("cpu")
+    model, optimizer = build("resnet50", "imagenet", 4096, "pairs-sum", device)
+    views = make_views(batch, 224, device)
+    params = {p.data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    run_steps(model, optimizer, views, 1, "pairs-sum")  # the first step creates the LARS state
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run_steps(model, optimizer, views, 1, "pairs-sum")
+    parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    trainable_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
+    print(json.dumps({"batch": batch, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                      "saved_for_backward": sum(saved.values()),
+                      "static": parameter_bytes + buffer_bytes + 2 * trainable_bytes}))  # + grads + LARS momentum
+
+
+def memory_estimate(args) -> None:
+    """Peak RSS at a few small batches, a straight line through them, read at 256.
+
+    The line's intercept is what does not grow with the batch (weights, gradients, LARS state,
+    the momentum encoder, libraries); its slope is the memory per image (activations kept for
+    backward, temporaries). A GPU's peak (torch.cuda.max_memory_allocated) excludes the libraries
+    and the CUDA context, and bf16 autocast stores most activations in half the bytes, so the
+    bf16 figure below takes the static tensors plus half of the fp32 activations kept for backward.
+    """
+    GiB = 2**30
+    print("\n## 4. Peak memory per process, ImageNet recipe (ResNet-50, 224 px, BatchFormer on, LARS)")
+    rows = []
+    for batch in args.memory_batches:
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-probe", str(batch)], cwd=REPO,
+                             check=True, capture_output=True, text=True).stdout
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+        r = rows[-1]
+        print(f"batch {batch:>3}: peak RSS {r['peak_rss'] / GiB:6.2f} GiB; tensors kept for backward "
+              f"{r['saved_for_backward'] / GiB:5.2f} GiB; weights+grads+LARS+buffers {r['static'] / GiB:5.2f} GiB")
+    xs = [r["batch"] for r in rows]
+    slope, intercept = fit_line(xs, [r["peak_rss"] for r in rows])
+    act_slope, _ = fit_line(xs, [r["saved_for_backward"] for r in rows])
+    static = rows[0]["static"]
+    print(f"fit: peak RSS = {intercept / GiB:.2f} GiB + {slope / 2**20:.0f} MiB x batch; "
+          f"activations kept for backward {act_slope / 2**20:.0f} MiB per image (fp32)")
+    print(f"estimate at 256 per process: fp32 {(intercept + 256 * slope) / GiB:.1f} GiB (CPU RSS); "
+          f"bf16 autocast on a GPU ~{(static + 256 * act_slope / 2) / GiB:.1f} GiB of tensors "
+          f"(static {static / GiB:.2f} GiB + half the fp32 activations), before allocator slack and cuDNN workspace")
+
+
+def fit_line(xs, ys) -> tuple[float, float]:
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return slope, my - slope * mx
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {SECTIONS}")
+    p.add_argument("--batch", type=int, default=32, help="batch of the trainer and the bare steps")
+    p.add_argument("--threads", type=int, default=1, help="compute threads of the trainer and the bare steps")
+    p.add_argument("--workers", type=int, default=1, help="the trainer's loader processes")
+    p.add_argument("--warmup", type=int, default=2, help="trainer steps left out of its images/s")
+    p.add_argument("--steps", type=int, default=6, help="measured steps (trainer and bare step)")
+    p.add_argument("--bf-pairs", type=int, default=3, help="BatchFormer on/off step pairs")
+    p.add_argument("--aug-images", type=int, default=16, help="images per augmentation batch")
+    p.add_argument("--repeats", type=int, default=3, help="augmentation timings per path and size")
+    p.add_argument("--memory-batches", type=int, nargs="+", default=[2, 4], help="batches of the memory probes")
+    p.add_argument("--memory-probe", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--reference-probe", type=int, default=0, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.memory_probe:
+        return memory_probe(args.memory_probe)
+    if args.reference_probe:
+        return reference_probe(args)
+    only = args.only.split(",")
+    unknown = set(only) - set(SECTIONS)
+    if unknown:
+        sys.exit(f"error: unknown section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
+    start = time.time()
+    print(f"# bench/speed.py on {hardware()}")
+    if "trainer" in only:
+        trainer_vs_reference(args)
+    if "bf" in only:
+        batchformer_overhead(args)
+    if "augment" in only:
+        augmentation_speed(args)
+    if "memory" in only:
+        memory_estimate(args)
+    print(f"\n(total {time.time() - start:.0f} s; load average now {', '.join(f'{x:.1f}' for x in os.getloadavg())})")
+
+
+if __name__ == "__main__":
+    main()
