@@ -2,7 +2,7 @@
 paths, and the memory of the ImageNet recipe. It prints figures; nothing here asserts a time.
 
     make bench-speed                      # = .venv/bin/python bench/speed.py   (~5 min on 2 cores)
-    .venv/bin/python bench/speed.py --only augment,memory --threads 1 --batch 32 --steps 6
+    .venv/bin/python bench/speed.py --only trainer --trainer-runs 1      # one section, shorter
 
 1. train.py (a subprocess, on a generated 32 px JPEG folder, data loading, logging every 2 steps
    and a checkpoint at the epoch end on) against reference_step.py's bare step on views already
@@ -53,15 +53,42 @@ def median(xs) -> float:
 
 # ---- 1. trainer against the bare step ------------------------------------------------------
 
-def run_trainer(data: str, out: str, args, extra=()) -> dict:
-    """train.py in a subprocess; returns images/s after the warm-up and its data-wait share."""
-    cmd = [sys.executable, "train.py", "--data", data, "--output-dir", out, "--resume", "none",
+def run_trainer(data: str, out: str, args) -> dict:
+    """train.py in a subprocess under cProfile; returns its images/s after the warm-up (from
+    metrics.jsonl) and, from the profile, seconds per step in each part of the loop."""
+    cmd = ["train.py", "--data", data, "--output-dir", out, "--resume", "none",
            "-a", "resnet18", "--stem", "small", "--image-size", "32", "--no-blur", "--moco-mlp-dim", "512",
            "-b", str(args.batch), "--epochs", "10", "--warmup-epochs", "1", "--workers", str(args.workers),
-           "--log-every", "2", "--max-steps", str(args.warmup + args.steps), *extra]
+           "--log-every", "2", "--max-steps", str(args.warmup + args.steps)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    subprocess.run(cmd, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
-    return {**trainer_throughput(os.path.join(out, "metrics.jsonl"), args.batch, args.warmup), "command": " ".join(cmd[1:])}
+    profile = out + ".prof"
+    subprocess.run([sys.executable, "-m", "cProfile", "-o", profile, *cmd], cwd=REPO, env=env, check=True,
+                   stdout=subprocess.DEVNULL)
+    return {**trainer_throughput(os.path.join(out, "metrics.jsonl"), args.batch, args.warmup),
+            "parts": loop_parts(profile, args.warmup + args.steps), "command": " ".join(cmd)}
+
+
+# The parts of train.py's loop, as (file path ending, function) entries of the profile.
+LOOP_PARTS = {
+    "data wait": [("torch/utils/data/dataloader.py", "__next__"), ("torch/utils/data/dataloader.py", "__iter__")],
+    "forward (model + loss)": [("bfcl/model.py", "forward"), ("bfcl/loss.py", "moco_loss")],
+    "backward": [("accelerate/accelerator.py", "backward")],
+    "optimizer": [("bfcl/lars.py", "step")],
+    "momentum update": [("bfcl/model.py", "update_momentum_encoder")],
+    "logging (sync point + log)": [("accelerate/accelerator.py", "reduce"), ("bfcl/progress.py", "log")],
+    "checkpoint": [("train.py", "save")],
+}
+
+
+def loop_parts(profile_path: str, steps: int) -> dict:
+    """Seconds per step in each of LOOP_PARTS, and the rest of train.py's train() as "other"."""
+    import pstats
+    stats = pstats.Stats(profile_path).stats  # (file, line, function) -> (calls, ..., total, cumulative, callers)
+    cumulative = lambda file, function: sum(v[3] for (f, _, fn), v in stats.items()
+                                            if f.endswith(file) and fn == function)
+    parts = {name: sum(cumulative(*entry) for entry in entries) / steps for name, entries in LOOP_PARTS.items()}
+    parts["other"] = cumulative("train.py", "train") / steps - sum(parts.values())
+    return parts
 
 
 def run_reference(args, steps: int) -> dict:
@@ -98,36 +125,35 @@ def trainer_vs_reference(args) -> None:
     from bfcl.synthetic import make_image_folder
     print(f"\n## 1. train.py against the bare reference step (resnet18 small stem, 32 px, batch {args.batch}, "
           f"{args.threads} compute thread(s), {args.workers} loader worker(s))")
-    # Reference, trainer, reference: each a fresh process, so that load changes on this shared
-    # machine hit both alike and neither inherits the other's memory.
-    half = max(1, args.steps // 2)
-    ref = run_reference(args, half)
+    # Reference, trainer, reference, trainer, ..., reference: each a fresh process, so that load
+    # changes on this shared machine hit both alike; each trainer run is compared with the
+    # reference runs on either side of it.
+    refs, runs = [run_reference(args, args.reference_steps)], []
     with tempfile.TemporaryDirectory() as tmp:
         # STEPS_PER_EPOCH classes x batch images: the measured steps cross an epoch end (a
         # checkpoint, then a new loader whose workers start up).
         data = make_image_folder(os.path.join(tmp, "data"), classes=STEPS_PER_EPOCH, train_per_class=args.batch,
                                  val_per_class=1, size=32)
-        trainer = run_trainer(data, os.path.join(tmp, "run"), args)
-    more = run_reference(args, max(1, args.steps - half))
-    ref = {k: ref[k] + more[k] for k in ref}
-    ref_ips = args.batch / median(ref["step"])
-    ratio = trainer["img_per_s"] / ref_ips
-    step = args.batch / trainer["img_per_s"]
-    print(f"command: python {trainer['command']}")
-    print(f"trainer: {trainer['img_per_s']:.2f} img/s (steps {args.warmup + 1}-{args.warmup + args.steps}, "
-          f"incl. loading, logs every 2 steps, an epoch end with its checkpoint)")
-    print(f"reference: {ref_ips:.2f} img/s (median of {len(ref['step'])} bare steps, in two processes around the trainer's)")
-    print(f"trainer/reference throughput ratio: {ratio:.3f}")
-    print(f"breakdown of the trainer's {step:.3f} s step:")
-    parts = {"data wait": trainer["data_wait_s"]}
-    parts.update({name: median(ref[name]) for name in PHASES})
-    parts["logging, checkpoint, other"] = step - sum(parts.values())
-    for name, seconds in parts.items():
+        for i in range(args.trainer_runs):
+            runs.append(run_trainer(data, os.path.join(tmp, f"run{i}"), args))
+            refs.append(run_reference(args, args.reference_steps))
+    ratios = []
+    for i, run in enumerate(runs):
+        ref_ips = args.batch / median(refs[i]["step"] + refs[i + 1]["step"])
+        ratios.append(run["img_per_s"] / ref_ips)
+        print(f"run {i + 1}: trainer {run['img_per_s']:.2f} img/s (steps {run['steps'][0]}-{run['steps'][1]}), "
+              f"reference {ref_ips:.2f} img/s (bare steps before and after), ratio {ratios[-1]:.3f}")
+    print(f"command: python {runs[0]['command']}")
+    print(f"trainer/reference throughput ratio: {median(ratios):.3f} (median of {len(ratios)} runs)")
+    run = sorted(runs, key=lambda r: r["img_per_s"])[len(runs) // 2]  # the median run
+    step = sum(run["parts"].values())
+    print(f"breakdown of the median run's loop, per step (cProfile, all {args.warmup + args.steps} steps):")
+    for name, seconds in run["parts"].items():
         print(f"  {name:28s} {seconds:8.3f} s  {seconds / step:6.1%}")
-    print(f"  (data wait: from the trainer's metrics.jsonl; forward .. momentum update: medians of the bare "
-          f"step's phases; the last line is the remainder, so it also carries the noise between processes. "
-          f"One checkpoint write of this model takes {median(ref['checkpoint']):.2f} s, paid every --save-every "
-          f"steps and at each epoch end.)")
+    bare = {name: median(sum((r[name] for r in refs), [])) for name in PHASES}
+    print("  bare step for comparison: " + ", ".join(f"{name} {seconds:.3f} s" for name, seconds in bare.items()))
+    print(f"  (one checkpoint write of this model takes {median(sum((r['checkpoint'] for r in refs), [])):.2f} s; "
+          f"train.py writes one every --save-every steps and at each epoch end)")
 
 
 def time_checkpoint(model, optimizer, tmp: str) -> float:
@@ -281,7 +307,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1, help="compute threads of the trainer and the bare steps")
     p.add_argument("--workers", type=int, default=1, help="the trainer's loader processes")
     p.add_argument("--warmup", type=int, default=2, help="trainer steps left out of its images/s")
-    p.add_argument("--steps", type=int, default=6, help="measured steps (trainer and bare step)")
+    p.add_argument("--steps", type=int, default=6, help="measured trainer steps (after --warmup)")
+    p.add_argument("--trainer-runs", type=int, default=3, help="trainer runs, each between two reference runs")
+    p.add_argument("--reference-steps", type=int, default=3, help="timed steps per reference run")
     p.add_argument("--bf-pairs", type=int, default=3, help="BatchFormer on/off step pairs")
     p.add_argument("--aug-images", type=int, default=16, help="images per augmentation batch")
     p.add_argument("--repeats", type=int, default=3, help="augmentation timings per path and size")

@@ -30,6 +30,7 @@ import math
 import torch
 import torch.nn.functional as nnf
 import torchvision.transforms.v2.functional as F
+from PIL import Image
 from torchvision.ops import roi_align
 
 from bfcl.data import IMAGENET_MEAN, IMAGENET_STD, eval_resize
@@ -198,7 +199,7 @@ class BatchedTwoViews:
     __call__(images uint8 [B, 3, S, S], params dict of [B, 2, ...]) -> (view1, view2), each
         float [B, 3, image_size, image_size], normalised, on the images' device.
     chunk: rows processed at once after the crop (None: all).
-    compile: torch.compile the ops after the crop, which fuses their ~80 elementwise passes.
+    compile: torch.compile the ops after the crop, fusing their dozens of elementwise passes.
     """
 
     def __init__(self, image_size: int = 224, crop_min: float = 0.2, blur: bool = True,
@@ -226,7 +227,7 @@ class BatchedTwoViews:
     def dataset_transforms(self):
         def to_source(img):
             size = (self.source_size, self.source_size)
-            return F.pil_to_tensor(img if img.size == size else img.resize(size, resample=2))  # 2: bilinear
+            return F.pil_to_tensor(img if img.size == size else img.resize(size, Image.Resampling.BILINEAR))
 
         def draw_params(img):
             p = self.draw(torch.tensor([[img.height, img.width]]))
