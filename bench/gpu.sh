@@ -11,7 +11,7 @@
 #
 #   bench/gpu.sh            # on the GPU machine (one GPU)
 #   bench/gpu.sh --tiny     # the same sequence on a CPU at toy size (ResNet-18 small stem, 32 px, batch 16)
-#   COMPILE=1 bench/gpu.sh  # adds the bare step under torch.compile (several minutes of compilation)
+#   COMPILE=1 bench/gpu.sh  # adds the bare step and the augmentation under torch.compile (minutes of compiling)
 # Every measurement prints one JSON line; all of them land in $OUT/results.jsonl, the full log in
 # $OUT/log.txt, and a table at the end. OUT defaults to bench-results/gpu (or bench-results/gpu-tiny).
 set -euo pipefail
@@ -72,12 +72,8 @@ say "3. host synchronisations inside the step (expected: only at log/save steps)
 record "$BIN/accelerate" launch "${LAUNCH[@]}" bench/gpu_throughput.py trainer --sync-check --batch "$BATCH" --warmup 2 \
     -- --data "$OUT/data" --output-dir "$OUT/run-sync" "${TRAIN[@]}" --max-steps 6 --log-every 3 --add_bf 1
 
-say "4. batched augmentation alone, eager and torch.compile'd"
-if [[ "${1:-}" == "--tiny" ]]; then
-    record "$BIN/python" bench/gpu_throughput.py augment --size "$SIZE" --batch "$BATCH"
-else
-    record "$BIN/python" bench/gpu_throughput.py augment --size "$SIZE" --batch "$BATCH" --compile
-fi
+say "4. batched augmentation alone (COMPILE=1: also torch.compile'd)"
+record "$BIN/python" bench/gpu_throughput.py augment --size "$SIZE" --batch "$BATCH" $([[ "${COMPILE:-0}" == 1 ]] && echo --compile)
 
 rm -rf "$OUT/data" "$OUT"/run-*/checkpoints
 say "done in $(( SECONDS - START ))s; table:"
