@@ -29,6 +29,7 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
 import bfcl
+from bfcl.augment import BatchedTwoViews
 from bfcl.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, load_optimizer_state,
                              optimizer_state_tensors, save_checkpoint, save_file_atomic)
 from bfcl.data import DataError, EpochBatchSampler, PretrainDataset, eval_transform, image_folder, pretrain_views
@@ -56,6 +57,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.add_argument("--image-size", type=int, default=224, help="side of the random crops")
     a.add_argument("--crop-min", type=float, default=0.2, help="smallest crop area share (MoCo v3 uses 0.2 for ResNets, 0.08 for ViTs)")
     a.add_argument("--blur", action=argparse.BooleanOptionalAction, default=True, help="Gaussian blur in the views (--no-blur suits 32 px images)")
+    a.add_argument("--augment", default="pil", choices=("pil", "batched"),
+                   help="'pil': each loader worker makes both views per image (PIL); 'batched': workers only decode, "
+                        "squash to a fixed size and draw the parameters, and the views of the whole batch are made "
+                        "on the training device (bfcl/augment.py), for when the loader is the bottleneck")
     a = p.add_argument_group("model")
     a.add_argument("-a", "--arch", default="resnet50", choices=ARCHS, help="backbone")
     a.add_argument("--stem", default="imagenet", choices=STEMS, help="'small': 3x3 conv, no max-pool, for 32-96 px images")
@@ -239,6 +244,7 @@ def build_model_and_optimizer(args, plan: Plan, device: torch.device):
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
     groups, param_names = param_groups(model, args)
     if args.optimizer == "lars":
         optimizer = LARS(groups, weight_decay=args.wd, momentum=0.9)
@@ -262,8 +268,10 @@ def main(argv=None) -> int:
     bf_loss = args.bf_loss or bf_loss_from_add_bf(args.add_bf)
     validate(args, accelerator.num_processes, bf_loss)
     try:
-        dataset = PretrainDataset(os.path.join(args.data, "train"),
-                                  pretrain_views(args.image_size, args.crop_min, args.blur))
+        augment = BatchedTwoViews(args.image_size, args.crop_min, args.blur, compile=args.compile) \
+            if args.augment == "batched" else None
+        dataset = PretrainDataset(os.path.join(args.data, "train"), augment.dataset_transforms() if augment
+                                  else pretrain_views(args.image_size, args.crop_min, args.blur))
     except DataError as e:
         fail(str(e))
     plan = make_plan(args, len(dataset), accelerator.num_processes, bf_loss)
@@ -297,7 +305,7 @@ def main(argv=None) -> int:
     if accelerator.is_main_process:
         with open(os.path.join(args.output_dir, "config.json"), "w") as f:
             json.dump({"config": vars(args), "derived": summary}, f, indent=1)
-    return train(args, plan, accelerator, model, optimizer, param_names, dataset, start_step)
+    return train(args, plan, accelerator, model, optimizer, param_names, dataset, augment, start_step)
 
 
 def save(args, plan: Plan, accelerator, moco: MoCo, optimizer, param_names, step: int) -> None:
@@ -319,7 +327,7 @@ def save(args, plan: Plan, accelerator, moco: MoCo, optimizer, param_names, step
     accelerator.wait_for_everyone()
 
 
-def train(args, plan: Plan, accelerator, model, optimizer, param_names, dataset, start_step: int) -> int:
+def train(args, plan: Plan, accelerator, model, optimizer, param_names, dataset, augment, start_step: int) -> int:
     """The pretraining loop. Per step: set lr and m -> forward -> gather keys -> loss ->
     backward -> optimizer step -> momentum update; then, at sync points only, read the
     device-side sums, log, check for trouble and checkpoint."""
@@ -349,6 +357,8 @@ def train(args, plan: Plan, accelerator, model, optimizer, param_names, dataset,
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]
             torch.manual_seed(args.seed * 1_000_003 + step * 1009 + rank)  # BatchFormer's dropout
+            if augment is not None:  # x1: uint8 images at the source size, x2: each image's view parameters
+                x1, x2 = augment(x1.to(device, non_blocking=True), x2)
             x1 = x1.to(device, non_blocking=True, memory_format=memory_format)
             x2 = x2.to(device, non_blocking=True, memory_format=memory_format)
 
@@ -360,8 +370,11 @@ def train(args, plan: Plan, accelerator, model, optimizer, param_names, dataset,
             moco.update_momentum_encoder(m)
             step += 1
 
-            window += torch.stack([loss.detach().float(), (~torch.isfinite(loss.detach())).float(),
-                                   failed.sum().float().to(device), torch.tensor(float(stop.requested)).to(device)])
+            # Host values go up through pinned memory without blocking: a plain .to(device) of a CPU
+            # tensor makes the host wait for the whole step on a GPU.
+            host = torch.tensor([failed.sum().item(), float(stop.requested)], pin_memory=device.type == "cuda")
+            window += torch.cat([loss.detach().float().view(1), (~torch.isfinite(loss.detach())).float().view(1),
+                                 host.to(device, non_blocking=True)])
             window_steps += 1
             images_total += args.batch_size
             end_of_epoch = step % plan.steps_per_epoch == 0
