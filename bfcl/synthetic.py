@@ -1,9 +1,10 @@
 """A small labelled image set, generated, for smoke tests and tests: no download needed.
 
-Class c is a stripe pattern at orientation c·90°/C with random frequency, phase and colours
-and pixel noise. Orientations stay within [0°, 90°) so a horizontal flip (which maps θ to
-180° - θ) never turns one class into another; crops and colour jitter keep the orientation,
-so the classes are learnable by a self-supervised model and checkable by kNN.
+Class c draws pattern family c % 4 (horizontal stripes, vertical stripes, a checkerboard,
+concentric rings) at frequency band c // 4, with random phase, random colours and pixel
+noise. Every family is its own mirror image, so a horizontal flip never turns one class into
+another, and random crops and colour jitter keep the family: the classes are learnable by a
+self-supervised model and checkable by kNN, while colour alone says nothing about the class.
 
     python -m bfcl.synthetic OUT_DIR [--classes 4] [--train-per-class 64] [--val-per-class 16] [--size 32]
 """
@@ -15,16 +16,28 @@ import os
 import torch
 from PIL import Image
 
+FAMILIES = ("horizontal", "vertical", "checkerboard", "rings")
+
 
 def stripes(label: int, num_classes: int, size: int, g: torch.Generator) -> torch.Tensor:
-    """One uint8 image [size, size, 3] of class `label`."""
-    theta = math.pi / 2 * label / num_classes
-    freq = (2.0 + 2.0 * torch.rand((), generator=g).item()) / size  # 2-4 periods per image
+    """One uint8 image [size, size, 3] of class `label` (num_classes is kept for callers; the
+    class alone fixes the pattern)."""
+    family, band = FAMILIES[label % 4], label // 4
+    periods = (2.0 + band * 2.5 + 1.5 * torch.rand((), generator=g).item())  # periods across the image
     phase = 2 * math.pi * torch.rand((), generator=g).item()
-    y, x = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij")
-    wave = torch.sin(2 * math.pi * freq * (x * math.cos(theta) + y * math.sin(theta)) + phase)
+    y, x = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    w = 2 * math.pi * periods
+    if family == "horizontal":
+        wave = torch.sin(w * y + phase)
+    elif family == "vertical":
+        wave = torch.sin(w * x + phase)
+    elif family == "checkerboard":
+        wave = torch.sin(w * x + phase) * torch.sin(w * y + phase)
+    else:
+        cy, cx = 0.5 + 0.2 * (torch.rand(2, generator=g) - 0.5)
+        wave = torch.sin(w * ((x - cx) ** 2 + (y - cy) ** 2).sqrt() + phase)
     colours = torch.rand(2, 3, generator=g) * 255
-    mix = ((wave + 1) / 2)[..., None]  # soft stripes, [size, size, 1]
+    mix = ((wave.sign() + 1) / 2)[..., None]  # hard edges, [size, size, 1]
     img = mix * colours[0] + (1 - mix) * colours[1] + 12 * torch.randn(size, size, 3, generator=g)
     return img.clamp(0, 255).to(torch.uint8)
 
