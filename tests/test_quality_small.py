@@ -1,0 +1,71 @@
+"""bench/quality.py end to end on a few hundred real CIFAR-10 images (about a minute on 2 cores).
+
+The full benchmark (make bench-quality, 15 minutes per run) does not belong in CI; this runs the
+same pipeline, calibration, pretraining with and without BatchFormer, probes, tables and plot,
+on a copied subset, and skips where the shared data folder is absent (a user's checkout).
+"""
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CIFAR = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "cifar10"))
+ROWS = ("random init", "MoCo v3", "MoCo v3 + BatchFormer")
+
+
+def copy_subset(dst: str, train_per_class: int, val_per_class: int) -> None:
+    """A seeded subset of the CIFAR-10 ImageFolder, copied into dst (never into the repo)."""
+    rng = random.Random(0)
+    for part, n in (("train", train_per_class), ("val", val_per_class)):
+        for cls in sorted(os.listdir(os.path.join(CIFAR, part))):
+            files = sorted(os.listdir(os.path.join(CIFAR, part, cls)))
+            os.makedirs(os.path.join(dst, part, cls))
+            for name in rng.sample(files, n):
+                shutil.copy(os.path.join(CIFAR, part, cls, name), os.path.join(dst, part, cls, name))
+
+
+def table_rows(stdout: str) -> dict:
+    """{row name: {column: cell}} of the first markdown table in stdout."""
+    lines = [line for line in stdout.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = {}
+    for line in lines[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = dict(zip(header, cells))
+    return rows
+
+
+@pytest.mark.slow
+def test_quality_bench_small(tmp_path):
+    if not (os.path.isdir(os.path.join(CIFAR, "train")) and os.path.isdir(os.path.join(CIFAR, "val"))):
+        pytest.skip(f"CIFAR-10 ImageFolder not found at {CIFAR} (see ../shared/data/README.md)")
+    data, out = str(tmp_path / "cifar-small"), str(tmp_path / "out")
+    copy_subset(data, train_per_class=40, val_per_class=20)
+    cmd = [sys.executable, "bench/quality.py", "--data", data, "--out", out, "--budget-min", "0.25", "--seeds", "1",
+           "--batch-size", "64", "--no-equal-steps", "--calibration-steps", "15", "--knn-points", "2",
+           "--knn-samples", "100", "--fast-epochs", "20"]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+    rows = table_rows(r.stdout)
+    assert tuple(rows) == ROWS
+    assert all("kNN top-1" in row and "fast-linear top-1" in row for row in rows.values())
+    results = json.load(open(os.path.join(out, "results.json")))
+    runs = {run["name"]: run for run in results["runs"]}
+    assert set(runs) == {"random-init", "moco", "bf"}
+    for name in ("moco", "bf"):
+        assert runs[name]["steps"] >= 10 and runs[name]["curve"], name
+        # 10 classes: chance is 10 %. A backbone that collapsed to a constant, or a probe that
+        # mixed up labels, lands there; 400 images for the bank are enough to sit well above it.
+        assert runs[name]["knn_top1"] > 15, runs[name]
+    assert results["hardware"]["cores"] >= 1 and results["date"] and results["command"].endswith("--fast-epochs 20")
+    assert "| MoCo v3 + BatchFormer |" in open(os.path.join(out, "results.md")).read()
+    plot = ET.parse(os.path.join(out, "knn_curve.svg")).getroot()
+    assert len(plot.findall("{http://www.w3.org/2000/svg}polyline")) == 4  # two runs, two panels
