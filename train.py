@@ -344,6 +344,8 @@ def train(args, plan: Plan, accelerator, model, optimizer, param_names, dataset,
     nonfinite_total, bad_total, images_total = 0, 0, 0
     window_start, data_wait = time.perf_counter(), 0.0
     step = start_step
+    if knn_sets and step == 0:  # the curve starts at the random init
+        log.log(0, {"epoch": 0.0, "knn_top1": knn_top1(moco.base_encoder.backbone, *knn_sets, device)})
     while step < plan.last_step:
         epoch, epoch_step = divmod(step, plan.steps_per_epoch)
         sampler = EpochBatchSampler(len(dataset), args.batch_size, rank, plan.processes, args.seed, epoch, epoch_step)

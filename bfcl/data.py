@@ -134,7 +134,7 @@ class PretrainDataset(Dataset):
         # Seed torch and Python RNGs for this sample only; the caller's RNG state is restored.
         with torch.random.fork_rng(devices=[]):
             state = random.getstate()
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed also seeds every device (slow)
             random.seed(seed)
             v1, v2 = self.view1(img), self.view2(img)
             random.setstate(state)
