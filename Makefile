@@ -30,7 +30,7 @@ smoke-test: venv
 	rm -rf $(SMOKE)
 	$(BIN)/python -m bfcl.synthetic $(SMOKE)/data --classes 4 --train-per-class 96 --val-per-class 32 --size 32
 	$(BIN)/accelerate launch --config_file accelerate_configs/cpu.yaml train.py \
-		--data $(SMOKE)/data --output-dir $(SMOKE)/run -a resnet18 --stem small --image-size 32 \
+		--data $(SMOKE)/data --output-dir $(SMOKE)/run -a resnet18 --stem imagenet --image-size 32 \
 		-b 32 --epochs 4 --warmup-epochs 1 --lr 0.6 --moco-mlp-dim 512 --add_bf 1 --workers 2 \
 		--log-every 4 --knn-every 12 --knn-samples 128
 	$(BIN)/accelerate launch --config_file accelerate_configs/cpu.yaml probe.py \

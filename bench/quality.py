@@ -257,7 +257,7 @@ def pretrain_and_probe(args, env, name: str, seed: int, cmd: list[str] | None, b
             fail(f"{name}, seed {seed}: no backbone.safetensors in {run_dir}; see {run_dir}/train.log")
         metrics = read_metrics(run_dir)
         record.update(wall_s=t["wall_s"], stopped_at_budget=t["stopped_at_budget"], steps=metrics[-1]["step"],
-                      img_per_s=statistics.median(r["img_per_s"] for r in metrics),
+                      img_per_s=statistics.median(r["img_per_s"] for r in metrics if "img_per_s" in r),
                       curve=[{"step": r["step"], "minutes": (r["time"] - t["start"]) / 60, "knn_top1": r["knn_top1"]}
                              for r in metrics if "knn_top1" in r])
         shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)

@@ -1,0 +1,40 @@
+"""The smoke test itself: `make smoke-test` end to end (generate data, pretrain with BatchFormer
+on the CPU, kNN-probe the exported backbone), as a user would run it from a fresh clone."""
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+import torchvision
+from safetensors.torch import load_file
+
+from bfcl.model import build_backbone
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_smoke_test(tmp_path):
+    out = tmp_path / "smoke"
+    run = subprocess.run(["make", "smoke-test", f"SMOKE={out}"], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+    records = [json.loads(line) for line in open(out / "run" / "metrics.jsonl")]
+    assert records[-1]["step"] == 48 and all(r["bad_images"] == 0 for r in records if "bad_images" in r)
+    assert [r["step"] for r in records if "knn_top1" in r] == [0, 12, 24, 36, 48]
+
+    results = json.load(open(out / "probe" / "results.json"))
+    assert results["step"] == 48 and results["num_classes"] == 4 and results["val_samples"] == 128
+    knn = results["results"]["knn"]["k200"]
+    assert 0 <= knn["top1"] <= 100 and knn["top5"] == 100.0  # 4 classes: top-5 covers them all
+    assert "kNN 200-NN" in run.stdout
+
+    # the export is a torchvision state dict of the configured backbone, minus fc
+    state = load_file(out / "run" / "backbone.safetensors")
+    missing, unexpected = build_backbone("resnet18", "imagenet").load_state_dict(state, strict=False)
+    assert not missing and not unexpected
+    missing, unexpected = torchvision.models.resnet18().load_state_dict(state, strict=False)
+    assert set(missing) == {"fc.weight", "fc.bias"} and not unexpected
