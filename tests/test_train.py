@@ -139,6 +139,24 @@ def test_two_processes_agree_and_resume(data, tmp_path):
     assert all(r["loss"] == r["loss"] and r["loss"] > 0 for r in metrics(out))
 
 
+def test_bf16_on_cpu_matches_fp32_and_resume_refuses_another_precision(data, straight, tmp_path):
+    """--mixed-precision bf16 (autocast; NHWC on CPU too): the first loss is the fp32 run's up to
+    bf16 rounding, master weights stay fp32, and resuming in fp32 is refused as a changed setting."""
+    result = run(train_cmd(data, tmp_path, "--mixed-precision", "bf16", "--max-steps", "2"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "precision: bf16" in result.stdout
+    bf16, fp32 = metrics(tmp_path), metrics(straight)
+    assert [r["step"] for r in bf16] == [1, 2]
+    assert bf16[0]["loss"] != fp32[0]["loss"]  # autocast really ran in bf16 ...
+    assert abs(bf16[0]["loss"] - fp32[0]["loss"]) < 0.02 * fp32[0]["loss"]  # ... and computed the same loss
+    weights = load_file(os.path.join(list_checkpoints(str(tmp_path))[-1], "model.safetensors"))
+    assert {t.dtype for t in weights.values() if t.is_floating_point()} == {torch.float32}
+
+    refused = run(train_cmd(data, tmp_path, "--mixed-precision", "no"))
+    assert refused.returncode == 1
+    assert "settings differ (--mixed-precision 'bf16' -> 'no')" in refused.stderr
+
+
 def test_validation_error_is_one_line_without_traceback(data, tmp_path):
     result = run(train_cmd(data, tmp_path, "--warmup-epochs", "2"))
     assert result.returncode == 1
