@@ -9,7 +9,7 @@ BUDGET ?= 15
 SEEDS  ?= 2
 OUT    ?= bench-results/quality
 
-.PHONY: venv test test-fast smoke-test bench-speed bench-quality clean
+.PHONY: venv lint test test-fast smoke-test bench-speed bench-quality clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -19,7 +19,10 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e ".[test]"
 	touch $@
 
-test: venv
+lint: venv
+	$(BIN)/ruff check .
+
+test: venv lint
 	$(BIN)/python -m pytest -q
 
 test-fast: venv

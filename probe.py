@@ -1,4 +1,4 @@
-"""How good is a pretrained backbone? MoCo v3's linear classification protocol, and faster checks.
+"""How good is a pretrained ResNet or ViT? MoCo v3's linear classification protocol, and faster checks.
 
     accelerate launch probe.py --pretrained runs/pretrain/backbone.safetensors --data DIR
     accelerate launch probe.py --pretrained checkpoint_0099.pth.tar --data DIR --mode knn
@@ -11,8 +11,9 @@ backbone.safetensors, an original MoCo v3 / BatchFormer .pth.tar, or a torchvisi
 (.pth or .safetensors); nothing is unpickled beyond tensors, numbers and strings.
 
 Modes (--mode):
-  linear       the protocol (method.md §3): frozen backbone in eval mode, linear head
-               N(0, 0.01²), SGD momentum 0.9, no weight decay, lr 0.1 x batch/256 on a per-epoch
+  linear       the protocol (method.md §3, §5): frozen backbone in eval mode, linear head
+               N(0, 0.01²) on the pooled feature (ResNet) or the cls token (ViT), SGD momentum
+               0.9, no weight decay, lr 0.1 (ResNet) or 3 (ViT) x batch/256 on a per-epoch
                cosine, 90 epochs, batch 1024, RandomResizedCrop + flip; val Resize + CenterCrop.
                Reports top-1/top-5 of the best and of the last epoch, and asserts at the end that
                no backbone tensor (BN buffers included) moved.
@@ -48,104 +49,158 @@ you report.
 import argparse
 import copy
 import json
-import math
 import os
 import sys
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from PIL import Image
 from rich.console import Console
 from rich.table import Table
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Subset
 
 from bfcl.checkpoint import CheckpointError
-from bfcl.data import DataError, check_image_folder, eval_transform, image_folder, probe_train_transform
+from bfcl.cli import HelpFormatter, check_output_dir, check_ranges, fail, format_summary
+from bfcl.data import DEFAULT_MAX_PIXELS, DataError, check_image_folder, eval_transform, image_folder, \
+    probe_train_transform, read_image, scan_image_folder
 from bfcl.knn import extract_features, knn_scores, topk_accuracy
-from bfcl.model import ARCHS, STEMS, build_backbone
-from bfcl.pretrained import (assert_backbone_unchanged, backbone_tensors, describe, guess_arch_stem, linear_head,
-                             load_backbone_state, probe_model)
+from bfcl.model import ARCHS, STEMS, build_backbone, is_vit
+from bfcl.pretrained import (assert_backbone_unchanged, backbone_tensors, describe, guess_architecture, head_name,
+                             linear_head, load_backbone_state, probe_model, set_head)
+from bfcl.schedules import learning_rate
 
 MODES = ("linear", "knn", "fast-linear", "all")
 FAST_LINEAR_BATCH, FAST_LINEAR_LR = 256, 0.1
+LINEAR_LR = {"resnet": 0.1, "vit": 3.0}  # base lr of the linear protocol: MoCo v3's main_lincls.py commands
+
+INF = None
+FLAG_RANGES = {  # (low, high, low inclusive, high inclusive), checked before any work
+    "image_size": (8, 4096, True, True), "patch_size": (1, 4096, True, True), "max_train_samples": (0, INF, True, True),
+    "workers": (0, 256, True, True), "batch_size": (1, INF, True, True), "lr": (0, INF, False, True),
+    "epochs": (1, INF, True, True), "knn_k": (1, INF, True, True), "knn_t": (0, INF, False, True),
+    "fast_epochs": (1, INF, True, True), "seed": (0, 2**31 - 1, True, True), "max_image_pixels": (1, INF, True, True),
+    "max_bad_image_share": (0, 1, True, True),
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
-                                formatter_class=type("F", (argparse.RawDescriptionHelpFormatter,
-                                                           argparse.ArgumentDefaultsHelpFormatter), {}))
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=HelpFormatter)
     a = p.add_argument_group("what to evaluate")
     w = a.add_mutually_exclusive_group(required=True)
-    w.add_argument("--pretrained", help="checkpoint folder, backbone.safetensors, MoCo v3 .pth.tar, or torchvision state dict")
-    w.add_argument("--random-init", action="store_true", help="a randomly initialised backbone: the baseline every result must beat")
+    w.add_argument("--pretrained",
+                   help="checkpoint folder, backbone.safetensors, MoCo v3 .pth.tar, or torchvision state dict")
+    w.add_argument("--random-init", action="store_true",
+                   help="a randomly initialised backbone: the baseline every result must beat")
     a.add_argument("-a", "--arch", choices=ARCHS, default=None,
-                   help="backbone; default: what the checkpoint records, else read off its tensor shapes (resnet50 for --random-init)")
+                   help="backbone; default: what the checkpoint records, else read off its tensor shapes (resnet50 for "
+                        "--random-init)")
     a.add_argument("--stem", choices=STEMS, default=None,
-                   help="'small' (3x3 conv, no max-pool) for 32-96 px images; default: as --arch")
-    a.add_argument("--mode", choices=MODES, default="linear", help="linear is the protocol; knn and fast-linear are quick checks")
+                   help="ResNets: 'small' (3x3 conv, no max-pool) for 32-96 px images; default: as --arch")
+    a.add_argument("--patch-size", type=int, default=None,
+                   help="ViTs: patch side; default: what the checkpoint records or its tensors say (16 for "
+                        "--random-init)")
+    a.add_argument("--mode", choices=MODES, default="linear",
+                   help="linear is the protocol; knn and fast-linear are quick checks")
     a = p.add_argument_group("data")
-    a.add_argument("--data", required=True, help="folder with train/ and val/, one subfolder per class, the same classes in both")
+    a.add_argument("--data", required=True,
+                   help="folder with train/ and val/, one subfolder per class, the same classes in both")
     a.add_argument("--image-size", type=int, default=None,
-                   help="crop side; default: the pretraining size if recorded, else the data's image side with the "
-                        "small stem, else 224 (val: Resize 256 + CenterCrop 224, no resize below 96 px)")
-    a.add_argument("--max-train-samples", type=int, default=0, help="use a seeded random subset of train/ this large (0: all)")
+                   help="crop side; default: the pretraining size if recorded (a ViT's is fixed by its position "
+                        "embedding), else the data's image side with the small stem, else 224 (val: Resize 256 + "
+                        "CenterCrop 224, no resize below 96 px)")
+    a.add_argument("--max-train-samples", type=int, default=0,
+                   help="use a seeded random subset of train/ this large (0: all)")
     a.add_argument("--workers", type=int, default=8, help="data-loading processes per process")
+    a.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help="images with more pixels are treated as unreadable (decompression-bomb guard)")
+    a.add_argument("--max-bad-image-share", type=float, default=0.01,
+                   help="stop if more than this share of image reads fail (each is replaced by the next readable "
+                        "image)")
     a = p.add_argument_group("linear protocol")
-    a.add_argument("-b", "--batch-size", type=int, default=1024, help="GLOBAL batch over all processes (also the feature-pass batch)")
-    a.add_argument("--lr", type=float, default=0.1, help="base lr; the lr used is lr x batch-size / 256")
+    a.add_argument("-b", "--batch-size", type=int, default=1024,
+                   help="GLOBAL batch over all processes (also the feature-pass batch)")
+    a.add_argument("--lr", type=float, default=None,
+                   help="base lr; the lr used is lr x batch-size / 256 (default: 0.1 ResNets, 3 ViTs, as MoCo v3)")
     a.add_argument("--epochs", type=int, default=90, help="epochs of the cosine schedule")
     a.add_argument("--bn-head", action="store_true",
-                   help="parameter-free BatchNorm before the linear head (MoCo v3 authors: makes the lr less sensitive)")
+                   help="parameter-free BatchNorm before the linear head (MoCo v3 authors: makes the lr less "
+                        "sensitive)")
     a = p.add_argument_group("quick checks")
     a.add_argument("--knn-k", type=int, nargs="+", default=[20, 200], help="neighbour counts")
     a.add_argument("--knn-t", type=float, default=0.07, help="temperature of the exp(cos / T) vote weights")
     a.add_argument("--fast-epochs", type=int, default=100,
                    help=f"epochs of fast-linear (batch {FAST_LINEAR_BATCH}, lr {FAST_LINEAR_LR}, cosine)")
-    a.add_argument("--save-features", action="store_true", help="write the centre-crop features to --output-dir/features.safetensors")
+    a.add_argument("--save-features", action="store_true",
+                   help="write the centre-crop features to --output-dir/features.safetensors")
     a = p.add_argument_group("run")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--output-dir", default="runs/probe", help="results.json (and features.safetensors) go here")
     return p.parse_args(argv)
 
 
-def fail(message: str) -> None:
-    """Stop with a one-line error."""
-    sys.exit(f"error: {message}")
+@dataclass(frozen=True)
+class Backbone:
+    """What to build and load: the architecture, and the pretrained tensors (torchvision keys)."""
+
+    arch: str
+    stem: str
+    patch_size: int
+    state: dict
+    info: dict
+
+    def model(self, num_classes: int, bn_head: bool = False, image_size: int = 224, freeze: bool = True):
+        return probe_model(self.arch, self.stem, self.state, num_classes, bn_head, image_size, self.patch_size, freeze)
 
 
-def backbone_source(args) -> tuple[dict, dict, str, str]:
-    """(backbone state, info, arch, stem). Flags win over what the file records, which wins over
-    what its tensor shapes say; probe_model then refuses a checkpoint that does not fit."""
+def backbone_source(args) -> Backbone:
+    """Flags win over what the file records, which wins over what its tensor shapes say;
+    probe_model then refuses a checkpoint that does not fit."""
     if args.random_init:
-        arch, stem = args.arch or "resnet50", args.stem or "imagenet"
+        arch = args.arch or "resnet50"
         set_seed(args.seed)
-        state = {k: v for k, v in build_backbone(arch, stem).state_dict().items() if not k.startswith("fc.")}
-        return state, {"source": "random init"}, arch, stem
+        size = args.image_size or 224
+        model = build_backbone(arch, args.stem or "imagenet", image_size=size, patch_size=args.patch_size or 16)
+        state = {k: v for k, v in model.state_dict().items() if not k.startswith(head_name(model) + ".")}
+        info = {"source": "random init", "image_size": size if is_vit(arch) else None}
+        return Backbone(arch, args.stem or "imagenet", args.patch_size or 16, state, info)
     state, info = load_backbone_state(args.pretrained)
-    guessed_arch, guessed_stem = guess_arch_stem(state)
-    arch = args.arch or info.get("arch") or guessed_arch
+    guess = guess_architecture(state)
+    arch = args.arch or info.get("arch") or guess["arch"]
     if arch is None:
         fail(f"cannot tell the arch of {args.pretrained}; pass --arch ({', '.join(ARCHS)})")
-    return state, info, arch, args.stem or info.get("stem") or guessed_stem
+    if is_vit(arch) and guess.get("image_size"):  # the position embedding fixes the token grid
+        info = {**info, "image_size": guess["image_size"]}
+    stem = args.stem or info.get("stem") or guess.get("stem") or "imagenet"
+    return Backbone(arch, stem, args.patch_size or info.get("patch_size") or guess.get("patch_size") or 16, state, info)
 
 
-def default_image_size(args, info: dict, stem: str, train_root: str) -> tuple[int, str]:
+def default_image_size(args, backbone: Backbone, train_root: str) -> tuple[int, str]:
     """(crop side, why): --image-size, else the pretraining's, else the data's (small stem), else 224."""
     if args.image_size:
         return args.image_size, "--image-size"
-    if info.get("image_size"):
-        return int(info["image_size"]), "recorded in the checkpoint"
-    if stem == "small":  # 32-96 px data; probing it at 224 would cost ~50x for nothing
-        with Image.open(image_folder(train_root).samples[0][0]) as img:
-            return min(img.size), "side of the first training image (small stem)"
+    if backbone.info.get("image_size"):
+        return int(backbone.info["image_size"]), "recorded in the checkpoint" if not is_vit(backbone.arch) \
+            else "the ViT's position embedding"
+    if backbone.stem == "small":  # 32-96 px data; probing it at 224 would cost ~50x for nothing
+        first = scan_image_folder(train_root).samples[0][0]
+        return min(read_image(first, args.max_image_pixels).size), "side of the first training image (small stem)"
     return 224, "ImageNet default"
 
 
-def datasets(args, image_size: int) -> dict:
+@dataclass(frozen=True)
+class ProbeData:
     """train/ with the probe's augmentation and with the centre crop, val/ with the centre crop."""
+
+    train_aug: torch.utils.data.Dataset
+    train: torch.utils.data.Dataset
+    val: torch.utils.data.Dataset
+    classes: list[str]
+
+
+def datasets(args, image_size: int) -> ProbeData:
     train_root, val_root = os.path.join(args.data, "train"), os.path.join(args.data, "val")
     train_classes, val_classes = check_image_folder(train_root), check_image_folder(val_root)
     if train_classes != val_classes:
@@ -153,16 +208,15 @@ def datasets(args, image_size: int) -> dict:
         only_val = sorted(set(val_classes) - set(train_classes))[:3]
         raise DataError(f"train/ and val/ have different classes (only in train: {only_train}, only in val: "
                         f"{only_val}); give both the same class folders")
-    train = image_folder(train_root, eval_transform(image_size))
+    train = image_folder(train_root, eval_transform(image_size), max_pixels=args.max_image_pixels)
     train_aug = copy.copy(train)  # shares the file list: ImageNet's is scanned once
     train_aug.transform = probe_train_transform(image_size)
-    sets = {"train_aug": train_aug, "train": train, "val": image_folder(val_root, eval_transform(image_size))}
-    if args.max_train_samples and args.max_train_samples < len(sets["train"]):
+    val = image_folder(val_root, eval_transform(image_size), max_pixels=args.max_image_pixels)
+    if args.max_train_samples and args.max_train_samples < len(train):
         g = torch.Generator().manual_seed(args.seed)
-        keep = torch.randperm(len(sets["train"]), generator=g)[:args.max_train_samples].sort().values.tolist()
-        sets["train_aug"], sets["train"] = Subset(sets["train_aug"], keep), Subset(sets["train"], keep)
-    sets["classes"] = train_classes
-    return sets
+        keep = torch.randperm(len(train), generator=g)[:args.max_train_samples].sort().values.tolist()
+        train_aug, train = Subset(train_aug, keep), Subset(train, keep)
+    return ProbeData(train_aug, train, val, train_classes)
 
 
 def shard(num_samples: int, batch: int, rank: int, world: int) -> list[int]:
@@ -171,7 +225,8 @@ def shard(num_samples: int, batch: int, rank: int, world: int) -> list[int]:
     Each batch is the one a single process with the same batch size would see, so features match
     a one-process run exactly; the last batches may leave some processes with fewer samples.
     """
-    return [i for start in range(rank * batch, num_samples, world * batch) for i in range(start, min(start + batch, num_samples))]
+    return [i for start in range(rank * batch, num_samples, world * batch)
+            for i in range(start, min(start + batch, num_samples))]
 
 
 def gather_in_order(accelerator, indices: list[int], num_samples: int, *tensors) -> list[torch.Tensor]:
@@ -189,15 +244,29 @@ def gather_in_order(accelerator, indices: list[int], num_samples: int, *tensors)
     return [accelerator.gather(accelerator.pad_across_processes(t.to(device)))[real][order].cpu() for t in tensors]
 
 
+def sharded_loader(dataset, batch: int, args, accelerator) -> tuple[list[int], DataLoader]:
+    """This process's share of `dataset` (shard) in plain order, and a loader over it."""
+    indices = shard(len(dataset), batch, accelerator.process_index, accelerator.num_processes)
+    return indices, DataLoader(Subset(dataset, indices), batch_size=batch, num_workers=args.workers)
+
+
+def check_failed_reads(failed: int, total: int, args) -> None:
+    """The probe's side of the unreadable-image policy: replaced and counted; too many stop."""
+    if failed > args.max_bad_image_share * total:
+        fail(f"{failed} of {total} image reads failed, more than --max-bad-image-share {args.max_bad_image_share}; "
+             "check the data folder")
+
+
 def features(model, dataset, batch: int, args, accelerator) -> tuple[torch.Tensor, torch.Tensor]:
     """Backbone features of the whole dataset, split over the processes: ([M, C] fp32, [M] labels)."""
-    indices = shard(len(dataset), batch, accelerator.process_index, accelerator.num_processes)
-    loader = DataLoader(Subset(dataset, indices), batch_size=batch, num_workers=args.workers)
+    indices, loader = sharded_loader(dataset, batch, args, accelerator)
     if indices:
         with accelerator.autocast():
-            local, labels = extract_features(model, loader, accelerator.device)
+            local, labels, failed = extract_features(model, loader, accelerator.device)
     else:  # more processes than batches
-        local, labels = torch.zeros(0, model.feature_dim), torch.zeros(0, dtype=torch.long)
+        local, labels, failed = torch.zeros(0, model.feature_dim), torch.zeros(0, dtype=torch.long), 0
+    check_failed_reads(int(accelerator.reduce(torch.tensor(failed, device=accelerator.device), "sum")),
+                       len(dataset), args)
     return gather_in_order(accelerator, indices, len(dataset), local, labels)
 
 
@@ -225,7 +294,7 @@ def fast_linear(train_x, train_y, val_x, val_y, num_classes: int, epochs: int, s
     optimizer = torch.optim.SGD(head.parameters(), lr=FAST_LINEAR_LR, momentum=0.9, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
     for epoch in range(epochs):
-        optimizer.param_groups[0]["lr"] = FAST_LINEAR_LR * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+        optimizer.param_groups[0]["lr"] = learning_rate(epoch, epochs, 0, FAST_LINEAR_LR)
         for batch in torch.randperm(len(train_x), generator=g).to(train_x.device).split(FAST_LINEAR_BATCH):
             loss = F.cross_entropy(head(train_x[batch]), train_y[batch])
             optimizer.zero_grad(set_to_none=True)
@@ -237,48 +306,54 @@ def fast_linear(train_x, train_y, val_x, val_y, num_classes: int, epochs: int, s
 
 @torch.no_grad()
 def evaluate(model, dataset, num_classes: int, batch: int, args, accelerator) -> dict:
-    """Top-1/top-5 of the probe model on the whole val set, each image counted once."""
-    indices = shard(len(dataset), batch, accelerator.process_index, accelerator.num_processes)
-    loader = DataLoader(Subset(dataset, indices), batch_size=batch, num_workers=args.workers)
+    """Top-1/top-5 of a classifier on the whole val set, each image counted once."""
+    indices, loader = sharded_loader(dataset, batch, args, accelerator)
     scores, labels = [torch.zeros(0, num_classes)], [torch.zeros(0, dtype=torch.long)]  # a process may get none
+    failed = 0
     with accelerator.autocast():
-        for images, targets in loader:
+        for images, targets, failed_reads in loader:
             scores.append(model(images.to(accelerator.device)).float().cpu())
             labels.append(targets)
+            failed += int(failed_reads.sum())
+    check_failed_reads(int(accelerator.reduce(torch.tensor(failed, device=accelerator.device), "sum")),
+                       len(dataset), args)
     scores, labels = gather_in_order(accelerator, indices, len(dataset), torch.cat(scores), torch.cat(labels))
     return topk_accuracy(scores, labels)
 
 
-def linear_probe(args, state: dict, arch: str, stem: str, sets: dict, accelerator) -> dict:
+def linear_probe(args, backbone: Backbone, data: ProbeData, image_size: int, peak_lr: float, accelerator) -> dict:
     """The linear classification protocol of MoCo v3 (method.md §3); returns best/last/history."""
     world, device = accelerator.num_processes, accelerator.device
-    local_batch, peak_lr = args.batch_size // world, args.lr * args.batch_size / 256
+    local_batch = args.batch_size // world
     set_seed(args.seed)  # the same head on every process
-    model = probe_model(arch, stem, state, len(sets["classes"]), args.bn_head)
+    model = backbone.model(len(data.classes), args.bn_head, image_size)
     reference = backbone_tensors(model)
-    head = model.fc
+    head = getattr(model, head_name(model))
     optimizer = torch.optim.SGD(head.parameters(), lr=peak_lr, momentum=0.9, weight_decay=0.0)
-    train_loader = DataLoader(sets["train_aug"], batch_size=local_batch, shuffle=True, num_workers=args.workers,
+    train_loader = DataLoader(data.train_aug, batch_size=local_batch, shuffle=True, num_workers=args.workers,
                               pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
     ddp_model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
-    history = []
+    history, failed = [], 0
     for epoch in range(args.epochs):
-        lr = peak_lr * 0.5 * (1 + math.cos(math.pi * epoch / args.epochs))  # per epoch, no warmup
+        lr = learning_rate(epoch, args.epochs, 0, peak_lr)  # per epoch, no warmup
         optimizer.param_groups[0]["lr"] = lr
         ddp_model.eval()  # the backbone's BN statistics must never move ...
         head.train()      # ... only the head (and --bn-head's statistics) learns
         loss_sum, steps = torch.zeros((), device=device), 0
-        for images, labels in train_loader:
+        for images, labels, failed_reads in train_loader:
             loss = F.cross_entropy(ddp_model(images), labels)
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             optimizer.step()
             loss_sum += loss.detach().float()
+            failed += int(failed_reads.sum())
             steps += 1
+        check_failed_reads(int(accelerator.reduce(torch.tensor(failed, device=device), "sum")),
+                           (epoch + 1) * len(data.train_aug), args)
         model.eval()
         # Evaluate the plain module: DDP syncs buffers on forward, and processes may hold
         # different numbers of val batches.
-        top = evaluate(model, sets["val"], len(sets["classes"]), local_batch, args, accelerator)
+        top = evaluate(model, data.val, len(data.classes), local_batch, args, accelerator)
         loss = accelerator.reduce(loss_sum, reduction="mean").item() / max(steps, 1)
         history.append({"epoch": epoch + 1, "lr": lr, "loss": loss, **top})
         accelerator.print(f"linear epoch {epoch + 1}/{args.epochs} | lr {lr:.4g} | loss {loss:.4f} | "
@@ -289,24 +364,25 @@ def linear_probe(args, state: dict, arch: str, stem: str, sets: dict, accelerato
             "lr": peak_lr, "best": best, "last": history[-1], "history": history}
 
 
-def quick_checks(args, modes, state: dict, arch: str, stem: str, sets: dict, accelerator) -> dict:
+def quick_checks(args, modes, backbone: Backbone, data: ProbeData, image_size: int, accelerator) -> dict:
     """kNN and/or fast-linear on one centre-crop feature pass over train/ and val/."""
-    model = probe_model(arch, stem, state, len(sets["classes"]))
-    model.fc = torch.nn.Identity()  # features, not class scores
+    model = backbone.model(len(data.classes), image_size=image_size)
+    set_head(model, torch.nn.Identity())  # features, not class scores
     model.to(accelerator.device).eval()
     local_batch = args.batch_size // accelerator.num_processes
-    train_x, train_y = features(model, sets["train"], local_batch, args, accelerator)
-    val_x, val_y = features(model, sets["val"], local_batch, args, accelerator)
+    train_x, train_y = features(model, data.train, local_batch, args, accelerator)
+    val_x, val_y = features(model, data.val, local_batch, args, accelerator)
     results = {}
     if accelerator.is_main_process:  # every process holds all features; one computes on them
         on_device = [t.to(accelerator.device) for t in (train_x, train_y, val_x, val_y)]
         if "knn" in modes:
-            results["knn"] = knn_eval(*on_device, len(sets["classes"]), args.knn_k, args.knn_t)
+            results["knn"] = knn_eval(*on_device, len(data.classes), args.knn_k, args.knn_t)
         if "fast-linear" in modes:
-            results["fast_linear"] = fast_linear(*on_device, len(sets["classes"]), args.fast_epochs, args.seed)
+            results["fast_linear"] = fast_linear(*on_device, len(data.classes), args.fast_epochs, args.seed)
         if args.save_features:
             save_file({"train_features": train_x, "train_labels": train_y, "val_features": val_x, "val_labels": val_y},
-                      os.path.join(args.output_dir, "features.safetensors"), {"arch": arch, "stem": stem})
+                      os.path.join(args.output_dir, "features.safetensors"),
+                      {"arch": backbone.arch, "stem": backbone.stem})
     return results
 
 
@@ -316,65 +392,69 @@ def results_table(results: dict, title: str) -> Table:
         table.add_column(column, justify="right" if "%" in column else "left")
     for name, r in results.get("knn", {}).items():
         if name.startswith("k") and isinstance(r, dict):
-            table.add_row(f"kNN {name[1:]}-NN", f"{r['top1']:.2f}", f"{r['top5']:.2f}", f"T {results['knn']['temperature']}")
+            table.add_row(f"kNN {name[1:]}-NN", f"{r['top1']:.2f}", f"{r['top5']:.2f}",
+                          f"T {results['knn']['temperature']}")
     if "fast_linear" in results:
         r = results["fast_linear"]
         table.add_row("fast linear", f"{r['top1']:.2f}", f"{r['top5']:.2f}", "cached centre crops: NOT the protocol")
     if "linear" in results:
         for which in ("best", "last"):
             r = results["linear"][which]
-            table.add_row(f"linear, {which} epoch", f"{r['top1']:.2f}", f"{r['top5']:.2f}", f"protocol, epoch {r['epoch']}")
+            table.add_row(f"linear, {which} epoch", f"{r['top1']:.2f}", f"{r['top5']:.2f}",
+                          f"protocol, epoch {r['epoch']}")
     return table
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    check_ranges(args, FLAG_RANGES)
     # torchrun without GPUs: Accelerate starts gloo only when told the processes are CPU ones.
     accelerator = Accelerator(cpu="LOCAL_RANK" in os.environ and not torch.cuda.is_available())
     world = accelerator.num_processes
     if args.batch_size % world:
         fail(f"--batch-size {args.batch_size} is not divisible by the {world} processes; use a multiple of {world}")
-    if min(args.epochs, args.fast_epochs, *args.knn_k) < 1:
-        fail("--epochs, --fast-epochs and --knn-k must be at least 1")
-    os.makedirs(args.output_dir, exist_ok=True)
-    if not os.access(args.output_dir, os.W_OK):
-        fail(f"--output-dir {args.output_dir} is not writable; choose another folder")
+    check_output_dir(args.output_dir, args.data)
     try:
-        state, info, arch, stem = backbone_source(args)
-        image_size, size_reason = default_image_size(args, info, stem, os.path.join(args.data, "train"))
-        sets = datasets(args, image_size)
-        probe_model(arch, stem, state, len(sets["classes"]))  # fail now, in one line, if it does not fit
+        backbone = backbone_source(args)
+        image_size, size_reason = default_image_size(args, backbone, os.path.join(args.data, "train"))
+        data = datasets(args, image_size)
+        backbone.model(len(data.classes), image_size=image_size)  # fail now, in one line, if it does not fit
     except (CheckpointError, DataError) as e:
         fail(str(e))
+    except ValueError as e:  # a ViT whose image size is not a multiple of its patch
+        fail(str(e))
     modes = ("knn", "fast-linear", "linear") if args.mode == "all" else (args.mode,)
-    local_batch = args.batch_size // world
+    base_lr = args.lr if args.lr is not None else LINEAR_LR["vit" if is_vit(backbone.arch) else "resnet"]
+    peak_lr = base_lr * args.batch_size / 256
     summary = {
-        "pretrained": args.pretrained or "random-init", "source": describe(info), "arch": arch, "stem": stem,
-        "image size": f"{image_size}, {size_reason}", "classes": len(sets["classes"]),
-        "train / val images": f"{len(sets['train'])} / {len(sets['val'])}", "modes": ", ".join(modes),
+        "pretrained": args.pretrained or "random-init", "source": describe(backbone.info), "arch": backbone.arch,
+        "stem / patch": f"patch {backbone.patch_size}" if is_vit(backbone.arch) else backbone.stem,
+        "image size": f"{image_size}, {size_reason}", "classes": len(data.classes),
+        "train / val images": f"{len(data.train)} / {len(data.val)}", "modes": ", ".join(modes),
         "processes": world, "device": str(accelerator.device), "precision": accelerator.mixed_precision,
-        "batch per process": local_batch, "global batch": args.batch_size,
+        "batch per process": args.batch_size // world, "global batch": args.batch_size,
     }
     if "linear" in modes:
-        summary.update({"linear lr (scaled)": args.lr * args.batch_size / 256, "linear epochs": args.epochs,
-                        "BN head": args.bn_head})
-        if args.batch_size > len(sets["train"]):
-            summary["note"] = f"batch {args.batch_size} exceeds the {len(sets['train'])} train images: one step per epoch"
-    accelerator.print("\n".join(f"{k:>20}: {v}" for k, v in summary.items()))
+        summary.update({"linear lr (scaled)": peak_lr, "linear epochs": args.epochs, "BN head": args.bn_head})
+        if args.batch_size > len(data.train):
+            summary["note"] = f"batch {args.batch_size} exceeds the {len(data.train)} train images: one step per epoch"
+    accelerator.print(format_summary(summary))
 
-    results = quick_checks(args, modes, state, arch, stem, sets, accelerator) if modes != ("linear",) else {}
+    results = quick_checks(args, modes, backbone, data, image_size, accelerator) if modes != ("linear",) else {}
     if "linear" in modes:
-        results["linear"] = linear_probe(args, state, arch, stem, sets, accelerator)
+        results["linear"] = linear_probe(args, backbone, data, image_size, peak_lr, accelerator)
 
     if accelerator.is_main_process:
-        record = {"pretrained": args.pretrained or "random-init", "source": info["source"], "arch": arch, "stem": stem,
-                  "step": info.get("step"), "image_size": image_size, "num_classes": len(sets["classes"]),
-                  "train_samples": len(sets["train"]), "val_samples": len(sets["val"]), "processes": world,
-                  "config": vars(args), "results": results}
+        record = {"pretrained": args.pretrained or "random-init", "source": backbone.info["source"],
+                  "arch": backbone.arch, "stem": backbone.stem,
+                  "patch_size": backbone.patch_size if is_vit(backbone.arch)
+                  else None, "step": backbone.info.get("step"), "image_size": image_size,
+                  "num_classes": len(data.classes), "train_samples": len(data.train), "val_samples": len(data.val),
+                  "processes": world, "config": vars(args), "results": results}
         path = os.path.join(args.output_dir, "results.json")
         with open(path, "w") as f:
             json.dump(record, f, indent=1)
-        Console().print(results_table(results, f"{arch}/{stem}: {args.pretrained or 'random init'}"))
+        Console().print(results_table(results, f"{backbone.arch}: {args.pretrained or 'random init'}"))
         accelerator.print(f"results in {path}")
     accelerator.wait_for_everyone()
     accelerator.end_training()

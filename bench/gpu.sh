@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# MoCo v3 ResNet-50 +/- BatchFormer on ONE GPU: images/s and peak memory, in under 8 minutes on an H100.
-# ResNet-50, 224 px, batch 256 per GPU, bf16 through `accelerate launch --mixed_precision bf16`,
-# channels_last (train.py's choice on CUDA), BatchFormer off (--add_bf 0) and on (--add_bf 1):
-#   1. synthetic: the bare step on random views already on the GPU (bench/reference_step.py), and
-#      again with cudnn.benchmark, which train.py does not set;
+# MoCo v3 ResNet-50 and ViT-S/16 +/- BatchFormer on ONE GPU: images/s and peak memory, in under 8
+# minutes on an H100. ResNet-50, 224 px, batch 256 per GPU, bf16 through `accelerate launch
+# --mixed_precision bf16`, channels_last (train.py's choice on CUDA), BatchFormer off (--add_bf 0)
+# and on (--add_bf 1):
+#   1. synthetic: the bare step on random views already on the GPU (bench/reference_step.py),
+#      without and with cudnn.benchmark (train.py sets it on CUDA); then ViT-S/16 at 224 px,
+#      batch 128 per GPU (MoCo v3 trains it at 1024 on 8 GPUs), AdamW, BatchFormer off and on;
 #   2. decoded JPEGs: train.py itself on a generated 256 px JPEG folder (PIL views in the loader
-#      workers), and with the batched tensor augmentation when train.py has --augment;
+#      workers), and with the batched tensor augmentation (--augment batched);
 #   3. a short train.py run that counts host synchronisations by source line (sync debug mode);
 #   4. the batched augmentation alone on the GPU (views/s at 224 px).
 #
@@ -20,12 +22,14 @@ BIN=${BIN:-.venv/bin}
 if [[ "${1:-}" == "--tiny" ]]; then
     OUT=${OUT:-bench-results/gpu-tiny}
     ARCH=resnet18 STEM=small SIZE=32 SOURCE=32 BATCH=16 MLP=512 IMAGES=128 WORKERS=1 WARMUP=2 STEPS=4 LOG=2
+    VIT=(--arch vit_tiny --size 32 --patch-size 8 --batch 8 --mlp-dim 256)
     LAUNCH=(--cpu --num_processes 1 --num_machines 1 --mixed_precision bf16 --dynamo_backend no)
     SYNTH_STEPS=(--warmup 1 --steps 2)
     export OMP_NUM_THREADS=1  # two threads beside the loader worker stall each other on a 2-core box
 else
     OUT=${OUT:-bench-results/gpu}
     ARCH=resnet50 STEM=imagenet SIZE=224 SOURCE=256 BATCH=256 MLP=4096 IMAGES=8192 WARMUP=10 STEPS=30 LOG=10
+    VIT=(--arch vit_small --size 224 --patch-size 16 --batch 128 --mlp-dim 4096)
     WORKERS=$(( $(nproc) > 4 ? $(nproc) - 2 : 2 ))
     LAUNCH=(--num_processes 1 --num_machines 1 --mixed_precision bf16 --dynamo_backend no)
     SYNTH_STEPS=(--warmup 10 --steps 30)
@@ -49,6 +53,8 @@ record "$BIN/accelerate" launch "${LAUNCH[@]}" "${SYNTH[@]}" --cudnn-benchmark
 if [[ "${COMPILE:-0}" == 1 ]]; then
     record "$BIN/accelerate" launch "${LAUNCH[@]}" "${SYNTH[@]}" --cudnn-benchmark --compile
 fi
+say "1b. synthetic views, bare step, ViT (${VIT[*]}), BatchFormer off and on"
+record "$BIN/accelerate" launch "${LAUNCH[@]}" bench/gpu_throughput.py synthetic "${VIT[@]}" "${SYNTH_STEPS[@]}"
 
 TRAIN=(-a "$ARCH" --stem "$STEM" --image-size "$SIZE" -b "$BATCH" --moco-mlp-dim "$MLP" --workers "$WORKERS"
        --log-every "$LOG" --max-steps $(( WARMUP + STEPS )) --epochs 100 --warmup-epochs 10 --resume none)
@@ -61,12 +67,8 @@ trainer() {  # trainer NAME [train.py options...]
 say "2. decoded JPEGs through train.py, PIL views in $WORKERS loader workers"
 trainer pil-bf0 --add_bf 0
 trainer pil-bf1 --add_bf 1
-if "$BIN/python" train.py --help | grep -q -- "--augment"; then
-    say "2b. decoded JPEGs through train.py, batched tensor views on the device"
-    trainer batched-bf1 --add_bf 1 --augment batched
-else
-    say "2b. skipped: this train.py has no --augment option yet"
-fi
+say "2b. decoded JPEGs through train.py, batched tensor views on the device"
+trainer batched-bf1 --add_bf 1 --augment batched
 
 say "3. host synchronisations inside the step (expected: only at log/save steps)"
 record "$BIN/accelerate" launch "${LAUNCH[@]}" bench/gpu_throughput.py trainer --sync-check --batch "$BATCH" --warmup 2 \

@@ -1,6 +1,7 @@
 """The measurements behind bench/gpu.sh; each mode prints one JSON line (and people-readable lines).
 
     accelerate launch --mixed_precision bf16 bench/gpu_throughput.py synthetic --arch resnet50 --size 224 --batch 256
+    accelerate launch --mixed_precision bf16 bench/gpu_throughput.py synthetic --arch vit_small --size 224 --batch 128
     accelerate launch --mixed_precision bf16 bench/gpu_throughput.py trainer --batch 256 -- --data DIR --add_bf 1 ...
     python bench/gpu_throughput.py augment --size 224 --batch 256
     python bench/gpu_throughput.py jpegs DIR --count 8192 --size 256
@@ -47,9 +48,11 @@ def synthetic(args) -> None:
     device = accelerator.device
     if args.cudnn_benchmark:
         torch.backends.cudnn.benchmark = True
-    views = make_views(args.batch, args.size, device)
+    views = make_views(args.batch, args.size, device, arch=args.arch, precision=accelerator.mixed_precision)
     for bf_loss in (None, "pairs-sum"):
-        model, optimizer = build(args.arch, args.stem, args.mlp_dim, bf_loss, device)
+        model, optimizer = build(args.arch, args.stem, args.mlp_dim, bf_loss, device,
+                                 precision=accelerator.mixed_precision, image_size=args.size,
+                                 patch_size=args.patch_size)
         if args.compile:
             model = torch.compile(model)
         model, optimizer = accelerator.prepare(model, optimizer)
@@ -113,7 +116,8 @@ def augment(args) -> None:
         sync()
         seconds = (time.perf_counter() - start) / args.steps
         print(json.dumps({"mode": "augment", "device": str(device), "size": args.size, "batch": args.batch,
-                          "compile": compiled, "views_per_s": 2 * args.batch / seconds, "ms_per_batch": 1000 * seconds}),
+                          "compile": compiled, "views_per_s": 2 * args.batch / seconds,
+                          "ms_per_batch": 1000 * seconds}),
               flush=True)
 
 
@@ -125,7 +129,8 @@ def _write_images(job) -> None:
     g = torch.Generator().manual_seed(start)
     for i in range(start, stop):
         c = i % classes
-        Image.fromarray(stripes(c, classes, size, g).numpy()).save(os.path.join(root, f"class_{c}", f"{i:06d}.jpg"), quality=90)
+        Image.fromarray(stripes(c, classes, size, g).numpy()).save(
+            os.path.join(root, f"class_{c}", f"{i:06d}.jpg"), quality=90)
 
 
 def jpegs(args) -> None:
@@ -145,6 +150,7 @@ def parse_args(argv=None):
     s = sub.add_parser("synthetic")
     s.add_argument("--arch", default="resnet50")
     s.add_argument("--stem", default="imagenet")
+    s.add_argument("--patch-size", type=int, default=16, help="ViTs")
     s.add_argument("--size", type=int, default=224)
     s.add_argument("--batch", type=int, default=256)
     s.add_argument("--mlp-dim", type=int, default=4096)

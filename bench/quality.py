@@ -77,18 +77,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=2, help="seeds 0..N-1; mean ± std over them")
     p.add_argument("--bf-loss", default="pairs-sum", choices=BF_LOSSES,
                    help="BatchFormer loss variant (pairs-sum is --add_bf 1, the documented default)")
-    p.add_argument("--bf-trainable", action="store_true", help="train BatchFormer's weights (default: frozen at init, as released)")
+    p.add_argument("--bf-trainable", action="store_true",
+                   help="train BatchFormer's weights (default: frozen at init, as released)")
     p.add_argument("--no-equal-steps", dest="equal_steps", action="store_false",
                    help="skip the BatchFormer run at MoCo v3's step count (saves ~1.2x budget per seed)")
     p.add_argument("--batch-size", type=int, default=None, help="override RECIPE's global batch (small data sets)")
     p.add_argument("--train-args", default="", help="more train.py options after RECIPE, which they override, "
                    "e.g. \"--moco-m 0.99 --lr 1.2\"")
-    p.add_argument("--procs", type=int, default=2, help="training processes (torchrun, gloo); 1: a plain python process")
-    p.add_argument("--threads", type=int, default=1, help="OMP/MKL threads per process (0: torch's default, one per core)")
-    p.add_argument("--workers", type=int, default=0, help="data-loading processes per process (0: load in the training process)")
+    p.add_argument("--procs", type=int, default=2,
+                   help="training processes (torchrun, gloo); 1: a plain python process")
+    p.add_argument("--threads", type=int, default=1,
+                   help="OMP/MKL threads per process (0: torch's default, one per core)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="data-loading processes per process (0: load in the training process)")
     p.add_argument("--knn-points", type=int, default=6, help="online kNN monitor evaluations per run")
     p.add_argument("--knn-samples", type=int, default=2000, help="monitor bank and query size (train.py --knn-samples)")
-    p.add_argument("--calibration-steps", type=int, default=30, help="steps of each calibration run (multiple of 5, >= 15)")
+    p.add_argument("--calibration-steps", type=int, default=30,
+                   help="steps of each calibration run (multiple of 5, >= 15)")
     p.add_argument("--fast-epochs", type=int, default=100, help="probe.py --fast-epochs")
     p.add_argument("--fresh", action="store_true", help="delete --out's earlier runs instead of reusing them")
     return p.parse_args(argv)
@@ -105,13 +110,14 @@ def count_images(root: str) -> int:
 def hardware() -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor() or "unknown CPU")
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(), "os": platform.platform(),
-            "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+            "os": platform.platform(), "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
 
 
 def git_commit() -> str:
     r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
+                           text=True)
     return r.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
@@ -210,7 +216,8 @@ def steps_for_budget(cal: dict, budget_s: float, steps_per_epoch: int, knn_point
     passes + a checkpoint at every epoch end and at the last step."""
     steps = max(1, int((budget_s - cal["startup_s"] - cal["checkpoint_exit_s"]) / cal["step_s"]))
     for _ in range(3):  # the checkpoint count depends on the step count; settles at once
-        overhead = cal["startup_s"] + cal["checkpoint_exit_s"] * (1 + steps // steps_per_epoch) + knn_points * cal["monitor_s"]
+        overhead = (cal["startup_s"] + cal["checkpoint_exit_s"] * (1 + steps // steps_per_epoch)
+                    + knn_points * cal["monitor_s"])
         steps = max(10, int((budget_s - overhead) / cal["step_s"]))
     return steps
 
@@ -225,8 +232,8 @@ def probe(args, env, run_dir: str, seed: int, pretrained: str | None) -> dict:
         what = ["--pretrained", pretrained] if pretrained else \
             ["--random-init", "-a", recipe_value(args, "-a"), "--stem", recipe_value(args, "--stem")]
         cmd = [*launcher(args), "probe.py", *what, "--data", args.data, "--mode", mode, "--image-size",
-               recipe_value(args, "--image-size"), "--workers", str(args.workers), "--batch-size", "512", "--seed", str(seed),
-               "--fast-epochs", str(args.fast_epochs), "--output-dir", out]
+               recipe_value(args, "--image-size"), "--workers", str(args.workers), "--batch-size", "512",
+               "--seed", str(seed), "--fast-epochs", str(args.fast_epochs), "--output-dir", out]
         os.makedirs(out, exist_ok=True)
         timing = run(cmd, os.path.join(out, "probe.log"), env)
         with open(os.path.join(out, "results.json")) as f:
@@ -300,14 +307,16 @@ def main(argv=None) -> int:
             "git": git_commit(), "data": args.data, "budget_min": args.budget_min, "seeds": args.seeds,
             "recipe": shlex.join(recipe(args)), "bf_loss": args.bf_loss, "bf_trainable": args.bf_trainable,
             "steps_per_epoch": steps_per_epoch, "warmup_share": WARMUP_SHARE,
-            "launch": f"{args.procs} process(es) x {args.threads or 'default'} thread(s), {args.workers} loader workers each"}
+            "launch": f"{args.procs} process(es) x {args.threads or 'default'} thread(s), "
+                      f"{args.workers} loader workers each"}
     print(f"{info['date']} | {info['hardware']['cpu']}, {info['hardware']['cores']} cores | "
           f"{args.budget_min:g} min per run, {args.seeds} seed(s) | recipe: {info['recipe']}", flush=True)
 
     print("calibrating (short timed runs of each recipe)", flush=True)
     cal_path = os.path.join(args.out, "calibration.json")
     earlier = json.load(open(cal_path))["calibration"] if os.path.exists(cal_path) else {}
-    cal = {name: calibrate(args, env, steps_per_epoch, bf, earlier.get(name)) for name, bf in (("moco", False), ("bf", True))}
+    cal = {name: calibrate(args, env, steps_per_epoch, bf, earlier.get(name))
+           for name, bf in (("moco", False), ("bf", True))}
     plan = {name: steps_for_budget(c, budget_s, steps_per_epoch, args.knn_points) for name, c in cal.items()}
     for name, c in cal.items():
         print(f"  {name}: {c['step_s']:.2f} s/step, monitor {c['monitor_s']:.1f} s, startup {c['startup_s']:.1f} s, "
@@ -327,7 +336,8 @@ def main(argv=None) -> int:
             knn_every = max(1, math.ceil(steps / args.knn_points))
             cmd = train_cmd(args, os.path.join(args.out, "runs", f"seed{seed}", name), seed, name != "moco", steps,
                             steps_per_epoch, knn_every)
-            records.append(pretrain_and_probe(args, env, name, seed, cmd, budget_s if name != "bf-equal-steps" else None))
+            records.append(pretrain_and_probe(args, env, name, seed, cmd,
+                                              budget_s if name != "bf-equal-steps" else None))
     info["date_end"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     table = write_report(args.out, info, cal, records)
     print(table)

@@ -32,7 +32,8 @@ def table(records: list[dict], rows) -> str:
         if not rs:
             continue
         trained = name != "random-init"
-        lines.append(f"| {label} | {mean_std([r['knn_top1'] for r in rs])} | {mean_std([r['linear_top1'] for r in rs])} | "
+        lines.append(f"| {label} | {mean_std([r['knn_top1'] for r in rs])} | "
+                     f"{mean_std([r['linear_top1'] for r in rs])} | "
                      f"{mean_std([r['steps'] for r in rs], 0) if trained else 0} | "
                      f"{mean_std([r['wall_s'] / 60 for r in rs]) if trained else '–'} | "
                      f"{mean_std([r['img_per_s'] for r in rs], 0) if trained else '–'} | {len(rs)} |")
@@ -75,8 +76,8 @@ def markdown(info: dict, cal: dict, records: list[dict]) -> tuple[str, str]:
         f"- date: {info['date']} to {info.get('date_end', '?')}; code {info['git']}",
         f"- data: {info['data']} ({info['steps_per_epoch']} steps per epoch)",
         f"- launch: {info['launch']}",
-        f"- recipe: `{info['recipe']}`, warmup {info['warmup_share']:.0%} of the run; BatchFormer: {info['bf_loss']} loss, "
-        f"{'trainable' if info['bf_trainable'] else 'frozen at init'}",
+        f"- recipe: `{info['recipe']}`, warmup {info['warmup_share']:.0%} of the run; "
+        f"BatchFormer: {info['bf_loss']} loss, {'trainable' if info['bf_trainable'] else 'frozen at init'}",
         "- kNN: k = 200, T = 0.07, all train images as the bank, val as queries (probe.py --mode knn); "
         "fast-linear: linear head on cached centre-crop features (probe.py --mode fast-linear), not the protocol",
         "",
@@ -92,8 +93,8 @@ def markdown(info: dict, cal: dict, records: list[dict]) -> tuple[str, str]:
              "## Calibration (short timed runs that set each run's step count)", "",
              "| recipe | s/step | monitor pass (s) | startup (s) | checkpoint + exit (s) |", "|---|---|---|---|---|"]
     for name, c in cal.items():
-        text.append(f"| {'MoCo v3 + BatchFormer' if c['bf'] else 'MoCo v3'} | {c['step_s']:.3f} | {c['monitor_s']:.1f} | "
-                    f"{c['startup_s']:.1f} | {c['checkpoint_exit_s']:.1f} |")
+        text.append(f"| {'MoCo v3 + BatchFormer' if c['bf'] else 'MoCo v3'} | {c['step_s']:.3f} | "
+                    f"{c['monitor_s']:.1f} | {c['startup_s']:.1f} | {c['checkpoint_exit_s']:.1f} |")
     text += ["", "## Every run", "", per_run_table(records), "",
              "![online kNN monitor](knn_curve.svg)", ""]
     return "\n".join(text), main_table
@@ -108,7 +109,8 @@ def nice_step(span: float, ticks: int = 5) -> float:
     return next(m * scale for m in (1, 2, 5, 10) if m * scale >= raw)
 
 
-def panel(x0: float, records: list[dict], key: str, xlabel: str, width: float, height: float, y_max: float) -> list[str]:
+def panel(x0: float, records: list[dict], key: str, xlabel: str, width: float, height: float,
+          y_max: float) -> list[str]:
     """One axes box at horizontal offset x0: knn_top1 against `key` for every trained run."""
     left, top, w, h = x0 + 55, 30, width - 75, height - 80
     step = nice_step(max([p[key] for r in records for p in r["curve"]] + [1e-9]))
@@ -126,8 +128,8 @@ def panel(x0: float, records: list[dict], key: str, xlabel: str, width: float, h
         out += [f'<line x1="{left}" y1="{sy(v):.1f}" x2="{left + w}" y2="{sy(v):.1f}" stroke="#ddd"/>',
                 f'<text x="{left - 6}" y="{sy(v) + 4:.1f}" text-anchor="end">{v}</text>']
     out += [f'<text x="{left + w / 2}" y="{top + h + 36}" text-anchor="middle">{escape(xlabel)}</text>',
-            f'<text x="{x0 + 14}" y="{top + h / 2}" text-anchor="middle" transform="rotate(-90 {x0 + 14} {top + h / 2})">'
-            'kNN top-1 (%), online monitor</text>']
+            f'<text x="{x0 + 14}" y="{top + h / 2}" text-anchor="middle" '
+            f'transform="rotate(-90 {x0 + 14} {top + h / 2})">kNN top-1 (%), online monitor</text>']
     for r in records:
         if not r["curve"] or r["name"] not in SERIES:
             continue

@@ -9,29 +9,35 @@ logging, no checkpoints, no reading of the loss.
 import time
 
 import torch
+from accelerate.utils import set_seed
 
-from bfcl.lars import LARS
+from bfcl.batchformer import dropout_seed
 from bfcl.loss import moco_loss
-from bfcl.model import MoCo
+from bfcl.model import MoCo, is_vit, uses_channels_last
+from bfcl.optim import build_optimizer, param_groups
 
 PHASES = ("forward", "backward", "optimizer", "momentum update")
 
 
-def build(arch: str, stem: str, mlp_dim: int, bf_loss: str | None, device: torch.device, seed: int = 0):
-    """MoCo + LARS as train.py builds them (channels_last on CUDA): returns (model, optimizer)."""
-    torch.manual_seed(seed)
-    model = MoCo(arch, stem, 256, mlp_dim, batchformer=bf_loss is not None).to(device)
-    if device.type == "cuda":
+def build(arch: str, stem: str, mlp_dim: int, bf_loss: str | None, device: torch.device, seed: int = 0,
+          precision: str = "no", image_size: int = 224, patch_size: int = 16):
+    """MoCo + its recipe's optimizer (LARS for ResNets, AdamW for ViTs), built as train.py builds
+    them: same seeding, parameter groups and memory format. Returns (model, optimizer)."""
+    set_seed(seed)
+    model = MoCo(arch, stem, 256, mlp_dim, batchformer=bf_loss is not None, image_size=image_size,
+                 patch_size=patch_size).to(device)
+    if uses_channels_last(arch, device.type, precision):
         model = model.to(memory_format=torch.channels_last)
-    optimizer = LARS([{"params": [p for p in model.parameters() if p.requires_grad], "lr_scale": 1.0}],
-                     weight_decay=1e-6, momentum=0.9)
+    groups, _ = param_groups(model)
+    optimizer = build_optimizer("adamw" if is_vit(arch) else "lars", groups, 0.1 if is_vit(arch) else 1e-6)
     return model, optimizer
 
 
-def make_views(batch: int, size: int, device: torch.device, seed: int = 0):
+def make_views(batch: int, size: int, device: torch.device, seed: int = 0, arch: str = "resnet18",
+               precision: str = "no"):
     """Two random normalised views [batch, 3, size, size], in train.py's memory format."""
     g = torch.Generator().manual_seed(seed)
-    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    fmt = torch.channels_last if uses_channels_last(arch, device.type, precision) else torch.contiguous_format
     return tuple(torch.randn(batch, 3, size, size, generator=g).to(device, memory_format=fmt) for _ in range(2))
 
 
@@ -61,7 +67,7 @@ def run_steps(model, optimizer, views, steps: int, bf_loss: str | None, accelera
         lr, m = schedule(step) if schedule is not None else (0.1, 0.99)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
-        torch.manual_seed(step)  # BatchFormer's dropout, as train.py
+        torch.manual_seed(dropout_seed(0, step, 0))  # BatchFormer's dropout, as train.py (seed 0, one process)
         q1, q2, k1, k2 = model(x1, x2)
         loss = moco_loss(q1, q2, k1, k2, 0, 1.0, bf_loss)
         if phases:

@@ -84,7 +84,7 @@ LOOP_PARTS = {
     "data wait": [("torch/utils/data/dataloader.py", "__next__"), ("torch/utils/data/dataloader.py", "__iter__")],
     "forward (model + loss)": [("bfcl/model.py", "forward"), ("bfcl/loss.py", "moco_loss")],
     "backward": [("accelerate/accelerator.py", "backward")],
-    "optimizer": [("bfcl/lars.py", "step")],
+    "optimizer": [("bfcl/optim.py", "step")],
     "momentum update": [("bfcl/model.py", "update_momentum_encoder")],
     "logging (sync point + log)": [("accelerate/accelerator.py", "reduce"), ("bfcl/progress.py", "log")],
     "checkpoint": [("train.py", "save")],
@@ -106,7 +106,8 @@ def run_reference(args, steps: int) -> dict:
     """reference_step.py's bare step in a fresh process with the trainer's thread settings."""
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     out = subprocess.run([sys.executable, os.path.abspath(__file__), "--reference-probe", str(steps),
-                          "--batch", str(args.batch), "--warmup", str(args.warmup)], env=env, check=True, capture_output=True, text=True).stdout
+                          "--batch", str(args.batch), "--warmup", str(args.warmup)],
+                         env=env, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -168,10 +169,11 @@ def trainer_vs_reference(args) -> None:
 
 
 def time_checkpoint(model, optimizer, tmp: str) -> float:
-    from bfcl.checkpoint import save_checkpoint
-    state = {k: v for k, v in model.state_dict().items()}
-    opt = {f"{i}.mu": s["mu"] for i, s in enumerate(optimizer.state.values())}
+    from bfcl.checkpoint import optimizer_state_tensors, save_checkpoint
+    from bfcl.optim import param_groups
+    state = model.state_dict()
     start = time.perf_counter()
+    opt = optimizer_state_tensors(optimizer, param_groups(model)[1])
     save_checkpoint(os.path.join(tmp, "ckpt"), 1, state, opt, {"config": {}}, 1)
     return time.perf_counter() - start
 
@@ -179,7 +181,8 @@ def time_checkpoint(model, optimizer, tmp: str) -> float:
 # ---- 2. BatchFormer's cost -------------------------------------------------------------------
 
 def batchformer_overhead(args) -> None:
-    print(f"\n## 2. BatchFormer overhead (bare step, resnet18 small stem, 32 px, batch {args.batch}, {args.threads} thread(s))")
+    print(f"\n## 2. BatchFormer overhead (bare step, resnet18 small stem, 32 px, batch {args.batch}, "
+          f"{args.threads} thread(s))")
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
     views = make_views(args.batch, 32, device)
@@ -231,7 +234,8 @@ def augmentation_speed(args) -> None:
         pil_vps = 2 * n / timings["pil"]
         batched_vps = 2 * n / timings["batched"]
         total_vps = 2 * n / (timings["batched"] + timings["loader"])
-        print(f"{size:>5} {source:>7} {pil_vps:>14.0f} {batched_vps:>9.0f} {total_vps:>15.0f} {total_vps / pil_vps:>8.1f}x")
+        print(f"{size:>5} {source:>7} {pil_vps:>14.0f} {batched_vps:>9.0f} {total_vps:>15.0f} "
+              f"{total_vps / pil_vps:>8.1f}x")
     print(f"(batches of {n} images = {2 * n} views; median of {args.repeats} runs. 'batched': the device part only, "
           "on this CPU; 'batched+loader' adds the loader side (squash to the source size, draw parameters), "
           "i.e. the whole batched path on one core. PIL: pretrain_views, blur on.)")

@@ -50,7 +50,8 @@ SOLARIZE_THRESHOLD = 128 / 255
 def draw_crop_boxes(sizes: torch.Tensor, crop_min: float, generator=None) -> torch.Tensor:
     """RandomResizedCrop's box for each row of sizes [n, 2] = (height, width) in pixels.
     Returns boxes [n, 4] = (x0, y0, x1, y1) in pixel units, float (see crop_boxes)."""
-    return crop_boxes(sizes, crop_min, torch.rand(sizes.shape[0], CROP_UNIFORMS, dtype=torch.float64, generator=generator))
+    return crop_boxes(sizes, crop_min,
+                      torch.rand(sizes.shape[0], CROP_UNIFORMS, dtype=torch.float64, generator=generator))
 
 
 def crop_boxes(sizes: torch.Tensor, crop_min: float, u: torch.Tensor) -> torch.Tensor:
@@ -126,7 +127,8 @@ def shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     high, low = x.amax(dim=1), x.amin(dim=1)  # (aminmax over dim 1 is slow on CPUs)
     chroma = high - low
     # Hue in sixths of a turn, times chroma; grey pixels (chroma 0) get 0 and stay grey.
-    hue = torch.where(high == r, g - b, torch.where(high == g, (b - r).add_(chroma, alpha=2), (r - g).add_(chroma, alpha=4)))
+    hue = torch.where(high == r, g - b,
+                      torch.where(high == g, (b - r).add_(chroma, alpha=2), (r - g).add_(chroma, alpha=4)))
     hue.div_(chroma.clamp(min=torch.finfo(x.dtype).tiny)).add_(6 * shift.view(-1, 1, 1))
     out = torch.empty_like(x)
     for c, offset in enumerate((5, 3, 1)):  # R, G, B: the closed form of HSV -> RGB

@@ -45,3 +45,9 @@ class BatchFormer(nn.Module):
             )
         mixed = self.encoder_layer(x.unsqueeze(0)).squeeze(0)  # [1, N, C]: one sequence of N
         return torch.cat([x, mixed], dim=0)
+
+
+def dropout_seed(seed: int, step: int, process: int) -> int:
+    """The torch seed set before each step's forward, so that BatchFormer's dropout masks are a
+    function of (run seed, step, process index): a resumed run draws the same masks."""
+    return seed * 1_000_003 + step * 1009 + process

@@ -13,16 +13,22 @@ into place, so a run killed at any moment leaves either the old set or the new o
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
 import warnings
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_FORMAT = "bfcl-checkpoint-1"
+TENSOR_FILES = ("model.safetensors", "optimizer.safetensors")
+MAX_META_BYTES = 16 << 20  # ours are a few KB; a bigger meta.json is not one of ours
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class CheckpointError(ValueError):
@@ -63,7 +69,9 @@ def save_file_atomic(tensors: dict, path: str, metadata: dict | None = None) -> 
 
 def save_checkpoint(output_dir: str, step: int, model_state: dict, optimizer_state: dict,
                     meta: dict, keep: int) -> str:
-    """Write checkpoints/step-<step>/ atomically, then delete all but the newest `keep`."""
+    """Write checkpoints/step-<step>/ atomically, then delete the oldest so that `keep` remain
+    (0: keep all). Only checkpoints of earlier steps are deleted: a folder of later steps (left by
+    another run in this --output-dir) is never taken for an old one, nor is the new one."""
     root = os.path.join(output_dir, CHECKPOINT_DIR)
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f"step-{step:08d}")
@@ -78,7 +86,7 @@ def save_checkpoint(output_dir: str, step: int, model_state: dict, optimizer_sta
         _save_tensors(tensors, path)
         files[name] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
     with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump({**meta, "step": step, "files": files}, f, indent=1)
+        json.dump({**meta, "format": CHECKPOINT_FORMAT, "step": step, "files": files}, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
     _fsync_dir(tmp)
@@ -86,7 +94,8 @@ def save_checkpoint(output_dir: str, step: int, model_state: dict, optimizer_sta
         shutil.rmtree(final)
     os.rename(tmp, final)
     _fsync_dir(root)
-    for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
+    earlier = [p for p in list_checkpoints(output_dir) if int(os.path.basename(p)[5:]) < step]
+    for old in earlier[:max(0, len(earlier) - (keep - 1))] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -99,34 +108,105 @@ def list_checkpoints(output_dir: str) -> list[str]:
     return [os.path.join(root, d) for d in sorted(os.listdir(root)) if _STEP_DIR.match(d)]
 
 
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_meta(meta, meta_path: str) -> None:
+    """Schema and ranges of a parsed meta.json; CheckpointError names the field."""
+    def refuse(field: str, expected: str, value) -> None:
+        raise CheckpointError(f"{meta_path}: {field} must be {expected}, found {_short(value)}; the file is damaged "
+                              "or not written by bfcl, use an earlier checkpoint")
+    if not isinstance(meta, dict):
+        refuse("the top level", "a JSON object", type(meta).__name__)
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        refuse('"format"', f'"{CHECKPOINT_FORMAT}"', meta.get("format"))
+    files = meta.get("files")
+    if not isinstance(files, dict) or set(files) != set(TENSOR_FILES):
+        refuse('"files"', f"an object with exactly {' and '.join(TENSOR_FILES)}",
+               sorted(files) if isinstance(files, dict) else files)
+    for name in TENSOR_FILES:
+        entry = files[name]
+        if not isinstance(entry, dict):
+            refuse(f'"files.{name}"', 'an object with "bytes" and "sha256"', entry)
+        if not _is_int(entry.get("bytes")) or entry["bytes"] < 0:
+            refuse(f'"files.{name}.bytes"', "an integer >= 0", entry.get("bytes"))
+        if not isinstance(entry.get("sha256"), str) or not _SHA256.match(entry["sha256"]):
+            refuse(f'"files.{name}.sha256"', "64 lowercase hex digits", entry.get("sha256"))
+    if not _is_int(meta.get("step")) or meta["step"] < 0:
+        refuse('"step"', "an integer >= 0", meta.get("step"))
+    if not isinstance(meta.get("config"), dict):
+        refuse('"config"', "an object", meta.get("config"))
+    epoch = meta.get("epoch", 0)
+    if not (_is_int(epoch) or isinstance(epoch, float)) or not math.isfinite(epoch) or epoch < 0:
+        refuse('"epoch"', "a finite number >= 0", epoch)
+    if "steps_per_epoch" in meta and (not _is_int(meta["steps_per_epoch"]) or meta["steps_per_epoch"] < 1):
+        refuse('"steps_per_epoch"', "an integer >= 1", meta["steps_per_epoch"])
+    scaler = meta.get("scaler")
+    if scaler is not None and (not isinstance(scaler, dict) or not all(
+            (_is_int(v) or isinstance(v, float)) and math.isfinite(v) for v in scaler.values())):
+        refuse('"scaler"', "null or an object of finite numbers", scaler)
+
+
 def read_meta(path: str) -> dict:
-    """meta.json of a checkpoint directory, after checking both tensor files' size and checksum."""
+    """meta.json of a checkpoint directory, after checking its schema and ranges and both tensor
+    files' size and SHA-256. Anything wrong is one CheckpointError naming the file and the fix."""
     meta_path = os.path.join(path, "meta.json")
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint {path} does not exist; check the path or use --resume auto")
     if not os.path.isfile(meta_path):
         raise CheckpointError(f"{path} is not a bfcl checkpoint (no meta.json); pass a checkpoints/step-* directory")
     try:
-        with open(meta_path) as f:
+        if os.path.getsize(meta_path) > MAX_META_BYTES:
+            raise CheckpointError(f"{meta_path} is {os.path.getsize(meta_path)} bytes, not a bfcl meta.json; "
+                                  "use an earlier checkpoint")
+        with open(meta_path, encoding="utf-8") as f:
             meta = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{meta_path} is corrupt ({e}); use an earlier checkpoint") from None
-    for name, expected in meta.get("files", {}).items():
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{meta_path} is corrupt ({type(e).__name__}: {_short(str(e))}); "
+                              "use an earlier checkpoint") from None
+    except OSError as e:
+        raise CheckpointError(f"{meta_path} cannot be read ({e.strerror}); check its permissions") from None
+    _check_meta(meta, meta_path)
+    named = _STEP_DIR.match(os.path.basename(os.path.normpath(path)))
+    if named and int(named.group(1)) != meta["step"]:
+        raise CheckpointError(f"{path} is named for step {int(named.group(1))} but its meta.json says step "
+                              f"{meta['step']}; it was renamed or mixed up, use another checkpoint")
+    for name, expected in meta["files"].items():
         file = os.path.join(path, name)
         if not os.path.isfile(file):
             raise CheckpointError(f"{file} is missing; use an earlier checkpoint")
         size = os.path.getsize(file)
         if size != expected["bytes"]:
-            raise CheckpointError(f"{file} has {size} bytes, expected {expected['bytes']} (truncated?); use an earlier checkpoint")
-        if _sha256(file) != expected["sha256"]:
+            raise CheckpointError(f"{file} has {size} bytes, expected {expected['bytes']} (truncated?); "
+                                  "use an earlier checkpoint")
+        try:
+            digest = _sha256(file)
+        except OSError as e:
+            raise CheckpointError(f"{file} cannot be read ({e.strerror}); check its permissions") from None
+        if digest != expected["sha256"]:
             raise CheckpointError(f"{file} fails its SHA-256 check (corrupt); use an earlier checkpoint")
     return meta
+
+
+def _load_tensors(file: str) -> dict:
+    try:
+        return load_file(file)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{file} is not a readable safetensors file ({_short(str(e))}); "
+                              "use an earlier checkpoint") from None
 
 
 def load_checkpoint(path: str) -> tuple[dict, dict, dict]:
     """(model_state, optimizer_state, meta) of a verified checkpoint directory."""
     meta = read_meta(path)
-    return load_file(os.path.join(path, "model.safetensors")), load_file(os.path.join(path, "optimizer.safetensors")), meta
+    return _load_tensors(os.path.join(path, "model.safetensors")), \
+        _load_tensors(os.path.join(path, "optimizer.safetensors")), meta
 
 
 def latest_checkpoint(output_dir: str) -> str | None:
@@ -137,7 +217,53 @@ def latest_checkpoint(output_dir: str) -> str | None:
             return path
         except CheckpointError as e:
             warnings.warn(f"skipping checkpoint: {e}", stacklevel=2)
+        except Exception as e:  # noqa: BLE001 -- a malformed checkpoint must never stop auto-resume
+            warnings.warn(f"skipping checkpoint {path}: unexpected {type(e).__name__} ({_short(str(e))})", stacklevel=2)
     return None
+
+
+def _mismatch(kind: str, keys: list[str], describe=lambda key: key) -> str:
+    return f"{len(keys)} {kind} (e.g. {describe(keys[0])})" if keys else ""
+
+
+def load_model_state(model: torch.nn.Module, state: dict, path: str) -> None:
+    """model.load_state_dict(state, strict=True), after comparing keys, shapes and dtypes so
+    that a checkpoint of other settings fails in one line naming what differs."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    common = sorted(set(own) & set(state))
+    shapes = [k for k in common if tuple(state[k].shape) != tuple(own[k].shape)]
+    dtypes = [k for k in common if own[k].is_floating_point() and not state[k].is_floating_point()]
+    problems = [_mismatch("missing", missing), _mismatch("unexpected", unexpected),
+                _mismatch("shape differs" if len(shapes) == 1 else "shapes differ", shapes,
+                          lambda k: f"{k}: checkpoint {list(state[k].shape)}, model {list(own[k].shape)}"),
+                _mismatch("dtype differs" if len(dtypes) == 1 else "dtypes differ", dtypes,
+                          lambda k: f"{k}: checkpoint {state[k].dtype}, model {own[k].dtype}")]
+    problems = [p for p in problems if p]
+    if problems:
+        raise CheckpointError(f"checkpoint {path} does not fit the model: {', '.join(problems)}; "
+                              "resume with the settings it was made with")
+    model.load_state_dict(state, strict=True)
+
+
+def check_weights(state: dict, what: str) -> None:
+    """Refuse a state dict that no training run could have saved: non-finite values (a run that
+    diverged), weights or BatchNorm statistics that are not floating point, or negative
+    BatchNorm variances. `what` names it in the message ("checkpoint X", "backbone Y")."""
+    nonfinite = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if nonfinite:
+        raise CheckpointError(f"{what} holds non-finite values in {len(nonfinite)} tensor(s) (e.g. {nonfinite[0]}); "
+                              "the run diverged before it was saved, use an earlier checkpoint")
+    stats = ("weight", "bias", "running_mean", "running_var")
+    not_float = [k for k, v in state.items() if k.rsplit(".", 1)[-1] in stats and not v.is_floating_point()]
+    if not_float:
+        raise CheckpointError(f"{what} stores {not_float[0]} as {state[not_float[0]].dtype}, not floating point; "
+                              "it is damaged or not a model state, use another file")
+    negative = [k for k, v in state.items() if k.endswith("running_var") and (v < 0).any()]
+    if negative:
+        raise CheckpointError(f"{what} has negative BatchNorm variances in {negative[0]}; it is damaged, "
+                              "use an earlier checkpoint")
 
 
 def optimizer_state_tensors(optimizer: torch.optim.Optimizer, param_names: list[str]) -> dict:
@@ -153,14 +279,23 @@ def optimizer_state_tensors(optimizer: torch.optim.Optimizer, param_names: list[
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, param_names: list[str], tensors: dict) -> None:
-    """Inverse of optimizer_state_tensors; every stored tensor must belong to a known parameter."""
+    """Inverse of optimizer_state_tensors; every stored tensor must belong to a known parameter,
+    and per-element state (momentum, exp_avg, ...) must have its parameter's shape."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if len(params) != len(param_names):
+        raise ValueError(f"{len(param_names)} names for the optimizer's {len(params)} parameters")
     state, used = {}, set()
-    for index, name in enumerate(param_names):
+    for index, (name, param) in enumerate(zip(param_names, params)):
         entries = {k[len(name) + 1:]: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == name}
+        for key, value in entries.items():
+            if value.dim() > 0 and tuple(value.shape) != tuple(param.shape):
+                raise CheckpointError(f"optimizer state {name}.{key} has shape {list(value.shape)} but the parameter "
+                                      f"has {list(param.shape)}; the model does not match the checkpoint")
         if entries:
             state[index] = entries
             used.update(f"{name}.{k}" for k in entries)
     unknown = sorted(set(tensors) - used)
     if unknown:
-        raise CheckpointError(f"optimizer state for unknown parameters ({unknown[0]} ...); the model does not match the checkpoint")
+        raise CheckpointError(f"optimizer state for unknown parameters ({unknown[0]} ...); "
+                              "the model does not match the checkpoint")
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})

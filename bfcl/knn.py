@@ -1,21 +1,29 @@
 """Weighted k-nearest-neighbour classification on frozen features (Wu et al., 2018).
 
 Each of the k nearest bank features votes for its label with weight exp(cos / T); the
-standard self-supervised monitor (k = 20 or 200, T = 0.07).
+standard self-supervised monitor (k = 20 or 200, T = 0.07). KnnMonitor is train.py's online
+version of it, on fixed subsets of train/ and val/.
 """
+
+import os
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+
+from bfcl.data import eval_transform, image_folder
 
 
 @torch.no_grad()
-def extract_features(backbone: torch.nn.Module, loader, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Backbone features of every (image, label) batch: ([M, C] fp32 on CPU, [M] labels)."""
-    features, labels = [], []
-    for images, targets in loader:
+def extract_features(backbone: torch.nn.Module, loader, device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Backbone features of every (image, label, failed reads) batch: ([M, C] fp32 on CPU, [M]
+    labels, the number of unreadable images that were replaced by readable ones)."""
+    features, labels, failed = [], [], 0
+    for images, targets, failed_reads in loader:
         features.append(backbone(images.to(device, non_blocking=True)).float().cpu())
         labels.append(targets)
-    return torch.cat(features), torch.cat(labels)
+        failed += int(failed_reads.sum())
+    return torch.cat(features), torch.cat(labels), failed
 
 
 @torch.no_grad()
@@ -42,3 +50,28 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict
     ranked = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices
     hits = ranked == labels[:, None]
     return {f"top{k}": 100.0 * hits[:, :k].any(dim=1).float().mean().item() for k in ks}
+
+
+class KnnMonitor:
+    """kNN top-1 (k 200) of a backbone on fixed seeded subsets: `samples` train images as the
+    bank, `samples` val images as queries. A few seconds a pass at 32 px; used by train.py's
+    --knn-every. Unreadable images are replaced as in training and counted in `failed_reads`."""
+
+    def __init__(self, data: str, image_size: int, samples: int, seed: int, workers: int, max_pixels: int):
+        transform = eval_transform(image_size)
+        train = image_folder(os.path.join(data, "train"), transform, max_pixels=max_pixels)
+        val = image_folder(os.path.join(data, "val"), transform, max_pixels=max_pixels)
+        g = torch.Generator().manual_seed(seed)
+        pick = lambda ds: Subset(ds, torch.randperm(len(ds), generator=g)[:samples].tolist())  # noqa: E731
+        self.bank_loader = DataLoader(pick(train), batch_size=256, num_workers=workers)
+        self.query_loader = DataLoader(pick(val), batch_size=256, num_workers=workers)
+        self.num_classes, self.failed_reads = len(train.classes), 0
+
+    def top1(self, backbone: torch.nn.Module, device) -> float:
+        was_training = backbone.training
+        backbone.eval()
+        bank, bank_labels, failed_bank = extract_features(backbone, self.bank_loader, device)
+        queries, labels, failed_queries = extract_features(backbone, self.query_loader, device)
+        backbone.train(was_training)
+        self.failed_reads += failed_bank + failed_queries
+        return topk_accuracy(knn_scores(queries, bank, bank_labels, self.num_classes, k=200), labels)["top1"]

@@ -8,19 +8,22 @@ import torch
 import torch.nn.functional as F
 
 # The seed's `--add_bf` integers, named. 0 means no BatchFormer.
-PAIRS_SUM = "pairs-sum"  # --add_bf 1: 8 terms summed, ≈4x the baseline loss (documented default)
+PAIRS_SUM = "pairs-sum"  # --add_bf 1 or 34: 8 terms summed, ≈4x the baseline loss (documented default)
 PAIRS_MEAN = "pairs-mean"  # --add_bf 36: the same 8 terms divided by 4
 JOINT = "joint"  # any other positive --add_bf: one loss over all 2N rows
 BF_LOSSES = (PAIRS_SUM, PAIRS_MEAN, JOINT)
 
 
 def bf_loss_from_add_bf(add_bf: int) -> str | None:
-    """Map the seed's --add_bf integer to a named loss variant (None: BatchFormer off)."""
+    """Map the seed's --add_bf integer to a named loss variant (None: BatchFormer off).
+
+    The fork's main_moco.py tests `add_bf in [1, 34]` for the 8-term sum, so 34 is pairs-sum
+    too; 36 is the mean; any other positive value takes its joint branch."""
     if add_bf < 0:
         raise ValueError(f"--add_bf must be 0 (off) or positive, got {add_bf}")
     if add_bf == 0:
         return None
-    return {1: PAIRS_SUM, 36: PAIRS_MEAN}.get(add_bf, JOINT)
+    return {1: PAIRS_SUM, 34: PAIRS_SUM, 36: PAIRS_MEAN}.get(add_bf, JOINT)
 
 
 def contrastive_loss(q: torch.Tensor, k_all: torch.Tensor, rank: int, temperature: float) -> torch.Tensor:

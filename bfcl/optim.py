@@ -1,6 +1,15 @@
-"""LARS (You et al., 2017) as MoCo v3 uses it for ResNets."""
+"""The pretraining optimizers: LARS for ResNets, AdamW for ViTs (MoCo v3's choices), and the
+parameter groups both take.
+
+`param_groups` puts BatchFormer's weights, when they are trained, in a group of their own so
+that they can run at --bf-lr-scale times the lr; it finds them through `model.batchformer`,
+the module, never through a name filter.
+"""
 
 import torch
+from torch import nn
+
+OPTIMIZERS = ("lars", "adamw")
 
 
 class LARS(torch.optim.Optimizer):
@@ -44,3 +53,32 @@ class LARS(torch.optim.Optimizer):
                 mu.mul_(group["momentum"]).add_(g)
                 p.add_(mu, alpha=-group["lr"])
         return loss
+
+
+def param_groups(model: nn.Module, bf_lr_scale: float = 1.0) -> tuple[list[dict], list[str]]:
+    """Trainable parameters in one group (lr_scale 1), plus one for a trainable BatchFormer
+    (lr_scale bf_lr_scale); and the parameter names in optimizer order, which the checkpoint
+    uses to name optimizer state. The caller sets group["lr"] = lr * group["lr_scale"] each step.
+
+    Frozen tensors (the momentum encoder, a frozen BatchFormer, a ViT's patch projection under
+    --stop-grad-conv1) are left out, so weight decay never touches them.
+    """
+    batchformer = getattr(model, "batchformer", None)
+    bf_ids = {id(p) for p in batchformer.parameters()} if batchformer is not None else set()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    main = [(n, p) for n, p in named if id(p) not in bf_ids]
+    bf = [(n, p) for n, p in named if id(p) in bf_ids]
+    groups = [{"params": [p for _, p in main], "lr_scale": 1.0}]
+    if bf:
+        groups.append({"params": [p for _, p in bf], "lr_scale": bf_lr_scale})
+    return groups, [n for n, _ in main + bf]
+
+
+def build_optimizer(name: str, groups: list[dict], weight_decay: float) -> torch.optim.Optimizer:
+    """LARS (momentum 0.9, trust 0.001; MoCo v3's ResNet choice) or AdamW (its ViT choice,
+    default betas, decay on every tensor as in MoCo v3's main_moco.py)."""
+    if name == "lars":
+        return LARS(groups, weight_decay=weight_decay, momentum=0.9)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")

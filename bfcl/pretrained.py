@@ -1,12 +1,13 @@
-"""Pretrained ResNet backbones, from whatever file a user has, for the probes in probe.py.
+"""Pretrained ResNet and ViT backbones, from whatever file a user has, for probe.py.
 
 Accepted, all read without unpickling code (safetensors, or torch.load(weights_only=True)):
 
     checkpoints/step-XXXXXXXX/       a bfcl training checkpoint (meta.json + model.safetensors)
-    <run>/ or backbone.safetensors   a bfcl backbone export (torchvision keys, arch/stem metadata)
+    <run>/ or backbone.safetensors   a bfcl backbone export (torchvision keys, bfcl/export.py)
     checkpoint_0099.pth.tar          MoCo v3 / BatchFormer originals: module.base_encoder.* is taken,
-                                     its fc (the projector) dropped, as are the momentum encoder,
-                                     predictor and BatchFormer
+                                     its fc or head (the projector) dropped, as are the momentum
+                                     encoder, predictor and BatchFormer; ViT files (timm key names)
+                                     are mapped onto torchvision's VisionTransformer (bfcl/vit.py)
     resnet50.pth / .safetensors      a plain torchvision state dict (optionally under "state_dict"
                                      or "model", optionally with DataParallel's module. prefix)
 
@@ -17,19 +18,24 @@ import json
 import os
 import pickle
 import zipfile
+from collections import OrderedDict
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
+from torchvision.models import VisionTransformer
 
-from bfcl.checkpoint import CheckpointError, read_meta
-from bfcl.model import ARCHS, STEMS, build_backbone
+from bfcl.checkpoint import CheckpointError, check_weights, read_meta
+from bfcl.export import read_export_metadata
+from bfcl.model import ARCHS, STEMS, build_backbone, is_vit
+from bfcl.vit import timm_to_torchvision, vit_config_from_state
 
-# The modules of a torchvision ResNet that hold the backbone's tensors (relu, maxpool, avgpool
-# have none; fc is the classifier, or MoCo v3's projector). Anything else in a checkpoint
+# The modules of a torchvision ResNet or VisionTransformer that hold the backbone's tensors
+# (fc and heads are the classifier, or MoCo v3's projector). Anything else in a checkpoint
 # (momentum encoder, predictor, BatchFormer) is not part of the backbone.
-BACKBONE_PARTS = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")
+BACKBONE_PARTS = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "conv_proj", "class_token", "encoder")
+TIMM_VIT_PARTS = ("patch_embed", "cls_token", "pos_embed", "blocks", "norm")  # MoCo v3's vits.py (timm names)
 
 # Where the backbone sits in each known layout, most specific first.
 LAYOUTS = (
@@ -59,13 +65,22 @@ def load_backbone_state(path: str) -> tuple[dict, dict]:
     for prefix, layout in LAYOUTS:
         if any(k.startswith(prefix) for k in tensors):
             break
+    timm = any(k.startswith(prefix + "blocks.") for k in tensors)
+    parts = TIMM_VIT_PARTS if timm else BACKBONE_PARTS
     state = {k[len(prefix):]: v for k, v in tensors.items()
-             if k.startswith(prefix) and k[len(prefix):].split(".")[0] in BACKBONE_PARTS}
+             if k.startswith(prefix) and k[len(prefix):].split(".")[0] in parts}
     ignored = sorted({_group(k, prefix) for k in tensors if not (k.startswith(prefix) and k[len(prefix):] in state)})
     if not state:
         shown = ", ".join(list(tensors)[:3])
-        raise CheckpointError(f"{path} holds no ResNet backbone tensors (keys like {shown}); probe.py evaluates "
-                              f"torchvision ResNets ({', '.join(ARCHS)})")
+        raise CheckpointError(f"{path} holds no backbone tensors (keys like {shown}); probe.py evaluates "
+                              f"torchvision ResNets and ViTs ({', '.join(ARCHS)})")
+    if timm:
+        try:
+            state = timm_to_torchvision(state)
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+        layout += " (timm ViT keys, mapped to torchvision's)"
+    check_weights(state, path)
     return state, {**info, "source": info.get("source", layout), "ignored": ignored}
 
 
@@ -82,10 +97,12 @@ def _read_folder(path: str) -> tuple[dict, dict]:
     """A training checkpoint (meta.json, checksums verified) or a run folder with backbone.safetensors."""
     if os.path.isfile(os.path.join(path, "meta.json")):
         meta = read_meta(path)
-        config = meta.get("config", {})
+        config = meta["config"]
         tensors = _safetensors_file(os.path.join(path, "model.safetensors"))
-        return tensors, {"source": "bfcl training checkpoint", "arch": config.get("arch"), "stem": config.get("stem"),
-                         "step": meta.get("step"), "image_size": config.get("image_size")}
+        # the config was checked when the run started; still, only well-typed values are taken
+        metadata = {k: str(config[k]) for k in ("arch", "stem", "image_size", "patch_size") if k in config}
+        info = read_export_metadata({**metadata, "format": "bfcl-backbone-1", "step": str(meta["step"])}, path)
+        return tensors, {**info, "source": "bfcl training checkpoint"}
     export = os.path.join(path, "backbone.safetensors")
     if os.path.isfile(export):
         return _read_safetensors(export)
@@ -99,22 +116,17 @@ def _read_safetensors(path: str) -> tuple[dict, dict]:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
     except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({_first_line(e)}); is it truncated?") from None
-    info = {k: metadata[k] for k in ("arch", "stem") if k in metadata}
-    if "step" in metadata:
-        info["step"] = int(metadata["step"])
-    if "image_size" in metadata:
-        info["image_size"] = int(metadata["image_size"])
-    if metadata.get("format") == "torchvision-resnet-backbone":
-        info["source"] = "bfcl backbone export"
-    return _safetensors_file(path), info
+        raise CheckpointError(f"{path} is not a readable safetensors file ({_first_line(e)}); "
+                              "is it truncated?") from None
+    return _safetensors_file(path), read_export_metadata(metadata, path)
 
 
 def _safetensors_file(path: str) -> dict:
     try:
         return load_file(path)
     except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({_first_line(e)}); is it truncated?") from None
+        raise CheckpointError(f"{path} is not a readable safetensors file ({_first_line(e)}); "
+                              "is it truncated?") from None
 
 
 def _read_torch(path: str) -> tuple[dict, dict]:
@@ -127,12 +139,13 @@ def _read_torch(path: str) -> tuple[dict, dict]:
                                   f"could run code); re-save it with tensors, numbers and strings only") from None
         raise CheckpointError(f"{path} is not a PyTorch checkpoint ({_first_line(e)})") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
-        raise CheckpointError(f"{path} cannot be read ({_first_line(e)}); is it truncated or not a checkpoint?") from None
+        raise CheckpointError(f"{path} cannot be read ({_first_line(e)}); "
+                              "is it truncated or not a checkpoint?") from None
     info = {}
     if isinstance(obj, dict) and isinstance(obj.get("arch"), str):  # main_moco.py saves args.arch
-        info["arch"] = obj["arch"]
         if obj["arch"] not in ARCHS:
             raise CheckpointError(f"{path} holds a {obj['arch']}; probe.py evaluates {', '.join(ARCHS)}")
+        info["arch"] = obj["arch"]
     if isinstance(obj, dict) and isinstance(obj.get("epoch"), int):
         info["epoch"] = obj["epoch"]
     for key in ("state_dict", "model"):  # MoCo v3 / DINO / MAE wrappers
@@ -150,7 +163,7 @@ def _first_line(e: Exception) -> str:
 
 
 def guess_arch_stem(state: dict) -> tuple[str | None, str]:
-    """(arch, stem) read off a torchvision-keyed backbone state; arch None if not one of ARCHS.
+    """(arch, stem) read off a torchvision-keyed ResNet state; arch None if not one of ARCHS.
 
     The stem is in conv1's kernel (7x7 imagenet, 3x3 small); the arch in the block counts of
     layer1-4 and whether blocks are bottlenecks (conv3).
@@ -160,6 +173,20 @@ def guess_arch_stem(state: dict) -> tuple[str | None, str]:
     bottleneck = "layer1.0.conv3.weight" in state
     known = {(False, (2, 2, 2, 2)): "resnet18", (False, (3, 4, 6, 3)): "resnet34", (True, (3, 4, 6, 3)): "resnet50"}
     return known.get((bottleneck, blocks)), stem
+
+
+def guess_architecture(state: dict) -> dict:
+    """What the tensors say: {"arch", "stem"} for a ResNet, {"arch", "patch_size", "image_size"}
+    for a ViT (its position embedding fixes the token grid); arch None if unknown."""
+    if "conv_proj.weight" in state:
+        try:
+            return vit_config_from_state(state)
+        except ValueError:
+            return {"arch": None}
+    if "conv1.weight" in state:
+        arch, stem = guess_arch_stem(state)
+        return {"arch": arch, "stem": stem}
+    return {"arch": None}
 
 
 def linear_head(feature_dim: int, num_classes: int, bn: bool = False) -> nn.Module:
@@ -174,43 +201,66 @@ def linear_head(feature_dim: int, num_classes: int, bn: bool = False) -> nn.Modu
     return nn.Sequential(nn.BatchNorm1d(feature_dim, affine=False, eps=1e-6), linear) if bn else linear
 
 
-def probe_model(arch: str, stem: str, state: dict, num_classes: int, bn_head: bool = False) -> nn.Module:
-    """Fresh build_backbone(arch, stem) with a linear head as `fc`, backbone weights loaded, frozen.
+def head_name(model: nn.Module) -> str:
+    """Where torchvision keeps the classifier: `fc` in a ResNet, `heads` in a VisionTransformer."""
+    return "heads" if isinstance(model, VisionTransformer) else "fc"
+
+
+def set_head(model: nn.Module, head: nn.Module) -> None:
+    """Put `head` where torchvision's own classifier goes (a ViT's as heads.head), so that the
+    state dict of the whole classifier loads into torchvision's model of the same arch."""
+    if isinstance(model, VisionTransformer):
+        model.heads = nn.Sequential(OrderedDict(head=head))
+    else:
+        model.fc = head
+
+
+def probe_model(arch: str, stem: str, state: dict, num_classes: int, bn_head: bool = False, image_size: int = 224,
+                patch_size: int = 16, freeze_backbone: bool = True) -> nn.Module:
+    """Fresh build_backbone(...) with a linear head, backbone weights loaded, frozen unless
+    freeze_backbone=False (fine-tuning).
 
     Keys are torchvision's, so loading must leave exactly the head's tensors missing (fc.weight
-    and fc.bias; plus the BN buffers with bn_head) and nothing unexpected, as MoCo v3's
-    main_lincls.py asserts. A checkpoint of another arch or stem fails here in one line.
+    and fc.bias, or heads.head.*; plus the BN buffers with bn_head) and nothing unexpected, as
+    MoCo v3's main_lincls.py asserts. A checkpoint of another arch or stem fails in one line.
     """
     if arch not in ARCHS or stem not in STEMS:
         raise CheckpointError(f"unknown arch/stem {arch}/{stem}; choose from {', '.join(ARCHS)} / {', '.join(STEMS)}")
-    model = build_backbone(arch, stem)
-    model.fc = linear_head(model.feature_dim, num_classes, bn_head)
+    model = build_backbone(arch, stem, image_size=image_size, patch_size=patch_size, stop_grad_conv1=False)
+    set_head(model, linear_head(model.feature_dim, num_classes, bn_head))
+    head = head_name(model) + "."
     expected = model.state_dict()
-    head_keys = {k for k in expected if k.startswith("fc.")}
+    head_keys = {k for k in expected if k.startswith(head)}
     wrong_shape = [k for k, v in state.items() if k in expected and expected[k].shape != v.shape]
     unexpected = [k for k in state if k not in expected]
     missing = [k for k in expected if k not in state and k not in head_keys]
     if wrong_shape or unexpected or missing:
-        guess, guess_stem = guess_arch_stem(state) if "conv1.weight" in state else (None, "?")
-        problems = [f"{len(wrong_shape)} shapes differ (e.g. {wrong_shape[0]}: checkpoint {list(state[wrong_shape[0]].shape)}, "
+        guess = guess_architecture(state)
+        looks = "an unsupported arch" if guess["arch"] is None else \
+            f"{guess['arch']}, patch {guess['patch_size']}, {guess['image_size']} px" if "patch_size" in guess else \
+            f"{guess['arch']} with the {guess['stem']} stem"
+        problems = [f"{len(wrong_shape)} shapes differ (e.g. {wrong_shape[0]}: "
+                    f"checkpoint {list(state[wrong_shape[0]].shape)}, "
                     f"model {list(expected[wrong_shape[0]].shape)})" if wrong_shape else "",
                     f"{len(unexpected)} unexpected (e.g. {unexpected[0]})" if unexpected else "",
                     f"{len(missing)} missing (e.g. {missing[0]})" if missing else ""]
-        raise CheckpointError(f"checkpoint does not fit {arch} with the {stem} stem: {', '.join(p for p in problems if p)}; "
-                              f"it looks like {guess or 'an unsupported arch'} with the {guess_stem} stem, pass "
-                              f"--arch/--stem to match")
+        built = f"{arch}, patch {patch_size}, {image_size} px" if is_vit(arch) else f"{arch} with the {stem} stem"
+        raise CheckpointError(f"checkpoint does not fit {built}: {', '.join(p for p in problems if p)}; "
+                              f"it looks like {looks}; pass --arch/--stem/--patch-size/--image-size to match")
     missing, unexpected = model.load_state_dict(state, strict=False)
     # BatchNorm fills in an absent num_batches_tracked itself instead of reporting it missing.
     assert set(missing) == {k for k in head_keys if not k.endswith("num_batches_tracked")} and not unexpected, \
         f"loading left {missing} missing and {unexpected} unexpected; only the head may be missing"
-    for name, p in model.named_parameters():
-        p.requires_grad = name.startswith("fc.")
+    if freeze_backbone:
+        for name, p in model.named_parameters():
+            p.requires_grad = name.startswith(head)
     return model
 
 
 def backbone_tensors(model: nn.Module) -> dict:
-    """Copies of every backbone tensor of a probe model, BN buffers included (everything but fc)."""
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if not k.startswith("fc.")}
+    """Copies of every backbone tensor of a probe model, BN buffers included (all but the head)."""
+    head = head_name(model) + "."
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if not k.startswith(head)}
 
 
 def assert_backbone_unchanged(model: nn.Module, reference: dict) -> None:
@@ -239,4 +289,4 @@ if __name__ == "__main__":  # python -m bfcl.pretrained FILE: what probe.py woul
     import sys
 
     state, info = load_backbone_state(sys.argv[1])
-    print(json.dumps({**info, "tensors": len(state), "guess": guess_arch_stem(state)}, indent=1))
+    print(json.dumps({**info, "tensors": len(state), "guess": guess_architecture(state)}, indent=1))

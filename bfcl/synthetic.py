@@ -51,7 +51,8 @@ def make_image_folder(root: str, classes: int = 4, train_per_class: int = 64, va
             folder = os.path.join(root, split, f"class_{c}")
             os.makedirs(folder, exist_ok=True)
             for i in range(count):
-                Image.fromarray(stripes(c, classes, size, g).numpy()).save(os.path.join(folder, f"{i:05d}.jpg"), quality=90)
+                Image.fromarray(stripes(c, classes, size, g).numpy()).save(os.path.join(folder, f"{i:05d}.jpg"),
+                                                                           quality=90)
     return root
 
 

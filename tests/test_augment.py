@@ -12,7 +12,6 @@ import pytest
 import torch
 import torchvision.transforms as T
 import torchvision.transforms.v2.functional as F
-from PIL import Image
 
 from bfcl.augment import (BRIGHTNESS, CONTRAST, CROP_UNIFORMS, HUE, SATURATION, BatchedTwoViews, blend, color_jitter,
                           crop_boxes, draw_crop_boxes, gaussian_blur, gaussian_kernels, shift_hue)
@@ -98,9 +97,11 @@ def test_jitter_factors_order_and_sigma_match_the_reference(draws, view):
 def test_crop_geometry_matches_random_resized_crop(draws, height, width):
     ref = draws[0][1]
     torch.manual_seed(1)
-    tv = torch.tensor([T.RandomResizedCrop.get_params(torch.empty(1, height, width), list(ref["scale"]), list(ref["ratio"]))
+    tv = torch.tensor([T.RandomResizedCrop.get_params(torch.empty(1, height, width), list(ref["scale"]),
+                                                      list(ref["ratio"]))
                        for _ in range(5000)], dtype=torch.float64)  # (top, left, h, w)
-    boxes = draw_crop_boxes(torch.tensor([[height, width]]).expand(N, 2), ref["scale"][0], torch.Generator().manual_seed(2))
+    boxes = draw_crop_boxes(torch.tensor([[height, width]]).expand(N, 2), ref["scale"][0],
+                            torch.Generator().manual_seed(2))
     x0, y0, x1, y1 = boxes.double().unbind(1)
     ours = torch.stack([y0, x0, y1 - y0, x1 - x0], dim=1)
     assert (x0 >= 0).all() and (y0 >= 0).all() and (x1 <= width).all() and (y1 <= height).all()
@@ -150,7 +151,8 @@ def test_color_jitter_applies_each_rows_ops_in_its_own_order():
     on = torch.ones(24, dtype=torch.bool)
     on[5] = False
     ours = color_jitter(x, {"order": order, "factors": factors, "jitter": on})
-    fns = {BRIGHTNESS: F.adjust_brightness, CONTRAST: F.adjust_contrast, SATURATION: F.adjust_saturation, HUE: F.adjust_hue}
+    fns = {BRIGHTNESS: F.adjust_brightness, CONTRAST: F.adjust_contrast, SATURATION: F.adjust_saturation,
+           HUE: F.adjust_hue}
     for i in range(24):
         expected = x[i]
         for op in order[i].tolist() if on[i] else []:

@@ -27,7 +27,8 @@ def reference_layer(layer: torch.nn.TransformerEncoderLayer, x: torch.Tensor, he
     heads_out = []
     for h in range(heads):
         cols = slice(h * d, (h + 1) * d)
-        weights = torch.softmax(q[:, cols] @ k[:, cols].T / math.sqrt(d), dim=-1)  # [N, N]: every sample sees every other
+        # [N, N]: every sample sees every other
+        weights = torch.softmax(q[:, cols] @ k[:, cols].T / math.sqrt(d), dim=-1)
         heads_out.append(weights @ v[:, cols])
     attended = torch.cat(heads_out, dim=1) @ layer.self_attn.out_proj.weight.T + layer.self_attn.out_proj.bias
     y = F.layer_norm(x + attended, (c,), layer.norm1.weight, layer.norm1.bias, layer.norm1.eps)

@@ -10,7 +10,7 @@ from torch import nn
 
 from bfcl.checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint,
                              load_optimizer_state, optimizer_state_tensors, save_checkpoint)
-from bfcl.lars import LARS
+from bfcl.optim import LARS
 
 META = {"config": {"lr": 0.6, "arch": "resnet18"}, "format": "bfcl-checkpoint-1"}
 
@@ -139,7 +139,8 @@ def test_no_pickle_anywhere(tmp_path):
     model = small_model(0)
     optimizer, names = make_optimizer("adamw", model)
     train_steps(model, optimizer, 1, seed=1)
-    path = save_checkpoint(str(tmp_path), 1, model.state_dict(), optimizer_state_tensors(optimizer, names), META, keep=1)
+    path = save_checkpoint(str(tmp_path), 1, model.state_dict(), optimizer_state_tensors(optimizer, names), META,
+                           keep=1)
     assert sorted(os.listdir(path)) == ["meta.json", "model.safetensors", "optimizer.safetensors"]
     with open(os.path.join(path, "meta.json")) as f:
         meta = json.load(f)

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from bfcl.lars import LARS
+from bfcl.optim import LARS
 
 LR, WD = 0.2, 0.1
 

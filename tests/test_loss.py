@@ -42,10 +42,13 @@ def test_contrastive_loss_positives_are_offset_by_rank():
     torch.manual_seed(1)
     q0, q1, k0, k1 = rand(N, D), rand(N, D), rand(N, D), rand(N, D)
     k_all = torch.cat([k0, k1])
-    assert contrastive_loss(q0, k_all, 0, 1.0).item() == pytest.approx(naive_ctr(q0, k_all, list(range(N)), 1.0), abs=ATOL)
-    assert contrastive_loss(q1, k_all, 1, 1.0).item() == pytest.approx(naive_ctr(q1, k_all, [i + N for i in range(N)], 1.0), abs=ATOL)
+    assert contrastive_loss(q0, k_all, 0, 1.0).item() == pytest.approx(
+        naive_ctr(q0, k_all, list(range(N)), 1.0), abs=ATOL)
+    assert contrastive_loss(q1, k_all, 1, 1.0).item() == pytest.approx(
+        naive_ctr(q1, k_all, [i + N for i in range(N)], 1.0), abs=ATOL)
     # and not at i: the wrong offset gives a different value
-    assert contrastive_loss(q1, k_all, 1, 1.0).item() != pytest.approx(naive_ctr(q1, k_all, list(range(N)), 1.0), abs=1e-3)
+    assert contrastive_loss(q1, k_all, 1, 1.0).item() != pytest.approx(
+        naive_ctr(q1, k_all, list(range(N)), 1.0), abs=1e-3)
 
 
 def test_two_processes_average_to_one_process_on_the_global_batch():
@@ -139,7 +142,7 @@ def test_unknown_variant_is_refused():
         moco_loss(*q[0], k1_all, k2_all, 0, 1.0, "pairs")
 
 
-@pytest.mark.parametrize("add_bf, expected", [(0, None), (1, PAIRS_SUM), (36, PAIRS_MEAN), (2, JOINT), (34, JOINT)])
+@pytest.mark.parametrize("add_bf, expected", [(0, None), (1, PAIRS_SUM), (36, PAIRS_MEAN), (2, JOINT), (34, PAIRS_SUM)])
 def test_bf_loss_from_add_bf(add_bf, expected):
     assert bf_loss_from_add_bf(add_bf) == expected
 

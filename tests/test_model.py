@@ -6,7 +6,7 @@ import torch
 import torchvision
 from torch import nn
 
-from bfcl.lars import LARS
+from bfcl.optim import LARS
 from bfcl.loss import PAIRS_SUM, moco_loss
 from bfcl.model import MoCo, build_backbone
 

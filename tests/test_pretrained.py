@@ -2,7 +2,6 @@
 values, bad files fail in one line, and the frozen-backbone check catches any moved tensor."""
 
 import copy
-import os
 
 import pytest
 import torch
@@ -10,7 +9,8 @@ import torchvision
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from bfcl.checkpoint import CheckpointError, save_checkpoint, save_file_atomic
+from bfcl.checkpoint import CheckpointError, save_checkpoint
+from bfcl.export import export_backbone
 from bfcl.model import MoCo, mlp
 from bfcl.pretrained import (assert_backbone_unchanged, backbone_tensors, guess_arch_stem, load_backbone_state,
                              probe_model)
@@ -70,10 +70,12 @@ def test_original_pth_tar_maps_base_encoder_minus_fc(tmp_path):
     assert all(torch.equal(loaded[k], v) for k, v in state.items())
 
 
-def test_original_vit_checkpoint_is_refused(tmp_path):
-    path = str(tmp_path / "vit-s-300ep.pth.tar")
-    torch.save({"arch": "vit_small", "state_dict": {"module.base_encoder.blocks.0.attn.qkv.weight": torch.zeros(3)}}, path)
-    with pytest.raises(CheckpointError, match="holds a vit_small"):
+def test_original_checkpoint_of_an_unknown_arch_is_refused(tmp_path):
+    """ViT-S/B files load now (tests/test_vit_moco.py); an arch bfcl does not build is refused by name."""
+    path = str(tmp_path / "vit-h-300ep.pth.tar")
+    torch.save({"arch": "vit_huge", "state_dict": {"module.base_encoder.blocks.0.attn.qkv.weight": torch.zeros(3)}},
+               path)
+    with pytest.raises(CheckpointError, match="holds a vit_huge"):
         load_backbone_state(path)
 
 
@@ -103,9 +105,7 @@ def tiny_moco(stem: str) -> MoCo:
 
 def export_like_train_py(model: MoCo, path: str, stem: str) -> None:
     """What train.py writes as <output-dir>/backbone.safetensors."""
-    state = model.state_dict()
-    backbone = {k[len("base_encoder.backbone."):]: v for k, v in state.items() if k.startswith("base_encoder.backbone.")}
-    save_file_atomic(backbone, path, {"format": "torchvision-resnet-backbone", "arch": "resnet18", "stem": stem, "step": "12"})
+    export_backbone(model.state_dict(), path, arch="resnet18", stem=stem, image_size=16, step=12)
 
 
 def test_bfcl_checkpoint_folder_run_folder_and_export(tmp_path):

@@ -32,7 +32,8 @@ def colour_folder(root, classes=4, train_per_class=12, val_per_class=6, size=16,
             os.makedirs(os.path.join(root, split, f"c{c}"), exist_ok=True)
             for i in range(count):
                 img = hues[c] * (0.7 + 0.3 * torch.rand((), generator=g)) + 20 * torch.randn(size, size, 3, generator=g)
-                Image.fromarray(img.clamp(0, 255).to(torch.uint8).numpy()).save(os.path.join(root, split, f"c{c}", f"{i}.png"))
+                Image.fromarray(img.clamp(0, 255).to(torch.uint8).numpy()).save(
+                    os.path.join(root, split, f"c{c}", f"{i}.png"))
     return root
 
 
@@ -111,7 +112,8 @@ def test_linear_probe_learns_separable_classes(tmp_path):
     linear = results["linear"]
     assert linear["protocol"] is True and linear["best"]["top1"] >= 95 and linear["last"]["top1"] >= 95
     peak = 3.0 * 8 / 256
-    assert [h["lr"] for h in linear["history"]] == pytest.approx([peak * 0.5 * (1 + math.cos(math.pi * e / 3)) for e in range(3)])
+    assert [h["lr"] for h in linear["history"]] == pytest.approx(
+        [peak * 0.5 * (1 + math.cos(math.pi * e / 3)) for e in range(3)])
     assert linear["history"][-1]["loss"] < linear["history"][0]["loss"]
     assert linear["last"] == linear["history"][-1] and linear["best"] == max(linear["history"], key=lambda h: h["top1"])
 
@@ -167,7 +169,8 @@ def test_two_processes_give_the_single_process_features(tmp_path):
     assert two.returncode == 0, two.stderr[-3000:]
     probe.main([*common, "-b", "4", "--output-dir", str(tmp_path / "one")])
 
-    one_f, two_f = load_file(str(tmp_path / "one" / "features.safetensors")), load_file(str(tmp_path / "two" / "features.safetensors"))
+    one_f, two_f = (load_file(str(tmp_path / "one" / "features.safetensors")),
+                    load_file(str(tmp_path / "two" / "features.safetensors")))
     assert one_f["train_features"].shape == (21, 512) and one_f["val_features"].shape == (3, 512)
     for key in one_f:
         assert torch.equal(one_f[key], two_f[key]), key

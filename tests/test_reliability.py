@@ -94,7 +94,8 @@ for step in range(1, 10_000):
 def test_sigkill_while_writing_checkpoints_leaves_a_loadable_one(tmp_path):
     """SIGKILL at arbitrary moments of a save loop: the newest complete checkpoint always loads."""
     for delay in (0.6, 0.85, 1.1, 1.45):
-        proc = subprocess.Popen([sys.executable, "-c", KILLER, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen([sys.executable, "-c", KILLER, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE,
+                                text=True)
         assert proc.stdout.readline().strip() == "ready"
         time.sleep(delay)
         proc.kill()
@@ -235,9 +236,11 @@ def test_bad_data_folders(tmp_path, layout, expected):
 @pytest.mark.slow
 def test_resume_refuses_changed_settings_unless_forced(data, tmp_path):
     assert run_train(data, tmp_path, "--epochs", "2", "--warmup-epochs", "1", "--max-steps", "2").returncode == 0
-    changed = run_train(data, tmp_path, "--epochs", "2", "--warmup-epochs", "1", "--max-steps", "3", "--lr", "0.5", "-a", "resnet34")
+    changed = run_train(data, tmp_path, "--epochs", "2", "--warmup-epochs", "1", "--max-steps", "3", "--lr", "0.5",
+                        "-a", "resnet34")
     assert changed.returncode == 1
     assert "--lr 0.3 -> 0.5" in changed.stderr and "--arch 'resnet18' -> 'resnet34'" in changed.stderr
-    forced = run_train(data, tmp_path, "--epochs", "2", "--warmup-epochs", "1", "--max-steps", "3", "--lr", "0.5", "--force-resume")
+    forced = run_train(data, tmp_path, "--epochs", "2", "--warmup-epochs", "1", "--max-steps", "3", "--lr", "0.5",
+                       "--force-resume")
     assert forced.returncode == 0, forced.stderr
     assert "(step 2)" in forced.stdout

@@ -114,7 +114,8 @@ def test_two_processes_agree_and_resume(data, tmp_path):
     wrapper.write_text(PARAM_HASHES)
     out, hashes = tmp_path / "run", tmp_path / "hashes"
     hashes.mkdir()
-    cmd = [TORCHRUN, "--standalone", "--nproc_per_node", "2", str(wrapper), "--data", data, "--output-dir", str(out), *TINY]
+    cmd = [TORCHRUN, "--standalone", "--nproc_per_node", "2", str(wrapper), "--data", data, "--output-dir", str(out),
+           *TINY]
 
     first = run(cmd + ["--max-steps", "2"], HASH_DIR=str(hashes))
     assert first.returncode == 0, first.stdout + first.stderr
@@ -133,7 +134,8 @@ def test_two_processes_agree_and_resume(data, tmp_path):
     # on CPU, where gloo has no SyncBatchNorm, so parameters only)
     for step in (2, STEPS):
         model_file = str(out / "checkpoints" / f"step-{step:08d}" / "model.safetensors")
-        names = [n for n in load_file(model_file) if not n.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+        names = [n for n in load_file(model_file)
+                 if not n.endswith(("running_mean", "running_var", "num_batches_tracked"))]
         assert parameter_hash(model_file, names) == rank1[step - 1], step
     assert [r["step"] for r in metrics(out)] == list(range(1, STEPS + 1))
     assert all(r["loss"] == r["loss"] and r["loss"] > 0 for r in metrics(out))

@@ -1,0 +1,229 @@
+"""train.py and probe.py against hostile input, one test per class of failure a tester found
+(issue "never lose a run, round two"). The units (reader, meta schema, lock) are tested in
+tests/test_hostile.py; here the scripts themselves run, in-process where an error is expected
+(`fail` raises SystemExit with the one-line message) and as subprocesses for whole runs."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import probe
+import train
+from bfcl.checkpoint import list_checkpoints
+from bfcl.synthetic import make_image_folder
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["-a", "resnet18", "--stem", "imagenet", "--image-size", "16", "-b", "8", "--moco-mlp-dim", "64",
+        "--moco-dim", "32", "--workers", "0", "--log-every", "1", "--add_bf", "1", "--lr", "0.3", "--epochs", "1",
+        "--warmup-epochs", "0"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_image_folder(str(tmp_path_factory.mktemp("data")), classes=4, train_per_class=8,
+                             val_per_class=4, size=16)
+
+
+@pytest.fixture(scope="module")
+def finished(data, tmp_path_factory):
+    """A complete 4-step run (32 images, batch 8, one epoch)."""
+    out = tmp_path_factory.mktemp("finished")
+    result = run_script("train.py", "--data", data, "--output-dir", str(out), *TINY)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return out
+
+
+def run_script(script, *args):
+    return subprocess.run([sys.executable, script, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def error_of(main, argv) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    message = str(e.value.code)
+    assert message.startswith("error: ") and "\n" not in message.strip(), message
+    return message
+
+
+# ---- 1. done must mean done ------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_resumed_finished_run_rewrites_a_stale_export(data, finished, tmp_path):
+    """Killed after the last checkpoint was renamed into place but before the export: the resume
+    has nothing to train, and still leaves the export of the newest checkpoint, naming its step."""
+    export = finished / "backbone.safetensors"
+    newest = load_file(os.path.join(list_checkpoints(str(finished))[-1], "model.safetensors"))
+    stale = {k: torch.zeros_like(v) for k, v in load_file(export).items()}
+    save_file(stale, str(export), {"format": "bfcl-backbone-1", "arch": "resnet18", "stem": "imagenet",
+                                   "image_size": "16", "step": "2"})
+    again = run_script("train.py", "--data", data, "--output-dir", str(finished), *TINY)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"done: 4 steps; backbone (step 4) in {export}" in again.stdout
+    with safe_open(str(export), "pt") as f:
+        assert f.metadata()["step"] == "4"
+    for key, value in load_file(export).items():
+        assert torch.equal(value, newest["base_encoder.backbone." + key]), key
+
+
+def test_checkpoint_past_the_run_is_refused(data, finished, tmp_path):
+    """A checkpoint whose step lies beyond this run's schedule cannot be 'done' without training."""
+    out = tmp_path / "run"
+    source = list_checkpoints(str(finished))[-1]
+    target = out / "checkpoints" / "step-01000000"
+    os.makedirs(target)
+    for name in ("model.safetensors", "optimizer.safetensors", "meta.json"):
+        with open(os.path.join(source, name), "rb") as f, open(target / name, "wb") as g:
+            g.write(f.read())
+    meta = json.load(open(target / "meta.json"))
+    meta["step"] = 1_000_000
+    json.dump(meta, open(target / "meta.json", "w"))
+    message = error_of(train.main, ["--data", data, "--output-dir", str(out), *TINY])
+    assert "is at step 1000000, past this run's 4 steps" in message
+
+
+def test_resume_none_in_a_folder_with_checkpoints_is_refused(data, finished):
+    message = error_of(train.main, ["--data", data, "--output-dir", str(finished), *TINY, "--resume", "none"])
+    assert "already holds checkpoints" in message and "--resume auto" in message
+
+
+# ---- 2. one bad image never ends a run -------------------------------------------------------
+
+@pytest.mark.slow
+def test_oversized_image_is_replaced_in_pretraining_and_in_the_probe(tmp_path):
+    """An image over --max-image-pixels (the decompression-bomb guard) is unreadable: replaced
+    and counted in pretraining, the online kNN monitor and the probe, never a traceback."""
+    root = make_image_folder(str(tmp_path / "data"), classes=4, train_per_class=8, val_per_class=4, size=16)
+    for split in ("train", "val"):
+        Image.new("RGB", (64, 64), (200, 10, 10)).save(os.path.join(root, split, "class_0", "huge.png"))
+    out = tmp_path / "run"
+    result = run_script("train.py", "--data", root, "--output-dir", str(out), *TINY, "--max-image-pixels", "1000",
+                        "--max-bad-image-share", "0.5", "--knn-every", "2", "--knn-samples", "16")
+    assert result.returncode == 0, result.stdout + result.stderr
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert records[-1]["bad_images"] >= 1 and "knn_top1" in records[-1]
+
+    probed = run_script("probe.py", "--pretrained", str(out), "--data", root, "--mode", "knn", "--workers", "0",
+                        "--output-dir", str(tmp_path / "probe"), "--max-image-pixels", "1000",
+                        "--max-bad-image-share", "0.2")
+    assert probed.returncode == 0, probed.stdout + probed.stderr
+    strict = run_script("probe.py", "--pretrained", str(out), "--data", root, "--mode", "knn", "--workers", "0",
+                        "--output-dir", str(tmp_path / "probe2"), "--max-image-pixels", "1000")
+    assert strict.returncode == 1 and "image reads failed" in strict.stderr and "Traceback" not in strict.stderr
+
+
+# ---- 3. and 4. metadata and weights are input too --------------------------------------------
+
+def export_file(finished, tmp_path, metadata: dict | None = None, edit=None) -> str:
+    tensors = load_file(finished / "backbone.safetensors")
+    if edit is not None:
+        edit(tensors)
+    path = str(tmp_path / "backbone.safetensors")
+    save_file(tensors, path, {"format": "bfcl-backbone-1", "arch": "resnet18", "stem": "imagenet",
+                              "image_size": "16", "step": "4", **(metadata or {})})
+    return path
+
+
+@pytest.mark.parametrize("metadata, expected", [
+    ({"image_size": "100000"}, "metadata image_size='100000' is not an integer in [8, 4096]"),
+    ({"step": "-3"}, "metadata step='-3' is not an integer"),
+    ({"arch": "resnet1000"}, "metadata arch='resnet1000' is not one of"),
+    ({"stem": "huge"}, "metadata stem='huge' is not one of"),
+])
+def test_export_metadata_is_validated(data, finished, tmp_path, metadata, expected):
+    path = export_file(finished, tmp_path, metadata)
+    message = error_of(probe.main, ["--pretrained", path, "--data", data, "--mode", "knn", "--workers", "0",
+                                    "--output-dir", str(tmp_path / "out")])
+    assert expected in message
+
+
+def nan_weight(t):
+    t["conv1.weight"][0, 0, 0, 0] = float("nan")
+
+
+def int_weight(t):
+    t["fc_like"] = torch.zeros(3, dtype=torch.int64)
+    t["conv1.weight"] = t["conv1.weight"].to(torch.int32)
+
+
+def negative_variance(t):
+    t["bn1.running_var"][0] = -1.0
+
+
+@pytest.mark.parametrize("edit, expected", [(nan_weight, "non-finite"), (int_weight, "not floating"),
+                                            (negative_variance, "negative")])
+def test_impossible_weights_are_refused_by_the_probe(data, finished, tmp_path, edit, expected):
+    path = export_file(finished, tmp_path, edit=edit)
+    message = error_of(probe.main, ["--pretrained", path, "--data", data, "--mode", "knn", "--workers", "0",
+                                    "--output-dir", str(tmp_path / "out")])
+    assert expected in message
+
+
+# ---- 5. one output folder, one run -----------------------------------------------------------
+
+def test_second_run_on_the_same_output_dir_is_refused(data, tmp_path):
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from bfcl.runlock import RunLock; "
+                               "RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)", str(out)],
+                              cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        message = error_of(train.main, ["--data", data, "--output-dir", str(out), *TINY])
+        assert f"is in use by pid {holder.pid}" in message
+        assert not os.path.exists(out / "checkpoints") and not os.path.exists(out / "metrics.jsonl")
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+# ---- 6. every flag is validated before any work ----------------------------------------------
+
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--save-every", "0", "--save-every 0 is outside its range [1, inf)"),
+    ("--log-every", "0", "--log-every 0 is outside its range [1, inf)"),
+    ("-b", "0", "--batch-size 0 is outside its range [1, inf)"),
+    ("-b", "-8", "--batch-size -8 is outside its range [1, inf)"),
+    ("--epochs", "nan", "--epochs nan is outside its range (0, inf)"),
+    ("--image-size", "0", "--image-size 0 is outside its range [8, 4096]"),
+    ("--crop-min", "1.5", "--crop-min 1.5 is outside its range (0, 1]"),
+    ("--workers", "-1", "--workers -1 is outside its range [0, 256]"),
+    ("--lr", "-1", "--lr -1.0 is outside its range (0, inf)"),
+    ("--moco-t", "0", "--moco-t 0.0 is outside its range (0, inf)"),
+    ("--moco-m", "1.5", "--moco-m 1.5 is outside its range [0, 1]"),
+    ("--keep", "-1", "--keep -1 is outside its range [0, inf)"),
+    ("--max-bad-image-share", "2", "--max-bad-image-share 2.0 is outside its range [0, 1]"),
+    ("--patch-size", "0", "--patch-size 0 is outside its range [1, 4096]"),
+])
+def test_train_flag_domains(data, tmp_path, flag, value, expected):
+    out = tmp_path / "run"
+    message = error_of(train.main, ["--data", data, "--output-dir", str(out), *TINY, flag, value])
+    assert expected in message
+    assert not os.path.exists(out)  # refused before anything was written
+
+
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--epochs", "0", "--epochs 0 is outside its range [1, inf)"),
+    ("--knn-t", "0", "--knn-t 0.0 is outside its range (0, inf)"),
+    ("-b", "0", "--batch-size 0 is outside its range [1, inf)"),
+    ("--knn-k", "0", "--knn-k 0 is outside its range [1, inf)"),
+    ("--lr", "-1", "--lr -1.0 is outside its range (0, inf)"),
+])
+def test_probe_flag_domains(data, finished, tmp_path, flag, value, expected):
+    out = tmp_path / "out"
+    message = error_of(probe.main, ["--pretrained", str(finished), "--data", data, "--output-dir", str(out),
+                                    "--mode", "knn", flag, value])
+    assert expected in message
+    assert not os.path.exists(out)
+
+
+def test_output_dir_inside_the_data_is_refused_and_leaves_nothing(data):
+    inside = os.path.join(data, "train", "runs")
+    message = error_of(train.main, ["--data", data, "--output-dir", inside, *TINY])
+    assert "is inside --data" in message
+    assert not os.path.exists(inside)
