@@ -8,8 +8,12 @@ SMOKE  ?= build/smoke
 BUDGET ?= 15
 SEEDS  ?= 2
 OUT    ?= bench-results/quality
+VIT_OUT ?= bench-results/quality-vit
+# The ViT row: ViT-Tiny/8 on 32 px images with AdamW (MoCo v3's ViT optimiser); see README, "The ViT recipe".
+VIT_ARGS ?= -a vit_tiny --patch-size 8 --optimizer adamw --lr 5e-4 --wd 0.1 --moco-t 0.2 --moco-m 0.8 \
+	--moco-mlp-dim 1024 --crop-min 0.2
 
-.PHONY: venv lint test test-fast smoke-test bench-speed bench-quality clean
+.PHONY: venv lint test test-fast smoke-test bench-speed bench-quality bench-quality-vit clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -45,6 +49,10 @@ bench-speed: venv
 
 bench-quality: venv
 	$(BIN)/python bench/quality.py --budget-min $(BUDGET) --seeds $(SEEDS) --out $(OUT)
+
+bench-quality-vit: venv
+	$(BIN)/python bench/quality.py --budget-min $(BUDGET) --seeds $(SEEDS) --no-equal-steps --out $(VIT_OUT) \
+		--train-args "$(VIT_ARGS)"
 
 clean:
 	rm -rf build bench-results .pytest_cache
