@@ -48,6 +48,7 @@ you report.
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import sys
@@ -62,17 +63,27 @@ from rich.table import Table
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Subset
 
-from bfcl.checkpoint import CheckpointError
-from bfcl.cli import HelpFormatter, check_output_dir, check_ranges, fail, format_summary
-from bfcl.data import DEFAULT_MAX_PIXELS, DataError, check_image_folder, eval_transform, image_folder, \
-    probe_train_transform, read_image, scan_image_folder
+from bfcl.batchformer import dropout_seed
+from bfcl.checkpoint import (CheckpointError, load_model_state, load_optimizer_state, optimizer_state_tensors,
+                             resume_checkpoint, save_checkpoint, save_file_atomic)
+from bfcl.cli import (EXIT_PREEMPTED, HelpFormatter, StopSignal, check_output_dir, check_ranges, code_version, fail,
+                      format_summary)
+from bfcl.finetune import (FinetuneRecipe, MixupCutmix, add_drop_path, lr_at, recipe_for,
+                           soft_target_cross_entropy, train_transform)
+from bfcl.finetune import param_groups as finetune_param_groups
+from bfcl.loop import Window, batches
+from bfcl.progress import ProgressLog
+from bfcl.runlock import RunLock, RunLockError
+from bfcl.data import (DEFAULT_MAX_PIXELS, IMAGENET_MEAN, IMAGENET_STD, DataError, LabelledImages, SeededImages,
+                       check_image_folder, eval_transform, image_folder, probe_train_transform, read_image,
+                       scan_image_folder)
 from bfcl.knn import extract_features, knn_scores, topk_accuracy
 from bfcl.model import ARCHS, STEMS, build_backbone, is_vit
 from bfcl.pretrained import (assert_backbone_unchanged, backbone_tensors, describe, guess_architecture, head_name,
                              linear_head, load_backbone_state, probe_model, set_head)
 from bfcl.schedules import learning_rate
 
-MODES = ("linear", "knn", "fast-linear", "all")
+MODES = ("linear", "knn", "fast-linear", "all", "finetune")
 FAST_LINEAR_BATCH, FAST_LINEAR_LR = 256, 0.1
 LINEAR_LR = {"resnet": 0.1, "vit": 3.0}  # base lr of the linear protocol: MoCo v3's main_lincls.py commands
 
@@ -80,9 +91,13 @@ INF = None
 FLAG_RANGES = {  # (low, high, low inclusive, high inclusive), checked before any work
     "image_size": (8, 4096, True, True), "patch_size": (1, 4096, True, True), "max_train_samples": (0, INF, True, True),
     "workers": (0, 256, True, True), "batch_size": (1, INF, True, True), "lr": (0, INF, False, True),
-    "epochs": (1, INF, True, True), "knn_k": (1, INF, True, True), "knn_t": (0, INF, False, True),
+    "epochs": (0, INF, False, True), "knn_k": (1, INF, True, True), "knn_t": (0, INF, False, True),
     "fast_epochs": (1, INF, True, True), "seed": (0, 2**31 - 1, True, True), "max_image_pixels": (1, INF, True, True),
-    "max_bad_image_share": (0, 1, True, True),
+    "max_bad_image_share": (0, 1, True, True), "wd": (0, INF, True, True), "warmup_epochs": (0, INF, True, True),
+    "min_lr": (0, INF, True, True), "label_smoothing": (0, 1, True, False), "mixup": (0, INF, True, True),
+    "cutmix": (0, INF, True, True), "reprob": (0, 1, True, True), "drop_path": (0, 1, True, False),
+    "layer_decay": (0, 1, False, True), "save_every": (1, INF, True, True), "keep": (0, INF, True, True),
+    "log_every": (1, INF, True, True), "max_steps": (0, INF, True, True), "eval_every": (0, INF, True, True),
 }
 
 
@@ -119,15 +134,41 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.add_argument("--max-bad-image-share", type=float, default=0.01,
                    help="stop if more than this share of image reads fail (each is replaced by the next readable "
                         "image)")
-    a = p.add_argument_group("linear protocol")
+    a = p.add_argument_group("linear protocol and fine-tuning")
     a.add_argument("-b", "--batch-size", type=int, default=1024,
                    help="GLOBAL batch over all processes (also the feature-pass batch)")
     a.add_argument("--lr", type=float, default=None,
-                   help="base lr; the lr used is lr x batch-size / 256 (default: 0.1 ResNets, 3 ViTs, as MoCo v3)")
-    a.add_argument("--epochs", type=int, default=90, help="epochs of the cosine schedule")
+                   help="base lr. linear: the lr used is lr x batch-size / 256 (default: 0.1 ResNets, 3 ViTs, as "
+                        "MoCo v3); finetune: the recipe's (default 0.1 x batch/256 ResNets, 5e-4 x batch/512 ViTs)")
+    a.add_argument("--epochs", type=float, default=None,
+                   help="epochs of the cosine schedule (default: 90 linear; finetune: the recipe's, 90 ResNets, "
+                        "150 ViTs)")
     a.add_argument("--bn-head", action="store_true",
                    help="parameter-free BatchNorm before the linear head (MoCo v3 authors: makes the lr less "
                         "sensitive)")
+    a = p.add_argument_group("fine-tuning (--mode finetune; each flag overrides the recipe, see bfcl/finetune.py)")
+    a.add_argument("--wd", type=float, default=None, help="weight decay (1e-4 ResNets, 0.05 ViTs)")
+    a.add_argument("--warmup-epochs", type=float, default=None, help="linear warm-up from 0 (5)")
+    a.add_argument("--min-lr", type=float, default=None, help="where the cosine ends, scaled like --lr (0 / 1e-5)")
+    a.add_argument("--label-smoothing", type=float, default=None, help="(0.1)")
+    a.add_argument("--mixup", type=float, default=None, help="Mixup alpha, 0 off (0 ResNets, 0.8 ViTs)")
+    a.add_argument("--cutmix", type=float, default=None, help="CutMix alpha, 0 off (0 / 1.0)")
+    a.add_argument("--randaugment", action=argparse.BooleanOptionalAction, default=None,
+                   help="RandAugment, 2 ops at magnitude 9 (off / on)")
+    a.add_argument("--reprob", type=float, default=None, help="random erasing probability (0 / 0.25)")
+    a.add_argument("--drop-path", type=float, default=None, help="ViTs: stochastic depth of the last block (0.1)")
+    a.add_argument("--layer-decay", type=float, default=None,
+                   help="ViTs: layer-wise lr decay (off, as DeiT and MoCo v3; MAE uses 0.65-0.75)")
+    a.add_argument("--resume", default="auto",
+                   help="'auto': newest valid checkpoint in --output-dir, if any; 'none'; or a checkpoint directory")
+    a.add_argument("--force-resume", action="store_true", help="resume although settings that matter changed")
+    a.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps (and at each epoch end)")
+    a.add_argument("--keep", type=int, default=2, help="checkpoints kept (0: all)")
+    a.add_argument("--log-every", type=int, default=10, help="log and check for stop signals every N steps")
+    a.add_argument("--max-steps", type=int, default=0,
+                   help="stop after this many steps in total (0: all epochs); the schedule still spans --epochs")
+    a.add_argument("--eval-every", type=int, default=0,
+                   help="also evaluate on val/ every N steps (0: at epoch ends and at the end only)")
     a = p.add_argument_group("quick checks")
     a.add_argument("--knn-k", type=int, nargs="+", default=[20, 200], help="neighbour counts")
     a.add_argument("--knn-t", type=float, default=0.07, help="temperature of the exp(cos / T) vote weights")
@@ -192,12 +233,17 @@ def default_image_size(args, backbone: Backbone, train_root: str) -> tuple[int, 
 
 @dataclass(frozen=True)
 class ProbeData:
-    """train/ with the probe's augmentation and with the centre crop, val/ with the centre crop."""
+    """train/ with the probe's augmentation and with the centre crop, val/ with the centre crop;
+    train_images is train/ itself (any transform), for fine-tuning's own augmentation."""
 
-    train_aug: torch.utils.data.Dataset
-    train: torch.utils.data.Dataset
-    val: torch.utils.data.Dataset
+    train_aug: LabelledImages
+    train: LabelledImages
+    val: LabelledImages
     classes: list[str]
+
+    @property
+    def train_images(self) -> LabelledImages:
+        return self.train
 
 
 def datasets(args, image_size: int) -> ProbeData:
@@ -209,13 +255,14 @@ def datasets(args, image_size: int) -> ProbeData:
         raise DataError(f"train/ and val/ have different classes (only in train: {only_train}, only in val: "
                         f"{only_val}); give both the same class folders")
     train = image_folder(train_root, eval_transform(image_size), max_pixels=args.max_image_pixels)
-    train_aug = copy.copy(train)  # shares the file list: ImageNet's is scanned once
-    train_aug.transform = probe_train_transform(image_size)
-    val = image_folder(val_root, eval_transform(image_size), max_pixels=args.max_image_pixels)
     if args.max_train_samples and args.max_train_samples < len(train):
         g = torch.Generator().manual_seed(args.seed)
         keep = torch.randperm(len(train), generator=g)[:args.max_train_samples].sort().values.tolist()
-        train_aug, train = Subset(train_aug, keep), Subset(train, keep)
+        train.samples = [train.samples[i] for i in keep]
+        train.targets = [label for _, label in train.samples]
+    train_aug = copy.copy(train)  # shares the file list: ImageNet's is scanned once
+    train_aug.transform = probe_train_transform(image_size)
+    val = image_folder(val_root, eval_transform(image_size), max_pixels=args.max_image_pixels)
     return ProbeData(train_aug, train, val, train_classes)
 
 
@@ -321,6 +368,15 @@ def evaluate(model, dataset, num_classes: int, batch: int, args, accelerator) ->
     return topk_accuracy(scores, labels)
 
 
+def linear_epochs(args) -> int:
+    """--epochs for the linear protocol: 90 by default, and a whole number."""
+    if args.epochs is None:
+        return 90
+    if not float(args.epochs).is_integer():
+        fail(f"--epochs {args.epochs:g}: the linear protocol runs whole epochs; pass an integer")
+    return int(args.epochs)
+
+
 def linear_probe(args, backbone: Backbone, data: ProbeData, image_size: int, peak_lr: float, accelerator) -> dict:
     """The linear classification protocol of MoCo v3 (method.md §3); returns best/last/history."""
     world, device = accelerator.num_processes, accelerator.device
@@ -334,8 +390,9 @@ def linear_probe(args, backbone: Backbone, data: ProbeData, image_size: int, pea
                               pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
     ddp_model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     history, failed = [], 0
-    for epoch in range(args.epochs):
-        lr = learning_rate(epoch, args.epochs, 0, peak_lr)  # per epoch, no warmup
+    epochs = linear_epochs(args)
+    for epoch in range(epochs):
+        lr = learning_rate(epoch, epochs, 0, peak_lr)  # per epoch, no warmup
         optimizer.param_groups[0]["lr"] = lr
         ddp_model.eval()  # the backbone's BN statistics must never move ...
         head.train()      # ... only the head (and --bn-head's statistics) learns
@@ -356,12 +413,173 @@ def linear_probe(args, backbone: Backbone, data: ProbeData, image_size: int, pea
         top = evaluate(model, data.val, len(data.classes), local_batch, args, accelerator)
         loss = accelerator.reduce(loss_sum, reduction="mean").item() / max(steps, 1)
         history.append({"epoch": epoch + 1, "lr": lr, "loss": loss, **top})
-        accelerator.print(f"linear epoch {epoch + 1}/{args.epochs} | lr {lr:.4g} | loss {loss:.4f} | "
+        accelerator.print(f"linear epoch {epoch + 1}/{epochs} | lr {lr:.4g} | loss {loss:.4f} | "
                           f"top1 {top['top1']:.2f} | top5 {top['top5']:.2f}")
     assert_backbone_unchanged(model, reference)
     best = max(history, key=lambda h: h["top1"])
-    return {"protocol": True, "bn_head": args.bn_head, "epochs": args.epochs, "batch_size": args.batch_size,
+    return {"protocol": True, "bn_head": args.bn_head, "epochs": epochs, "batch_size": args.batch_size,
             "lr": peak_lr, "best": best, "last": history[-1], "history": history}
+
+
+# Options that may change when a fine-tuning run resumes; any other difference is refused.
+FINETUNE_RESUMABLE = {"workers", "output_dir", "resume", "force_resume", "log_every", "save_every", "keep", "max_steps",
+                      "eval_every", "max_bad_image_share", "max_image_pixels", "knn_k", "knn_t", "fast_epochs",
+                      "save_features"}
+RECIPE_FLAGS = {"epochs": "epochs", "lr": "base_lr", "wd": "weight_decay", "warmup_epochs": "warmup_epochs",
+                "min_lr": "min_lr", "label_smoothing": "label_smoothing", "mixup": "mixup", "cutmix": "cutmix",
+                "randaugment": "randaugment", "reprob": "random_erasing", "drop_path": "drop_path",
+                "layer_decay": "layer_decay"}
+
+
+def finetune_recipe(args, backbone: Backbone) -> FinetuneRecipe:
+    """The backbone family's recipe (bfcl/finetune.py) with every flag given applied."""
+    recipe = recipe_for("vit" if is_vit(backbone.arch) else "resnet")
+    given = {field: getattr(args, flag) for flag, field in RECIPE_FLAGS.items() if getattr(args, flag) is not None}
+    if not is_vit(backbone.arch) and given.get("layer_decay") is not None:
+        fail("--layer-decay applies to ViTs only; drop it for a ResNet")
+    recipe = dataclasses.replace(recipe, **given)
+    if recipe.warmup_epochs >= recipe.epochs:
+        fail(f"--warmup-epochs {recipe.warmup_epochs:g} must be shorter than --epochs {recipe.epochs:g} "
+             f"({recipe.name} recipe); pass both")
+    return recipe
+
+
+def finetune_model(backbone: Backbone, recipe: FinetuneRecipe, num_classes: int, image_size: int, world: int,
+                   device) -> torch.nn.Module:
+    """The whole classifier, every tensor trainable: MoCo v3 fine-tunes its ViTs through DeiT, where
+    the patch projection and position embedding train too. Drop path on ViT blocks; BatchNorm
+    trains (SyncBatchNorm on several GPUs)."""
+    model = backbone.model(num_classes, image_size=image_size, freeze=False)
+    model.requires_grad_(True)
+    if is_vit(backbone.arch):
+        add_drop_path(model, recipe.drop_path)
+    elif world > 1 and device.type == "cuda":  # gloo (CPU) rejects SyncBatchNorm
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def finetune(args, backbone: Backbone, data: ProbeData, image_size: int, recipe: FinetuneRecipe, accelerator):
+    """End-to-end fine-tuning (method.md §6) with exact resume; returns the results, or
+    EXIT_PREEMPTED after a checkpoint when a stop signal came.
+
+    Per step: lr (warm-up, cosine to min_lr) -> Mixup/CutMix -> forward -> soft-target loss ->
+    backward -> optimizer step; at sync points: log, evaluate, checkpoint, stop."""
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    family = "vit" if is_vit(backbone.arch) else "resnet"
+    set_seed(args.seed)  # the same head on every process
+    model = finetune_model(backbone, recipe, len(data.classes), image_size, world, device)
+    groups, param_names = finetune_param_groups(model, family, recipe.weight_decay, recipe.layer_decay)
+    optimizer = torch.optim.SGD(groups, lr=0.0, momentum=recipe.momentum) if recipe.optimizer == "sgd" \
+        else torch.optim.AdamW(groups, lr=0.0)
+    train_set = SeededImages(copy.copy(data.train_images))
+    train_set.images.transform = train_transform(recipe, image_size, IMAGENET_MEAN, IMAGENET_STD)
+    steps_per_epoch = len(train_set) // args.batch_size
+    if steps_per_epoch == 0:
+        fail(f"{len(train_set)} training images do not fill one global batch of {args.batch_size}; lower -b")
+    total_steps = max(1, round(steps_per_epoch * recipe.epochs))
+    last_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
+    warmup_steps = round(steps_per_epoch * recipe.warmup_epochs)
+    peak_lr, min_lr = recipe.scaled_lr(args.batch_size), recipe.min_lr * args.batch_size / recipe.lr_batch
+
+    config = {**vars(args), "recipe": dataclasses.asdict(recipe), "image_size": image_size}
+    try:
+        path, resumed = resume_checkpoint(args.output_dir, args.resume, config, FINETUNE_RESUMABLE,
+                                          args.force_resume, total_steps)
+        if resumed is not None:
+            load_model_state(model, resumed["model"], path)
+            load_optimizer_state(optimizer, param_names, resumed["optimizer"])
+    except CheckpointError as e:
+        fail(str(e))
+    start = resumed["meta"]["step"] if resumed else 0
+    history = resumed["meta"].get("history", []) if resumed else []
+    ddp_model, optimizer = accelerator.prepare(model, optimizer)
+    mix = MixupCutmix(len(data.classes), recipe.mixup, recipe.cutmix, recipe.mix_switch_prob)
+    accelerator.print(format_summary({
+        "recipe": recipe.name, "source": recipe.source, "optimizer": recipe.optimizer, "lr (scaled)": peak_lr,
+        "min lr (scaled)": min_lr, "weight decay": recipe.weight_decay, "epochs": recipe.epochs,
+        "steps": f"{total_steps} ({steps_per_epoch} per epoch, {warmup_steps} warm-up)",
+        "augmentation": f"mixup {recipe.mixup}, cutmix {recipe.cutmix}, randaugment {recipe.randaugment}, "
+                        f"erasing {recipe.random_erasing}, smoothing {recipe.label_smoothing}",
+        "drop path / layer decay": f"{recipe.drop_path if family == 'vit' else '-'} / {recipe.layer_decay}",
+        "resumed from": f"{path} (step {start})" if resumed else "scratch"}))
+
+    log = ProgressLog(os.path.join(args.output_dir, "metrics.jsonl"), last_step, start) \
+        if accelerator.is_main_process else None
+    stop, window, bad = StopSignal(), Window(device), 0
+    steps = batches(train_set, args.batch_size, rank, world, args.seed, start, last_step, args.workers,
+                    pin_memory=device.type == "cuda")
+    for step, (images, labels, failed) in steps:
+        window.data_arrived()
+        lr = lr_at(step, total_steps, warmup_steps, peak_lr, min_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group["lr_scale"]
+        torch.manual_seed(dropout_seed(args.seed, step, rank))  # Mixup/CutMix and drop path
+        images, targets = mix(images.to(device, non_blocking=True), labels.to(device, non_blocking=True))
+        loss = soft_target_cross_entropy(ddp_model(images), targets, recipe.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        optimizer.step()
+        window.add(loss, failed, stop.requested)
+
+        done = step + 1
+        end_of_epoch = done % steps_per_epoch == 0
+        evaluate_now = end_of_epoch or done == last_step or (args.eval_every and done % args.eval_every == 0)
+        save_now = done % args.save_every == 0 or end_of_epoch or done == last_step
+        if done % args.log_every and not (evaluate_now or save_now):
+            continue
+        sums = window.read(lambda t: accelerator.reduce(t, reduction="sum"))
+        bad += sums["bad"]
+        if sums["nonfinite"]:
+            fail(f"non-finite loss by step {done} (lr {lr:.4g}); the last good checkpoint is kept in "
+                 f"{args.output_dir}; lower --lr")
+        check_failed_reads(bad, done * args.batch_size, args)
+        record = {"epoch": round(done / steps_per_epoch, 3), "loss": sums["loss_sum"] / world / sums["steps"],
+                  "lr": lr, "img_per_s": round(sums["steps"] * args.batch_size / sums["elapsed"], 1)}
+        if evaluate_now:
+            model.eval()
+            record.update(evaluate(model, data.val, len(data.classes), args.batch_size // world, args, accelerator))
+            model.train()
+            history.append({"step": done, **record})
+        if log is not None:
+            log.log(done, record)
+        if save_now or sums["stop"]:
+            save_finetune(args, accelerator, model, optimizer, param_names, done, config, history)
+        if sums["stop"]:
+            if log is not None:
+                log.print(f"stopped by a signal at step {done}; checkpoint written; run the same command to resume")
+                log.close()
+            return EXIT_PREEMPTED
+    if log is not None:
+        log.close()
+    final = max(start, last_step)
+    path = os.path.join(args.output_dir, "finetuned.safetensors")
+    if accelerator.is_main_process:  # the fine-tuned classifier, torchvision keys, head included
+        save_file_atomic(model.state_dict(), path, classifier_metadata(backbone, image_size, len(data.classes), final))
+    accelerator.wait_for_everyone()
+    if not history:
+        fail(f"{args.output_dir} holds a finished fine-tuning without evaluations; pass --resume none and a new "
+             "--output-dir")
+    best = max(history, key=lambda h: h["top1"])
+    return {"recipe": dataclasses.asdict(recipe), "steps": final, "batch_size": args.batch_size, "lr": peak_lr,
+            "best": best, "last": history[-1], "history": history, "model": path}
+
+
+def classifier_metadata(backbone: Backbone, image_size: int, num_classes: int, step: int) -> dict:
+    metadata = {"format": "bfcl-classifier-1", "arch": backbone.arch, "image_size": str(image_size),
+                "num_classes": str(num_classes), "step": str(step)}
+    metadata.update({"patch_size": str(backbone.patch_size)} if is_vit(backbone.arch) else {"stem": backbone.stem})
+    return metadata
+
+
+def save_finetune(args, accelerator, model, optimizer, param_names, step: int, config: dict, history: list) -> None:
+    """A fine-tuning checkpoint (bfcl/checkpoint.py): model, optimizer, config and the evaluations
+    so far. The main process writes; the others wait."""
+    if accelerator.is_main_process:
+        meta = {"version": code_version(), "config": config, "history": history,
+                "rng": "derived from (seed, step, process index): nothing to restore"}
+        save_checkpoint(args.output_dir, step, model.state_dict(), optimizer_state_tensors(optimizer.optimizer,
+                        param_names), meta, args.keep)
+    accelerator.wait_for_everyone()
 
 
 def quick_checks(args, modes, backbone: Backbone, data: ProbeData, image_size: int, accelerator) -> dict:
@@ -397,11 +615,11 @@ def results_table(results: dict, title: str) -> Table:
     if "fast_linear" in results:
         r = results["fast_linear"]
         table.add_row("fast linear", f"{r['top1']:.2f}", f"{r['top5']:.2f}", "cached centre crops: NOT the protocol")
-    if "linear" in results:
-        for which in ("best", "last"):
-            r = results["linear"][which]
-            table.add_row(f"linear, {which} epoch", f"{r['top1']:.2f}", f"{r['top5']:.2f}",
-                          f"protocol, epoch {r['epoch']}")
+    for mode, unit in (("linear", "epoch"), ("finetune", "step")):
+        for which in ("best", "last") if mode in results else ():
+            r = results[mode][which]
+            table.add_row(f"{mode}, {which} {unit}", f"{r['top1']:.2f}", f"{r['top5']:.2f}",
+                          f"{'protocol, ' if mode == 'linear' else 'end to end, '}{unit} {r[unit]}")
     return table
 
 
@@ -424,6 +642,8 @@ def main(argv=None) -> int:
     except ValueError as e:  # a ViT whose image size is not a multiple of its patch
         fail(str(e))
     modes = ("knn", "fast-linear", "linear") if args.mode == "all" else (args.mode,)
+    if "finetune" in modes:
+        recipe = finetune_recipe(args, backbone)
     base_lr = args.lr if args.lr is not None else LINEAR_LR["vit" if is_vit(backbone.arch) else "resnet"]
     peak_lr = base_lr * args.batch_size / 256
     summary = {
@@ -435,14 +655,29 @@ def main(argv=None) -> int:
         "batch per process": args.batch_size // world, "global batch": args.batch_size,
     }
     if "linear" in modes:
-        summary.update({"linear lr (scaled)": peak_lr, "linear epochs": args.epochs, "BN head": args.bn_head})
+        summary.update({"linear lr (scaled)": peak_lr, "linear epochs": linear_epochs(args), "BN head": args.bn_head})
         if args.batch_size > len(data.train):
             summary["note"] = f"batch {args.batch_size} exceeds the {len(data.train)} train images: one step per epoch"
     accelerator.print(format_summary(summary))
 
-    results = quick_checks(args, modes, backbone, data, image_size, accelerator) if modes != ("linear",) else {}
+    results = quick_checks(args, modes, backbone, data, image_size, accelerator) \
+        if {"knn", "fast-linear"} & set(modes) else {}
     if "linear" in modes:
         results["linear"] = linear_probe(args, backbone, data, image_size, peak_lr, accelerator)
+    if "finetune" in modes:  # it writes checkpoints: one run per output folder
+        lock = RunLock(args.output_dir) if accelerator.is_main_process else None
+        try:
+            if lock is not None:
+                lock.acquire()
+            outcome = finetune(args, backbone, data, image_size, recipe, accelerator)
+        except RunLockError as e:
+            fail(str(e))
+        finally:
+            if lock is not None:
+                lock.release()
+        if outcome == EXIT_PREEMPTED:
+            return EXIT_PREEMPTED
+        results["finetune"] = outcome
 
     if accelerator.is_main_process:
         record = {"pretrained": args.pretrained or "random-init", "source": backbone.info["source"],

@@ -20,23 +20,22 @@ import json
 import os
 import shutil
 import sys
-import time
 from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from torch.utils.data import DataLoader
 
 from bfcl.augment import BatchedTwoViews
 from bfcl.batchformer import dropout_seed
-from bfcl.checkpoint import (CheckpointError, check_weights, latest_checkpoint, list_checkpoints, load_checkpoint,
-                             load_model_state, load_optimizer_state, optimizer_state_tensors, save_checkpoint)
+from bfcl.checkpoint import (CheckpointError, load_model_state, load_optimizer_state, optimizer_state_tensors,
+                             resume_checkpoint, save_checkpoint)
 from bfcl.cli import (EXIT_PREEMPTED, HelpFormatter, StopSignal, check_output_dir, check_ranges, code_version, fail,
-                      format_summary, ignore_stop_signals)
-from bfcl.data import DEFAULT_MAX_PIXELS, DataError, EpochBatchSampler, PretrainDataset, pretrain_views
+                      format_summary)
+from bfcl.data import DEFAULT_MAX_PIXELS, DataError, PretrainDataset, pretrain_views
 from bfcl.export import export_backbone
 from bfcl.knn import KnnMonitor
+from bfcl.loop import Window, batches
 from bfcl.loss import BF_LOSSES, bf_loss_from_add_bf, moco_loss
 from bfcl.model import ARCHS, STEMS, MoCo, is_vit, uses_channels_last
 from bfcl.optim import OPTIMIZERS, build_optimizer, param_groups
@@ -206,32 +205,6 @@ def make_plan(config, num_images: int, processes: int, bf_loss: str | None) -> P
                 peak_lr=config.lr * config.batch_size / 256, bf_loss=bf_loss)
 
 
-def resume_state(config, plan: Plan) -> tuple[str | None, dict | None]:
-    """The checkpoint to resume from (or None) and its contents, with settings and step checked."""
-    if config.resume == "none":
-        if list_checkpoints(config.output_dir):  # a later --resume auto would pick up the old run's checkpoints
-            fail(f"--output-dir {config.output_dir} already holds checkpoints of another run; continue it with "
-                 "--resume auto, or choose an empty --output-dir")
-        return None, None
-    path = latest_checkpoint(config.output_dir) if config.resume == "auto" else config.resume
-    if path is None:
-        return None, None
-    try:
-        model_state, optimizer_state, meta = load_checkpoint(path)
-        check_weights(model_state, f"checkpoint {path}")
-    except CheckpointError as e:
-        fail(str(e))
-    old, new = meta["config"], vars(config)
-    changed = [f"--{k.replace('_', '-')} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-               if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k)]
-    if changed and not config.force_resume:
-        fail(f"cannot resume {path}: settings differ ({'; '.join(changed)}); restore them or pass --force-resume")
-    if meta["step"] > plan.total_steps:
-        fail(f"{path} is at step {meta['step']}, past this run's {plan.total_steps} steps; "
-             "resume it with the settings it was made with, or pass --resume none")
-    return path, {"model": model_state, "optimizer": optimizer_state, "meta": meta}
-
-
 def build_model_and_optimizer(config, plan: Plan, device: torch.device, precision: str):
     """MoCo model and optimizer, plus the parameter names in optimizer order (for checkpoints).
     Called with the same seed on every process, so all start identical, BatchFormer included."""
@@ -295,15 +268,16 @@ def run(config, switched: list[str], accelerator, bf_loss: str | None) -> int:
                                                               accelerator.mixed_precision)
     check_free_disk(config, model)
 
-    path, resumed = resume_state(config, plan)
     start_step = 0
-    if resumed is not None:
-        try:
+    try:
+        path, resumed = resume_checkpoint(config.output_dir, config.resume, vars(config), RESUMABLE_CHANGES,
+                                          config.force_resume, plan.total_steps)
+        if resumed is not None:
             load_model_state(model, resumed["model"], path)
             load_optimizer_state(optimizer, param_names, resumed["optimizer"])
-        except CheckpointError as e:
-            fail(str(e))
-        start_step = resumed["meta"]["step"]
+            start_step = resumed["meta"]["step"]
+    except CheckpointError as e:
+        fail(str(e))
     if config.compile:
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -354,54 +328,6 @@ def export(config, model_state: dict, step: int) -> str:
     return path
 
 
-def batches(dataset, config, plan: Plan, rank: int, start_step: int, pin_memory: bool):
-    """(step, batch) for every step from start_step to plan.last_step, across epochs. A resumed
-    run starts inside its epoch, with the same order and the same augmentations."""
-    step = start_step
-    while step < plan.last_step:
-        epoch, epoch_step = divmod(step, plan.steps_per_epoch)
-        sampler = EpochBatchSampler(len(dataset), config.batch_size, rank, plan.processes, config.seed, epoch,
-                                    epoch_step)
-        loader = DataLoader(dataset, batch_sampler=sampler, num_workers=config.workers, pin_memory=pin_memory,
-                            worker_init_fn=ignore_stop_signals)
-        for batch in loader:
-            yield step, batch
-            step += 1
-            if step == plan.last_step:
-                return
-
-
-class Window:
-    """Sums since the last sync point, kept on the device so that a step never waits for the
-    host: loss, non-finite losses, failed image reads, stop requests; and the host's time."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.sums, self.steps = device, torch.zeros(4, device=device), 0
-        self.start, self.data_wait, self.fetch_start = time.perf_counter(), 0.0, time.perf_counter()
-
-    def data_arrived(self) -> None:
-        self.data_wait += time.perf_counter() - self.fetch_start
-
-    def add(self, loss: torch.Tensor, failed_reads: torch.Tensor, stop_requested: bool) -> None:
-        # Host values go up through pinned memory without blocking: a plain .to(device) of a CPU
-        # tensor makes the host wait for the whole step on a GPU.
-        host = torch.tensor([failed_reads.sum().item(), float(stop_requested)], pin_memory=self.device.type == "cuda")
-        loss = loss.detach().float().view(1)
-        self.sums += torch.cat([loss, (~torch.isfinite(loss)).float(), host.to(self.device, non_blocking=True)])
-        self.steps += 1
-        self.fetch_start = time.perf_counter()
-
-    def read(self, accelerator) -> dict:
-        """Sum over processes (the sync), then start a new window."""
-        loss_sum, nonfinite, bad, stops = accelerator.reduce(self.sums, reduction="sum").tolist()
-        elapsed = time.perf_counter() - self.start
-        out = {"loss": loss_sum / accelerator.num_processes / self.steps, "nonfinite": int(nonfinite), "bad": int(bad),
-               "stop": stops > 0, "steps": self.steps, "elapsed": elapsed, "data_wait": self.data_wait / elapsed}
-        self.sums.zero_()
-        self.steps, self.start, self.data_wait, self.fetch_start = 0, time.perf_counter(), 0.0, time.perf_counter()
-        return out
-
-
 def train(config, plan: Plan, accelerator, model, optimizer, param_names, dataset, augment, start_step: int) -> int:
     """The pretraining loop. Per step: set lr and m -> forward -> gather keys -> loss ->
     backward -> optimizer step -> momentum update; then, at sync points only, read the
@@ -418,7 +344,9 @@ def train(config, plan: Plan, accelerator, model, optimizer, param_names, datase
     if knn is not None and start_step == 0:  # the curve starts at the random init
         log.log(0, {"epoch": 0.0, "knn_top1": knn.top1(moco.base_encoder.backbone, device)})
 
-    for step, (x1, x2, _, failed) in batches(dataset, config, plan, rank, start_step, device.type == "cuda"):
+    steps = batches(dataset, config.batch_size, rank, plan.processes, config.seed, start_step, plan.last_step,
+                    config.workers, pin_memory=device.type == "cuda")
+    for step, (x1, x2, _, failed) in steps:
         window.data_arrived()
         lr = learning_rate(step, plan.total_steps, plan.warmup_steps, plan.peak_lr)
         m = momentum(step, plan.total_steps, config.moco_m, config.moco_m_cos)
@@ -456,7 +384,7 @@ def sync_point(config, plan: Plan, accelerator, moco, optimizer, param_names, lo
     knn_now = config.knn_every > 0 and (done % config.knn_every == 0 or done == plan.last_step)
     if done % config.log_every and not (save_now or knn_now):
         return None
-    sums = window.read(accelerator)
+    sums = window.read(lambda t: accelerator.reduce(t, reduction="sum"))
     totals["nonfinite"] += sums["nonfinite"]
     totals["bad"] += sums["bad"]
     if totals["nonfinite"] > config.max_nonfinite_steps:
@@ -466,7 +394,8 @@ def sync_point(config, plan: Plan, accelerator, moco, optimizer, param_names, lo
         fail(f"{totals['bad']} of {totals['images']} image reads failed, more than --max-bad-image-share "
              f"{config.max_bad_image_share}; check the data folder")
     if log is not None:
-        metrics = {"epoch": round(done / plan.steps_per_epoch, 3), "loss": sums["loss"], "lr": lr, "m": m,
+        metrics = {"epoch": round(done / plan.steps_per_epoch, 3), "lr": lr, "m": m,
+                   "loss": sums["loss_sum"] / plan.processes / sums["steps"],
                    "img_per_s": round(sums["steps"] * config.batch_size / sums["elapsed"], 1),
                    "data_wait": sums["data_wait"], "bad_images": totals["bad"]}
         if knn_now:

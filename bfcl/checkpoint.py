@@ -299,3 +299,33 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, param_names: list[str
         raise CheckpointError(f"optimizer state for unknown parameters ({unknown[0]} ...); "
                               "the model does not match the checkpoint")
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+
+
+def resume_checkpoint(output_dir: str, resume: str, config: dict, may_change: set, force: bool,
+                      total_steps: int) -> tuple[str | None, dict | None]:
+    """What a script resumes from: (None, None) for a fresh start, else (path, {"model",
+    "optimizer", "meta"}) of a verified checkpoint whose weights are sane, whose settings match
+    `config` (except the keys in may_change, or anything with force) and whose step lies within
+    the run. resume is 'auto' (the newest good checkpoint in output_dir, if any), 'none' (refused
+    where checkpoints exist: a later 'auto' would pick up the old run's) or a checkpoint folder.
+    Every refusal is a one-line CheckpointError."""
+    if resume == "none":
+        if list_checkpoints(output_dir):
+            raise CheckpointError(f"--output-dir {output_dir} already holds checkpoints of another run; continue it "
+                                  "with --resume auto, or choose an empty --output-dir")
+        return None, None
+    path = latest_checkpoint(output_dir) if resume == "auto" else resume
+    if path is None:
+        return None, None
+    model_state, optimizer_state, meta = load_checkpoint(path)
+    check_weights(model_state, f"checkpoint {path}")
+    old = meta["config"]
+    changed = [f"--{k.replace('_', '-')} {old.get(k)!r} -> {config.get(k)!r}" for k in sorted(set(old) | set(config))
+               if k not in may_change and old.get(k) != config.get(k)]
+    if changed and not force:
+        raise CheckpointError(f"cannot resume {path}: settings differ ({'; '.join(changed)}); restore them or pass "
+                              "--force-resume")
+    if meta["step"] > total_steps:
+        raise CheckpointError(f"{path} is at step {meta['step']}, past this run's {total_steps} steps; resume it "
+                              "with the settings it was made with, or pass --resume none")
+    return path, {"model": model_state, "optimizer": optimizer_state, "meta": meta}

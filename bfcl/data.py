@@ -361,14 +361,37 @@ class PretrainDataset(Dataset):
     def __getitem__(self, key):
         index, seed = key
         img, label, failed = self.folder.read(index)
-        # Seed torch and Python RNGs for this sample only; the caller's RNG state is restored.
-        with torch.random.fork_rng(devices=[]):
-            state = random.getstate()
-            torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed also seeds every device (slow)
-            random.seed(seed)
-            v1, v2 = self.view1(img), self.view2(img)
-            random.setstate(state)
+        v1, v2 = seeded(seed, lambda: (self.view1(img), self.view2(img)))
         return v1, v2, label, failed
+
+
+class SeededImages(Dataset):
+    """LabelledImages with one augmentation, indexed by (index, seed) pairs like PretrainDataset
+    (for EpochBatchSampler): __getitem__((i, seed)) -> (image [3, S, S], label, failed_reads),
+    the transform run under the sample's own seed, so a resumed fine-tuning sees the same crops."""
+
+    def __init__(self, images: LabelledImages):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key):
+        index, seed = key
+        img, label, failed = self.images.read(index)
+        return seeded(seed, lambda: self.images.transform(img)), label, failed
+
+
+def seeded(seed: int, fn):
+    """fn() with torch's CPU and Python's RNGs seeded for this call only; the caller's state is kept."""
+    with torch.random.fork_rng(devices=[]):
+        state = random.getstate()
+        torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed also seeds every device (slow)
+        random.seed(seed)
+        try:
+            return fn()
+        finally:
+            random.setstate(state)
 
 
 class EpochBatchSampler:

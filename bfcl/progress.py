@@ -45,7 +45,7 @@ class ProgressLog:
         self.metrics_file.write(json.dumps(record) + "\n")
         self.metrics_file.flush()
         shown = {k: v for k, v in metrics.items()
-                 if k in ("epoch", "loss", "lr", "m", "img_per_s", "data_wait", "knn_top1")}
+                 if k in ("epoch", "loss", "lr", "m", "img_per_s", "data_wait", "knn_top1", "top1")}
         if self.progress is not None:
             self.progress.update(self.task, completed=step, status=format_metrics(shown))
         else:

@@ -208,7 +208,7 @@ def test_train_flag_domains(data, tmp_path, flag, value, expected):
 
 
 @pytest.mark.parametrize("flag, value, expected", [
-    ("--epochs", "0", "--epochs 0 is outside its range [1, inf)"),
+    ("--epochs", "0", "--epochs 0.0 is outside its range (0, inf)"),
     ("--knn-t", "0", "--knn-t 0.0 is outside its range (0, inf)"),
     ("-b", "0", "--batch-size 0 is outside its range [1, inf)"),
     ("--knn-k", "0", "--knn-k 0 is outside its range [1, inf)"),

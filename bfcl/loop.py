@@ -1,0 +1,62 @@
+"""The plumbing of a training loop that train.py (pretraining) and probe.py (fine-tuning) share:
+the batches of every step across epochs, resumable mid-epoch, and the sums kept on the device
+between sync points. No ranks are looked up here: the scripts pass them in."""
+
+import time
+
+import torch
+from torch.utils.data import DataLoader
+
+from bfcl.cli import ignore_stop_signals
+from bfcl.data import EpochBatchSampler
+
+
+def batches(dataset, global_batch: int, rank: int, processes: int, seed: int, start_step: int, last_step: int,
+            workers: int, pin_memory: bool):
+    """(step, batch) for every step from start_step to last_step, across epochs. The dataset takes
+    (index, seed) keys (EpochBatchSampler): a resumed run starts inside its epoch, with the same
+    order and the same augmentations."""
+    steps_per_epoch = len(dataset) // global_batch
+    step = start_step
+    while step < last_step:
+        epoch, epoch_step = divmod(step, steps_per_epoch)
+        sampler = EpochBatchSampler(len(dataset), global_batch, rank, processes, seed, epoch, epoch_step)
+        loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory,
+                            worker_init_fn=ignore_stop_signals)
+        for batch in loader:
+            yield step, batch
+            step += 1
+            if step == last_step:
+                return
+
+
+class Window:
+    """Sums since the last sync point, kept on the device so that a step never waits for the
+    host: loss, non-finite losses, failed image reads, stop requests; and the host's time."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.sums, self.steps = device, torch.zeros(4, device=device), 0
+        self.start, self.data_wait, self.fetch_start = time.perf_counter(), 0.0, time.perf_counter()
+
+    def data_arrived(self) -> None:
+        self.data_wait += time.perf_counter() - self.fetch_start
+
+    def add(self, loss: torch.Tensor, failed_reads: torch.Tensor, stop_requested: bool) -> None:
+        # Host values go up through pinned memory without blocking: a plain .to(device) of a CPU
+        # tensor makes the host wait for the whole step on a GPU.
+        host = torch.tensor([failed_reads.sum().item(), float(stop_requested)], pin_memory=self.device.type == "cuda")
+        loss = loss.detach().float().view(1)
+        self.sums += torch.cat([loss, (~torch.isfinite(loss)).float(), host.to(self.device, non_blocking=True)])
+        self.steps += 1
+        self.fetch_start = time.perf_counter()
+
+    def read(self, reduce_sum) -> dict:
+        """Sum over processes with reduce_sum (the sync), then start a new window. loss_sum adds
+        every step's loss of every process."""
+        loss_sum, nonfinite, bad, stops = reduce_sum(self.sums).tolist()
+        elapsed = time.perf_counter() - self.start
+        out = {"loss_sum": loss_sum, "nonfinite": int(nonfinite), "bad": int(bad), "stop": stops > 0,
+               "steps": self.steps, "elapsed": elapsed, "data_wait": self.data_wait / elapsed}
+        self.sums.zero_()
+        self.steps, self.start, self.data_wait, self.fetch_start = 0, time.perf_counter(), 0.0, time.perf_counter()
+        return out
