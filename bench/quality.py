@@ -177,6 +177,14 @@ def recipe(args) -> list[str]:
     return r + shlex.split(args.train_args)
 
 
+def random_init_args(args) -> list[str]:
+    """probe.py's flags for the random-init baseline of the recipe's backbone (a ViT's patch too)."""
+    what = ["--random-init", "-a", recipe_value(args, "-a"), "--stem", recipe_value(args, "--stem")]
+    if "--patch-size" in recipe(args):
+        what += ["--patch-size", recipe_value(args, "--patch-size")]
+    return what
+
+
 def recipe_value(args, flag: str) -> str:
     r = recipe(args)
     return r[len(r) - 1 - r[::-1].index(flag) + 1]  # the last occurrence wins, as in argparse
@@ -229,8 +237,7 @@ def probe(args, env, run_dir: str, seed: int, pretrained: str | None) -> dict:
     scores = {}
     for mode in ("knn", "fast-linear"):
         out = os.path.join(run_dir, f"probe-{mode}")
-        what = ["--pretrained", pretrained] if pretrained else \
-            ["--random-init", "-a", recipe_value(args, "-a"), "--stem", recipe_value(args, "--stem")]
+        what = ["--pretrained", pretrained] if pretrained else random_init_args(args)
         cmd = [*launcher(args), "probe.py", *what, "--data", args.data, "--mode", mode, "--image-size",
                recipe_value(args, "--image-size"), "--workers", str(args.workers), "--batch-size", "512",
                "--seed", str(seed), "--fast-epochs", str(args.fast_epochs), "--output-dir", out]
@@ -250,7 +257,7 @@ def pretrain_and_probe(args, env, name: str, seed: int, cmd: list[str] | None, b
     """One row of results.json; reused from an earlier bench run if its command is the same."""
     run_dir = os.path.join(args.out, "runs", f"seed{seed}", name)
     record_path = os.path.join(run_dir, "record.json")
-    key = shlex.join(cmd) if cmd else f"random init, seed {seed}, {shlex.join(recipe(args))}"
+    key = shlex.join(cmd) if cmd else f"random init, seed {seed}, {shlex.join(random_init_args(args))}"
     if os.path.exists(record_path):
         with open(record_path) as f:
             record = json.load(f)
