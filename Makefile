@@ -9,11 +9,13 @@ BUDGET ?= 15
 SEEDS  ?= 2
 OUT    ?= bench-results/quality
 VIT_OUT ?= bench-results/quality-vit
+FT_BUDGET ?= 15
+OUT_FT ?= bench-results/finetune
 # The ViT row: ViT-Tiny/8 on 32 px images with AdamW (MoCo v3's ViT optimiser); see README, "The ViT recipe".
 VIT_ARGS ?= -a vit_tiny --patch-size 8 --optimizer adamw --lr 5e-4 --wd 0.1 --moco-t 0.2 --moco-m 0.8 \
 	--moco-mlp-dim 1024 --crop-min 0.2
 
-.PHONY: venv lint test test-fast smoke-test bench-speed bench-quality bench-quality-vit clean
+.PHONY: venv lint test test-fast smoke-test bench-speed bench-quality bench-quality-vit bench-finetune clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -32,7 +34,8 @@ test: venv lint
 test-fast: venv
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# Whole pipeline on a generated JPEG ImageFolder, on the CPU: pretrain with BatchFormer, then kNN probe.
+# Whole pipeline on a generated JPEG ImageFolder, on the CPU: pretrain a ResNet-18 and a ViT-Tiny with
+# BatchFormer, then kNN-probe each.
 smoke-test: venv
 	rm -rf $(SMOKE)
 	$(BIN)/python -m bfcl.synthetic $(SMOKE)/data --classes 4 --train-per-class 96 --val-per-class 32 --size 32
@@ -43,9 +46,16 @@ smoke-test: venv
 	$(BIN)/accelerate launch --config_file accelerate_configs/cpu.yaml probe.py \
 		--pretrained $(SMOKE)/run/backbone.safetensors --data $(SMOKE)/data --mode knn --workers 2 \
 		--output-dir $(SMOKE)/probe
+	$(BIN)/accelerate launch --config_file accelerate_configs/cpu.yaml train.py \
+		--data $(SMOKE)/data --output-dir $(SMOKE)/run-vit -a vit_tiny --patch-size 8 --image-size 32 \
+		-b 32 --epochs 2 --warmup-epochs 1 --moco-mlp-dim 256 --add_bf 1 --workers 2 --log-every 4
+	$(BIN)/accelerate launch --config_file accelerate_configs/cpu.yaml probe.py \
+		--pretrained $(SMOKE)/run-vit/backbone.safetensors --data $(SMOKE)/data --mode knn --workers 2 \
+		--output-dir $(SMOKE)/probe-vit
 
 bench-speed: venv
 	$(BIN)/python bench/speed.py
+	$(BIN)/python bench/speed.py --arch vit_tiny --only trainer,bf
 
 bench-quality: venv
 	$(BIN)/python bench/quality.py --budget-min $(BUDGET) --seeds $(SEEDS) --out $(OUT)
@@ -53,6 +63,10 @@ bench-quality: venv
 bench-quality-vit: venv
 	$(BIN)/python bench/quality.py --budget-min $(BUDGET) --seeds $(SEEDS) --no-equal-steps --out $(VIT_OUT) \
 		--train-args "$(VIT_ARGS)"
+
+# Fine-tuning from a 15-minute bfcl backbone vs from random init, FT_BUDGET minutes each (bench/finetune.py).
+bench-finetune: venv
+	$(BIN)/python bench/finetune.py --pretrain-min $(BUDGET) --budget-min $(FT_BUDGET) --seeds $(SEEDS) --out $(OUT_FT)
 
 clean:
 	rm -rf build bench-results .pytest_cache

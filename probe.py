@@ -3,6 +3,7 @@
     accelerate launch probe.py --pretrained runs/pretrain/backbone.safetensors --data DIR
     accelerate launch probe.py --pretrained checkpoint_0099.pth.tar --data DIR --mode knn
     accelerate launch probe.py --random-init -a resnet50 --data DIR --mode all   # the baseline to beat
+    accelerate launch probe.py --pretrained runs/pretrain --data DIR --mode finetune -b 256
     torchrun --nproc_per_node 2 probe.py --pretrained ... --data DIR              # two CPU processes (gloo)
 
 DIR holds train/<class>/<image> and val/<class>/<image> with the same class folders.
@@ -22,6 +23,9 @@ Modes (--mode):
   fast-linear  a linear head on cached centre-crop features, standardised with train
                statistics, no augmentation. A quick check on a CPU, NOT the protocol.
   all          knn and fast-linear (sharing one feature pass), then linear.
+  finetune     end to end: the whole backbone and a new head train (method.md §6), with the
+               torchvision reference recipe (ResNets) or DeiT's (ViTs), each field overridable
+               by its flag; exact resume, SIGTERM checkpoint, OUTPUT/finetuned.safetensors.
 
 Measured on 2 shared CPU cores, on `make smoke-test`'s data (4 classes, 384 / 128 images of
 32 px) with a random-init resnet18/small, the baseline a pretrained backbone must beat:
@@ -40,7 +44,10 @@ results.json in --output-dir (only the modes that ran appear under "results"):
      "fast_linear": {"protocol": false, "epochs": 100, "top1": %, "top5": %},
      "linear":      {"protocol": true, "bn_head": false, "epochs": 90, "batch_size": 1024, "lr": 0.4,
                      "best": {"epoch": int, "top1": %, "top5": %, "loss": float, "lr": float},
-                     "last": {same keys}, "history": [{same keys}, one per epoch]}}}
+                     "last": {same keys}, "history": [{same keys}, one per epoch]},
+     "finetune":    {"recipe": {...}, "steps": int, "batch_size": int, "lr": float,
+                     "best": {"step": int, "top1": %, "top5": %, "loss": float, ...}, "last": {...},
+                     "history": [one per evaluation], "model": "OUTPUT/finetuned.safetensors"}}}
 top-5 is capped at the class count (100 % with 5 classes or fewer). "best" is picked on the
 val set, so it is optimistic; MoCo v3's main_lincls.py tracked it as best_acc1. Say which one
 you report.
@@ -169,6 +176,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="stop after this many steps in total (0: all epochs); the schedule still spans --epochs")
     a.add_argument("--eval-every", type=int, default=0,
                    help="also evaluate on val/ every N steps (0: at epoch ends and at the end only)")
+    a.add_argument("--eval-epoch-ends", action=argparse.BooleanOptionalAction, default=True,
+                   help="evaluate at every epoch end (--no-eval-epoch-ends: at the end and --eval-every only, "
+                        "for runs on a wall-clock budget)")
     a = p.add_argument_group("quick checks")
     a.add_argument("--knn-k", type=int, nargs="+", default=[20, 200], help="neighbour counts")
     a.add_argument("--knn-t", type=float, default=0.07, help="temperature of the exp(cos / T) vote weights")
@@ -179,6 +189,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = p.add_argument_group("run")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--output-dir", default="runs/probe", help="results.json (and features.safetensors) go here")
+    a.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=None,
+                   help="overrides accelerate launch's setting (default: theirs; the way to set it under torchrun)")
     return p.parse_args(argv)
 
 
@@ -423,8 +435,8 @@ def linear_probe(args, backbone: Backbone, data: ProbeData, image_size: int, pea
 
 # Options that may change when a fine-tuning run resumes; any other difference is refused.
 FINETUNE_RESUMABLE = {"workers", "output_dir", "resume", "force_resume", "log_every", "save_every", "keep", "max_steps",
-                      "eval_every", "max_bad_image_share", "max_image_pixels", "knn_k", "knn_t", "fast_epochs",
-                      "save_features"}
+                      "eval_every", "eval_epoch_ends", "max_bad_image_share", "max_image_pixels", "knn_k", "knn_t",
+                      "fast_epochs", "save_features"}
 RECIPE_FLAGS = {"epochs": "epochs", "lr": "base_lr", "wd": "weight_decay", "warmup_epochs": "warmup_epochs",
                 "min_lr": "min_lr", "label_smoothing": "label_smoothing", "mixup": "mixup", "cutmix": "cutmix",
                 "randaugment": "randaugment", "reprob": "random_erasing", "drop_path": "drop_path",
@@ -515,7 +527,7 @@ def finetune(args, backbone: Backbone, data: ProbeData, image_size: int, recipe:
             group["lr"] = lr * group["lr_scale"]
         torch.manual_seed(dropout_seed(args.seed, step, rank))  # Mixup/CutMix and drop path
         images, targets = mix(images.to(device, non_blocking=True), labels.to(device, non_blocking=True))
-        loss = soft_target_cross_entropy(ddp_model(images), targets, recipe.label_smoothing)
+        loss = soft_target_cross_entropy(ddp_model(images).float(), targets, recipe.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         optimizer.step()
@@ -523,7 +535,8 @@ def finetune(args, backbone: Backbone, data: ProbeData, image_size: int, recipe:
 
         done = step + 1
         end_of_epoch = done % steps_per_epoch == 0
-        evaluate_now = end_of_epoch or done == last_step or (args.eval_every and done % args.eval_every == 0)
+        evaluate_now = (end_of_epoch and args.eval_epoch_ends) or done == last_step or \
+            (args.eval_every and done % args.eval_every == 0)
         save_now = done % args.save_every == 0 or end_of_epoch or done == last_step
         if done % args.log_every and not (evaluate_now or save_now):
             continue
@@ -627,7 +640,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     check_ranges(args, FLAG_RANGES)
     # torchrun without GPUs: Accelerate starts gloo only when told the processes are CPU ones.
-    accelerator = Accelerator(cpu="LOCAL_RANK" in os.environ and not torch.cuda.is_available())
+    accelerator = Accelerator(cpu="LOCAL_RANK" in os.environ and not torch.cuda.is_available(),
+                              mixed_precision=args.mixed_precision)
     world = accelerator.num_processes
     if args.batch_size % world:
         fail(f"--batch-size {args.batch_size} is not divisible by the {world} processes; use a multiple of {world}")

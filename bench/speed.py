@@ -1,7 +1,8 @@
 """CPU speed benchmark: train.py against a bare step, BatchFormer's cost, the two augmentation
 paths, and the memory of the ImageNet recipe. It prints figures; nothing here asserts a time.
 
-    make bench-speed                      # = .venv/bin/python bench/speed.py   (~5 min on 2 cores)
+    make bench-speed                      # = .venv/bin/python bench/speed.py, then sections 1-2 with --arch vit_tiny
+    .venv/bin/python bench/speed.py --arch vit_tiny --only trainer,bf      # the ViT line alone
     .venv/bin/python bench/speed.py --only trainer --trainer-runs 1      # one section, shorter
 
 1. train.py (a subprocess, on a generated 32 px JPEG folder, data loading, logging every 2 steps
@@ -47,6 +48,17 @@ from trainer_log import trainer_throughput
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTIONS = ("trainer", "bf", "augment", "memory")
+# --arch: the small-image models of sections 1 and 2, as train.py flags and as reference_step.build arguments.
+ARCH_FLAGS = {"resnet18": ["-a", "resnet18", "--stem", "small"],
+              "vit_tiny": ["-a", "vit_tiny", "--patch-size", "8", "--optimizer", "adamw", "--lr", "5e-4",
+                           "--wd", "0.1"]}
+ARCH_NAMES = {"resnet18": "resnet18 small stem", "vit_tiny": "vit_tiny patch 8"}
+BASE_LR = {"resnet18": 0.6, "vit_tiny": 5e-4}  # train.py's lr in run_trainer (the ResNet default, the ViT flag above)
+
+
+def build_small(arch: str, bf_loss, device):
+    """Section 1 and 2's model + optimizer, as train.py builds it for run_trainer's flags."""
+    return build(arch, "small", 512, bf_loss, device, image_size=32, patch_size=8)
 STEPS_PER_EPOCH = 6  # of the trainer's generated data set: with the default 2 + 6 steps, an epoch ends mid-run
 
 
@@ -67,8 +79,8 @@ def median(xs) -> float:
 def run_trainer(data: str, out: str, args) -> dict:
     """train.py in a subprocess under cProfile; returns its images/s after the warm-up (from
     metrics.jsonl) and, from the profile, seconds per step in each part of the loop."""
-    cmd = ["train.py", "--data", data, "--output-dir", out, "--resume", "none",
-           "-a", "resnet18", "--stem", "small", "--image-size", "32", "--no-blur", "--moco-mlp-dim", "512",
+    cmd = ["train.py", "--data", data, "--output-dir", out, "--resume", "none", *ARCH_FLAGS[args.arch],
+           "--image-size", "32", "--no-blur", "--moco-mlp-dim", "512",
            "-b", str(args.batch), "--epochs", "10", "--warmup-epochs", "1", "--workers", str(args.workers),
            "--log-every", "2", "--max-steps", str(args.warmup + args.steps)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
@@ -84,7 +96,7 @@ LOOP_PARTS = {
     "data wait": [("torch/utils/data/dataloader.py", "__next__"), ("torch/utils/data/dataloader.py", "__iter__")],
     "forward (model + loss)": [("bfcl/model.py", "forward"), ("bfcl/loss.py", "moco_loss")],
     "backward": [("accelerate/accelerator.py", "backward")],
-    "optimizer": [("bfcl/optim.py", "step")],
+    "optimizer": [("bfcl/optim.py", "step"), ("torch/optim/adamw.py", "step"), ("torch/optim/adam.py", "step")],
     "momentum update": [("bfcl/model.py", "update_momentum_encoder")],
     "logging (sync point + log)": [("accelerate/accelerator.py", "reduce"), ("bfcl/progress.py", "log")],
     "checkpoint": [("train.py", "save")],
@@ -106,15 +118,15 @@ def run_reference(args, steps: int) -> dict:
     """reference_step.py's bare step in a fresh process with the trainer's thread settings."""
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     out = subprocess.run([sys.executable, os.path.abspath(__file__), "--reference-probe", str(steps),
-                          "--batch", str(args.batch), "--warmup", str(args.warmup)],
+                          "--batch", str(args.batch), "--warmup", str(args.warmup), "--arch", args.arch],
                          env=env, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
 def trainer_schedule(args):
-    """The lr and momentum of run_trainer's steps (10 epochs, 1 of warm-up, base lr 0.6)."""
+    """The lr and momentum of run_trainer's steps (10 epochs, 1 of warm-up, its base lr)."""
     from bfcl.schedules import learning_rate, momentum
-    peak, total = 0.6 * args.batch / 256, 10 * STEPS_PER_EPOCH
+    peak, total = BASE_LR[args.arch] * args.batch / 256, 10 * STEPS_PER_EPOCH
     return lambda step: (learning_rate(step, total, STEPS_PER_EPOCH, peak), momentum(step, total, 0.99, True))
 
 
@@ -122,7 +134,7 @@ def reference_probe(args) -> None:
     """Child process: the trainer's warm-up steps, then `--reference-probe` timed bare steps with
     the trainer's lr and momentum; prints JSON."""
     device = torch.device("cpu")
-    model, optimizer = build("resnet18", "small", 512, None, device)
+    model, optimizer = build_small(args.arch, None, device)
     views = make_views(args.batch, 32, device)
     schedule = trainer_schedule(args)
     run_steps(model, optimizer, views, args.warmup, None, schedule=schedule)
@@ -135,7 +147,7 @@ def reference_probe(args) -> None:
 
 def trainer_vs_reference(args) -> None:
     from bfcl.synthetic import make_image_folder
-    print(f"\n## 1. train.py against the bare reference step (resnet18 small stem, 32 px, batch {args.batch}, "
+    print(f"\n## 1. train.py against the bare reference step ({ARCH_NAMES[args.arch]}, 32 px, batch {args.batch}, "
           f"{args.threads} compute thread(s), {args.workers} loader worker(s))")
     # Reference, trainer, reference, trainer, ..., reference: each a fresh process, so that load
     # changes on this shared machine hit both alike; each trainer run is compared with the
@@ -181,12 +193,12 @@ def time_checkpoint(model, optimizer, tmp: str) -> float:
 # ---- 2. BatchFormer's cost -------------------------------------------------------------------
 
 def batchformer_overhead(args) -> None:
-    print(f"\n## 2. BatchFormer overhead (bare step, resnet18 small stem, 32 px, batch {args.batch}, "
+    print(f"\n## 2. BatchFormer overhead (bare step, {ARCH_NAMES[args.arch]}, 32 px, batch {args.batch}, "
           f"{args.threads} thread(s))")
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
     views = make_views(args.batch, 32, device)
-    runs = {bf: build("resnet18", "small", 512, bf, device) for bf in (None, "pairs-sum")}
+    runs = {bf: build_small(args.arch, bf, device) for bf in (None, "pairs-sum")}
     for bf, (model, optimizer) in runs.items():
         run_steps(model, optimizer, views, 1, bf)  # warm-up
     times = {bf: [] for bf in runs}
@@ -318,6 +330,7 @@ def fit_line(xs, ys) -> tuple[float, float]:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {SECTIONS}")
+    p.add_argument("--arch", default="resnet18", choices=tuple(ARCH_FLAGS), help="the model of sections 1 and 2")
     p.add_argument("--batch", type=int, default=32, help="batch of the trainer and the bare steps")
     p.add_argument("--threads", type=int, default=1, help="compute threads of the trainer and the bare steps")
     p.add_argument("--workers", type=int, default=1, help="the trainer's loader processes")

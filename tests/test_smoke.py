@@ -1,5 +1,6 @@
-"""The smoke test itself: `make smoke-test` end to end (generate data, pretrain with BatchFormer
-on the CPU, kNN-probe the exported backbone), as a user would run it from a fresh clone."""
+"""The smoke test itself: `make smoke-test` end to end (generate data, pretrain a ResNet and a ViT
+with BatchFormer on the CPU, kNN-probe each exported backbone), as a user would run it from a
+fresh clone."""
 
 import json
 import os
@@ -38,3 +39,14 @@ def test_make_smoke_test(tmp_path):
     assert not missing and not unexpected
     missing, unexpected = torchvision.models.resnet18().load_state_dict(state, strict=False)
     assert set(missing) == {"fc.weight", "fc.bias"} and not unexpected
+
+    # the ViT with BatchFormer: 24 steps, MoCo v3's ViT defaults switched, the export a torchvision ViT's
+    assert "--optimizer adamw" in run.stdout and "--moco-t 0.2" in run.stdout
+    vit = [json.loads(line) for line in open(out / "run-vit" / "metrics.jsonl")]
+    assert vit[-1]["step"] == 24 and all(r["loss"] == r["loss"] for r in vit)
+    results = json.load(open(out / "probe-vit" / "results.json"))
+    assert (results["arch"], results["patch_size"], results["image_size"], results["step"]) == ("vit_tiny", 8, 32, 24)
+    vit_model = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=12, num_heads=3,
+                                                    hidden_dim=192, mlp_dim=768, num_classes=4)
+    missing, unexpected = vit_model.load_state_dict(load_file(out / "run-vit" / "backbone.safetensors"), strict=False)
+    assert set(missing) == {"heads.head.weight", "heads.head.bias"} and not unexpected
