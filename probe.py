@@ -64,7 +64,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from rich.console import Console
 from rich.table import Table
 from safetensors.torch import save_file
@@ -80,7 +80,7 @@ from bfcl.finetune import (FinetuneRecipe, MixupCutmix, add_drop_path, lr_at, re
 from bfcl.finetune import param_groups as finetune_param_groups
 from bfcl.loop import Window, batches
 from bfcl.progress import ProgressLog
-from bfcl.runlock import RunLock, RunLockError
+from bfcl.runlock import RunLockError, take_lock
 from bfcl.data import (DEFAULT_MAX_PIXELS, IMAGENET_MEAN, IMAGENET_STD, DataError, LabelledImages, SeededImages,
                        check_image_folder, eval_transform, image_folder, probe_train_transform, read_image,
                        scan_image_folder)
@@ -156,7 +156,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = p.add_argument_group("fine-tuning (--mode finetune; each flag overrides the recipe, see bfcl/finetune.py)")
     a.add_argument("--wd", type=float, default=None, help="weight decay (1e-4 ResNets, 0.05 ViTs)")
     a.add_argument("--warmup-epochs", type=float, default=None, help="linear warm-up from 0 (5)")
-    a.add_argument("--min-lr", type=float, default=None, help="where the cosine ends, scaled like --lr (0 / 1e-5)")
+    a.add_argument("--min-lr", type=float, default=None, help="where the cosine ends, not scaled (0 / 1e-5)")
     a.add_argument("--label-smoothing", type=float, default=None, help="(0.1)")
     a.add_argument("--mixup", type=float, default=None, help="Mixup alpha, 0 off (0 ResNets, 0.8 ViTs)")
     a.add_argument("--cutmix", type=float, default=None, help="CutMix alpha, 0 off (0 / 1.0)")
@@ -491,7 +491,7 @@ def finetune(args, backbone: Backbone, data: ProbeData, image_size: int, recipe:
     total_steps = max(1, round(steps_per_epoch * recipe.epochs))
     last_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
     warmup_steps = round(steps_per_epoch * recipe.warmup_epochs)
-    peak_lr, min_lr = recipe.scaled_lr(args.batch_size), recipe.min_lr * args.batch_size / recipe.lr_batch
+    peak_lr, min_lr = recipe.scaled_lr(args.batch_size), recipe.min_lr  # DeiT scales the peak, not the floor
 
     config = {**vars(args), "recipe": dataclasses.asdict(recipe), "image_size": image_size}
     try:
@@ -505,6 +505,8 @@ def finetune(args, backbone: Backbone, data: ProbeData, image_size: int, recipe:
     start = resumed["meta"]["step"] if resumed else 0
     history = resumed["meta"].get("history", []) if resumed else []
     ddp_model, optimizer = accelerator.prepare(model, optimizer)
+    if resumed is not None and accelerator.scaler is not None and resumed["meta"].get("scaler"):
+        accelerator.scaler.load_state_dict(resumed["meta"]["scaler"])  # fp16: the loss scale goes on
     mix = MixupCutmix(len(data.classes), recipe.mixup, recipe.cutmix, recipe.mix_switch_prob)
     accelerator.print(format_summary({
         "recipe": recipe.name, "source": recipe.source, "optimizer": recipe.optimizer, "lr (scaled)": peak_lr,
@@ -589,6 +591,7 @@ def save_finetune(args, accelerator, model, optimizer, param_names, step: int, c
     so far. The main process writes; the others wait."""
     if accelerator.is_main_process:
         meta = {"version": code_version(), "config": config, "history": history,
+                "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
                 "rng": "derived from (seed, step, process index): nothing to restore"}
         save_checkpoint(args.output_dir, step, model.state_dict(), optimizer_state_tensors(optimizer.optimizer,
                         param_names), meta, args.keep)
@@ -679,13 +682,12 @@ def main(argv=None) -> int:
     if "linear" in modes:
         results["linear"] = linear_probe(args, backbone, data, image_size, peak_lr, accelerator)
     if "finetune" in modes:  # it writes checkpoints: one run per output folder
-        lock = RunLock(args.output_dir) if accelerator.is_main_process else None
         try:
-            if lock is not None:
-                lock.acquire()
-            outcome = finetune(args, backbone, data, image_size, recipe, accelerator)
+            lock = take_lock(args.output_dir, accelerator.is_main_process, lambda m: broadcast_object_list([m])[0])
         except RunLockError as e:
             fail(str(e))
+        try:
+            outcome = finetune(args, backbone, data, image_size, recipe, accelerator)
         finally:
             if lock is not None:
                 lock.release()

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 
 from bfcl.augment import BatchedTwoViews
 from bfcl.batchformer import dropout_seed
@@ -32,7 +32,7 @@ from bfcl.checkpoint import (CheckpointError, load_model_state, load_optimizer_s
                              resume_checkpoint, save_checkpoint)
 from bfcl.cli import (EXIT_PREEMPTED, HelpFormatter, StopSignal, check_output_dir, check_ranges, code_version, fail,
                       format_summary)
-from bfcl.data import DEFAULT_MAX_PIXELS, DataError, PretrainDataset, pretrain_views
+from bfcl.data import DEFAULT_MAX_PIXELS, DataError, PretrainDataset, check_image_folder, pretrain_views
 from bfcl.export import export_backbone
 from bfcl.knn import KnnMonitor
 from bfcl.loop import Window, batches
@@ -40,13 +40,16 @@ from bfcl.loss import BF_LOSSES, bf_loss_from_add_bf, moco_loss
 from bfcl.model import ARCHS, STEMS, MoCo, is_vit, uses_channels_last
 from bfcl.optim import OPTIMIZERS, build_optimizer, param_groups
 from bfcl.progress import ProgressLog
-from bfcl.runlock import RunLock, RunLockError
+from bfcl.runlock import RunLockError, take_lock
 from bfcl.schedules import learning_rate, momentum
 
 # Options that may change between a run and its resume; any other difference is refused.
 RESUMABLE_CHANGES = {"workers", "output_dir", "resume", "force_resume", "log_every", "save_every", "keep",
                      "knn_every", "knn_samples", "max_steps", "compile", "max_bad_image_share", "max_nonfinite_steps",
                      "max_image_pixels"}
+
+# Options that checkpoints of bfcl 0.1.0 do not record, with the value those runs had.
+ADDED_SINCE_0_1 = {"patch_size": 16, "stop_grad_conv1": True, "max_image_pixels": DEFAULT_MAX_PIXELS}
 
 # MoCo v3's recipes. Flags left unset (None) take the value of the backbone's family; the
 # start-up summary names the ViT values that replaced the ResNet ones.
@@ -173,8 +176,17 @@ def validate(config, num_processes: int, bf_loss: str | None) -> None:
     if is_vit(config.arch) and config.image_size % config.patch_size:
         fail(f"--image-size {config.image_size} is not a multiple of --patch-size {config.patch_size}; "
              "change one of them")
-    if config.knn_every and not os.path.isdir(os.path.join(config.data, "val")):
-        fail(f"--knn-every needs labelled images in {os.path.join(config.data, 'val')}; add them or pass --knn-every 0")
+    if config.knn_every:
+        val = os.path.join(config.data, "val")
+        if not os.path.isdir(val):
+            fail(f"--knn-every needs labelled images in {val}; add them or pass --knn-every 0")
+        try:
+            train_classes, val_classes = check_image_folder(os.path.join(config.data, "train")), check_image_folder(val)
+        except DataError as e:
+            fail(str(e))
+        if train_classes != val_classes:
+            fail(f"--knn-every needs the same class folders in train/ and val/ of {config.data}; fix them or pass "
+                 "--knn-every 0")
     if config.resume not in ("auto", "none") and not os.path.isdir(config.resume):
         fail(f"--resume {config.resume} is not a checkpoint folder; pass checkpoints/step-* of a run, auto or none")
     check_output_dir(config.output_dir, config.data)
@@ -238,16 +250,16 @@ def main(argv=None) -> int:
                               mixed_precision=config.mixed_precision)
     bf_loss = config.bf_loss or bf_loss_from_add_bf(config.add_bf)
     validate(config, accelerator.num_processes, bf_loss)
-    # One output folder, one run: the main process holds <output-dir>/.lock until the end.
-    lock = RunLock(config.output_dir) if accelerator.is_main_process else None
+    # One output folder, one run: the main process holds <output-dir>/.lock until the end, and
+    # every process learns whether it was refused.
     try:
-        if lock is not None:
-            lock.acquire()
-            if lock.message:
-                accelerator.print(lock.message)
-        return run(config, switched, accelerator, bf_loss)
+        lock = take_lock(config.output_dir, accelerator.is_main_process, lambda m: broadcast_object_list([m])[0])
     except RunLockError as e:
         fail(str(e))
+    try:
+        if lock is not None and lock.message:
+            accelerator.print(lock.message)
+        return run(config, switched, accelerator, bf_loss)
     finally:
         if lock is not None:
             lock.release()
@@ -271,7 +283,7 @@ def run(config, switched: list[str], accelerator, bf_loss: str | None) -> int:
     start_step = 0
     try:
         path, resumed = resume_checkpoint(config.output_dir, config.resume, vars(config), RESUMABLE_CHANGES,
-                                          config.force_resume, plan.total_steps)
+                                          config.force_resume, plan.total_steps, ADDED_SINCE_0_1)
         if resumed is not None:
             load_model_state(model, resumed["model"], path)
             load_optimizer_state(optimizer, param_names, resumed["optimizer"])

@@ -302,12 +302,13 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, param_names: list[str
 
 
 def resume_checkpoint(output_dir: str, resume: str, config: dict, may_change: set, force: bool,
-                      total_steps: int) -> tuple[str | None, dict | None]:
+                      total_steps: int, added: dict | None = None) -> tuple[str | None, dict | None]:
     """What a script resumes from: (None, None) for a fresh start, else (path, {"model",
     "optimizer", "meta"}) of a verified checkpoint whose weights are sane, whose settings match
     `config` (except the keys in may_change, or anything with force) and whose step lies within
     the run. resume is 'auto' (the newest good checkpoint in output_dir, if any), 'none' (refused
     where checkpoints exist: a later 'auto' would pick up the old run's) or a checkpoint folder.
+    `added` holds options that older checkpoints do not record, with the value they had then.
     Every refusal is a one-line CheckpointError."""
     if resume == "none":
         if list_checkpoints(output_dir):
@@ -319,7 +320,7 @@ def resume_checkpoint(output_dir: str, resume: str, config: dict, may_change: se
         return None, None
     model_state, optimizer_state, meta = load_checkpoint(path)
     check_weights(model_state, f"checkpoint {path}")
-    old = meta["config"]
+    old = {**(added or {}), **meta["config"]}
     changed = [f"--{k.replace('_', '-')} {old.get(k)!r} -> {config.get(k)!r}" for k in sorted(set(old) | set(config))
                if k not in may_change and old.get(k) != config.get(k)]
     if changed and not force:

@@ -119,8 +119,10 @@ def param_groups(model: nn.Module, family: str, weight_decay: float,
     Each group is {"params", "weight_decay", "lr_scale"}; set group["lr"] = lr_at(...) * lr_scale
     every step. names[i] is the parameter the optimizer's state_dict calls i.
 
-    No weight decay for biases and norm weights (ndim <= 1) or, for a ViT, class_token and
+    ViT: no weight decay for biases and norm weights (ndim <= 1), class_token and
     encoder.pos_embedding (timm's param_groups_weight_decay with DeiT's no_weight_decay()).
+    ResNet: weight decay on every tensor, BatchNorm and biases included, as the defaults of
+    torchvision's classification reference (--norm-weight-decay None) that RESNET_RECIPE cites.
     With layer_decay (ViT only), lr_scale = layer_decay ** (depth + 1 - layer id), so the head
     keeps the full lr and the patch embedding gets layer_decay ** (depth + 1) (BEiT, MAE).
     Groups with equal (weight_decay, lr_scale) are merged, in order of first appearance.
@@ -136,7 +138,7 @@ def param_groups(model: nn.Module, family: str, weight_decay: float,
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        wd = 0.0 if p.ndim <= 1 or name in no_decay_names else weight_decay
+        wd = 0.0 if family == "vit" and (p.ndim <= 1 or name in no_decay_names) else weight_decay
         scale = 1.0 if layer_decay is None else layer_decay ** (depth + 1 - _vit_layer_id(name, depth))
         params, names = groups.setdefault((wd, scale), ([], []))
         params.append(p)

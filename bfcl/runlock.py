@@ -193,3 +193,22 @@ class RunLock:
         return (f"--output-dir {self.output_dir} is in use by pid {holder['pid']} on {where} since "
                 f"{holder.get('started')}; wait for it, choose another --output-dir, or delete {self.path} "
                 "if that run is gone")
+
+
+def take_lock(output_dir: str, is_main: bool, share) -> RunLock | None:
+    """The main process takes output_dir's lock; `share(message) -> message` hands its refusal
+    (or None) from the main process to every process (the scripts pass accelerate's
+    broadcast), so that all of them stop alike instead of the others running on into the first
+    collective. Returns the held lock on the main process, None elsewhere; raises RunLockError
+    on every process when the lock is refused."""
+    lock, message = None, None
+    if is_main:
+        lock = RunLock(output_dir)
+        try:
+            lock.acquire()
+        except RunLockError as e:
+            lock, message = None, str(e)
+    message = share(message)
+    if message:
+        raise RunLockError(message)
+    return lock

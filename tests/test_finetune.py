@@ -88,9 +88,9 @@ def test_vit_groups_without_layer_decay_and_frozen_params():
 def test_resnet_groups():
     model = torchvision.models.resnet18(num_classes=10)
     groups, names = param_groups(model, "resnet", weight_decay=1e-4)
-    # 20 convs + fc.weight decay; 20 BNs x (weight, bias) + fc.bias do not
-    assert [(g["weight_decay"], g["lr_scale"], len(g["params"])) for g in groups] == [(1e-4, 1.0, 21), (0.0, 1.0, 41)]
-    assert names[0] == "conv1.weight" and names[21] == "bn1.weight"
+    # torchvision's reference defaults decay every tensor: 20 convs + 20 BNs x (weight, bias) + fc
+    assert [(g["weight_decay"], g["lr_scale"], len(g["params"])) for g in groups] == [(1e-4, 1.0, 62)]
+    assert names[:3] == ["conv1.weight", "bn1.weight", "bn1.bias"] and names[-1] == "fc.bias"
     with pytest.raises(ValueError, match="needs a ViT"):
         param_groups(model, "resnet", weight_decay=1e-4, layer_decay=0.75)
 

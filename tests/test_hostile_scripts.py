@@ -227,3 +227,50 @@ def test_output_dir_inside_the_data_is_refused_and_leaves_nothing(data):
     message = error_of(train.main, ["--data", data, "--output-dir", inside, *TINY])
     assert "is inside --data" in message
     assert not os.path.exists(inside)
+
+
+@pytest.mark.slow
+def test_refused_lock_stops_every_process(data, tmp_path):
+    """Two torchrun processes on a folder another run holds: both stop with the one-line error;
+    the second process does not run on into a collective and hang."""
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from bfcl.runlock import RunLock; "
+                               "RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(120)", str(out)],
+                              cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+        result = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "train.py", "--data", data,
+                                 "--output-dir", str(out), *TINY], cwd=REPO, capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode != 0
+        assert result.stderr.count(f"is in use by pid {holder.pid}") == 2, result.stderr[-2000:]
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_checkpoint_of_bfcl_0_1_resumes(data, finished, tmp_path):
+    """A checkpoint whose config predates the ViT options (patch_size, stop_grad_conv1) resumes:
+    those options had one value then."""
+    out = tmp_path / "run"
+    source = list_checkpoints(str(finished))[-1]
+    target = out / "checkpoints" / os.path.basename(source)
+    os.makedirs(target)
+    for name in ("model.safetensors", "optimizer.safetensors", "meta.json"):
+        with open(os.path.join(source, name), "rb") as f, open(target / name, "wb") as g:
+            g.write(f.read())
+    meta = json.load(open(target / "meta.json"))
+    for key in ("patch_size", "stop_grad_conv1", "max_image_pixels"):
+        del meta["config"][key]
+    json.dump(meta, open(target / "meta.json", "w"))
+    assert train.main(["--data", data, "--output-dir", str(out), *TINY]) == 0
+    assert error_of(train.main, ["--data", data, "--output-dir", str(out), *TINY, "--patch-size", "4"]) \
+        .endswith("restore them or pass --force-resume")
+
+
+def test_knn_monitor_needs_the_same_classes_in_val(data, tmp_path):
+    root = make_image_folder(str(tmp_path / "data"), classes=4, train_per_class=8, val_per_class=2, size=16)
+    os.rename(os.path.join(root, "val", "class_3"), os.path.join(root, "val", "other"))
+    message = error_of(train.main, ["--data", root, "--output-dir", str(tmp_path / "run"), *TINY, "--knn-every", "2"])
+    assert "needs the same class folders in train/ and val/" in message

@@ -178,3 +178,28 @@ def test_probe_knn_on_the_pretrained_backbone(data, straight, tmp_path):
     assert (results["train_samples"], results["val_samples"]) == (32, 32)
     for k in ("k20", "k200"):
         assert 0 <= results["results"]["knn"][k]["top1"] <= 100
+
+
+VIT_TINY = ["-a", "vit_tiny", "--patch-size", "8", "--image-size", "16", "-b", "8", "--moco-mlp-dim", "64",
+            "--moco-dim", "32", "--workers", "0", "--log-every", "1", "--epochs", "2", "--warmup-epochs", "1",
+            "--add_bf", "1"]
+
+
+def test_vit_resume_equals_straight_run(data, tmp_path):
+    """A ViT-Tiny run with BatchFormer (AdamW, MoCo v3's ViT defaults) stopped at step 3 and resumed
+    ends with the same losses and the same weights as an uninterrupted run."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    cmd = lambda out, *extra: [sys.executable, "train.py", "--data", data, "--output-dir", str(out), *VIT_TINY, *extra]
+    assert run(cmd(straight)).returncode == 0
+    first = run(cmd(resumed, "--max-steps", "3"))
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "ViT recipe defaults: --optimizer adamw, --lr 0.00015, --wd 0.1, --moco-t 0.2, --crop-min 0.08" \
+        in first.stdout
+    second = run(cmd(resumed))
+    assert second.returncode == 0 and "(step 3)" in second.stdout, second.stdout + second.stderr
+    assert [(r["step"], r["loss"]) for r in metrics(resumed)] == [(r["step"], r["loss"]) for r in metrics(straight)]
+    final = load_file(os.path.join(list_checkpoints(str(resumed))[-1], "model.safetensors"))
+    expected = load_file(os.path.join(list_checkpoints(str(straight))[-1], "model.safetensors"))
+    assert final.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(final[key], expected[key]), key
