@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, set_seed
 
 from bfcl.augment import BatchedTwoViews
 from bfcl.batchformer import dropout_seed
@@ -49,7 +49,8 @@ RESUMABLE_CHANGES = {"workers", "output_dir", "resume", "force_resume", "log_eve
                      "max_image_pixels"}
 
 # Options that checkpoints of bfcl 0.1.0 do not record, with the value those runs had.
-ADDED_SINCE_0_1 = {"patch_size": 16, "stop_grad_conv1": True, "max_image_pixels": DEFAULT_MAX_PIXELS}
+ADDED_SINCE_0_1 = {"patch_size": 16, "stop_grad_conv1": True, "max_image_pixels": DEFAULT_MAX_PIXELS,
+                   "bf_context": "local", "bf_start_epoch": 0.0}
 
 # MoCo v3's recipes. Flags left unset (None) take the value of the backbone's family; the
 # start-up summary names the ViT values that replaced the ResNet ones.
@@ -65,6 +66,7 @@ FLAG_RANGES = {
     "patch_size": (1, 4096, True, True), "max_image_pixels": (1, INF, True, True),
     "moco_dim": (1, INF, True, True), "moco_mlp_dim": (1, INF, True, True), "moco_t": (0, INF, False, True),
     "moco_m": (0, 1, True, True), "add_bf": (0, INF, True, True), "bf_lr_scale": (0, INF, True, True),
+    "bf_start_epoch": (0, INF, True, True),
     "batch_size": (1, INF, True, True), "lr": (0, INF, False, True), "wd": (0, INF, True, True),
     "epochs": (0, INF, False, True), "warmup_epochs": (0, INF, True, True), "seed": (0, 2**31 - 1, True, True),
     "save_every": (1, INF, True, True), "keep": (0, INF, True, True), "log_every": (1, INF, True, True),
@@ -114,6 +116,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="train BatchFormer's weights; by default they stay at their random init, as in the released "
                         "runs")
     a.add_argument("--bf-lr-scale", type=float, default=0.1, help="lr multiplier for a trainable BatchFormer")
+    a.add_argument("--bf-context", choices=("local", "global"), default="local",
+                   help="what BatchFormer attends over: 'local' the batch of each process (as released, so the "
+                        "process count changes it), 'global' the whole global batch, gathered with gradients")
+    a.add_argument("--bf-start-epoch", type=float, default=0.0,
+                   help="BatchFormer (and its loss) on from this epoch; plain MoCo v3 before it")
     a = p.add_argument_group("optimisation")
     a.add_argument("-b", "--batch-size", type=int, default=4096, help="GLOBAL batch over all processes")
     a.add_argument("--lr", type=float, default=None,
@@ -168,11 +175,13 @@ def validate(config, num_processes: int, bf_loss: str | None) -> None:
     if config.batch_size % num_processes:
         fail(f"--batch-size {config.batch_size} is not divisible by the {num_processes} processes; "
              f"use a multiple of {num_processes}")
-    if bf_loss is not None and config.batch_size // num_processes < 2:
+    if bf_loss is not None and config.bf_context == "local" and config.batch_size // num_processes < 2:
         fail(f"BatchFormer needs at least 2 samples per process, got {config.batch_size // num_processes}; "
              "raise --batch-size")
     if config.warmup_epochs >= config.epochs:
         fail(f"--warmup-epochs {config.warmup_epochs:g} must be shorter than --epochs {config.epochs:g}")
+    if bf_loss is not None and config.bf_start_epoch >= config.epochs:
+        fail(f"--bf-start-epoch {config.bf_start_epoch:g} must be before the end, --epochs {config.epochs:g}")
     if is_vit(config.arch) and config.image_size % config.patch_size:
         fail(f"--image-size {config.image_size} is not a multiple of --patch-size {config.patch_size}; "
              "change one of them")
@@ -204,6 +213,7 @@ class Plan:
     last_step: int  # where this invocation stops: total_steps, or --max-steps
     peak_lr: float  # --lr x global batch / 256
     bf_loss: str | None  # None: BatchFormer off
+    bf_start_step: int  # BatchFormer on from this step (--bf-start-epoch)
 
 
 def make_plan(config, num_images: int, processes: int, bf_loss: str | None) -> Plan:
@@ -214,7 +224,8 @@ def make_plan(config, num_images: int, processes: int, bf_loss: str | None) -> P
     return Plan(processes=processes, local_batch=config.batch_size // processes, steps_per_epoch=steps_per_epoch,
                 total_steps=total_steps, warmup_steps=round(steps_per_epoch * config.warmup_epochs),
                 last_step=min(total_steps, config.max_steps) if config.max_steps else total_steps,
-                peak_lr=config.lr * config.batch_size / 256, bf_loss=bf_loss)
+                peak_lr=config.lr * config.batch_size / 256, bf_loss=bf_loss,
+                bf_start_step=round(steps_per_epoch * config.bf_start_epoch))
 
 
 def build_model_and_optimizer(config, plan: Plan, device: torch.device, precision: str):
@@ -246,8 +257,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     config, switched = with_recipe(args)
     # torchrun without GPUs: Accelerate starts gloo only when told the processes are CPU ones.
+    # A trainable BatchFormer switched on late has no gradient before: DDP must be told.
+    unused = [DistributedDataParallelKwargs(find_unused_parameters=True)] \
+        if config.bf_trainable and config.bf_start_epoch > 0 else []
     accelerator = Accelerator(cpu="LOCAL_RANK" in os.environ and not torch.cuda.is_available(),
-                              mixed_precision=config.mixed_precision)
+                              mixed_precision=config.mixed_precision, kwargs_handlers=unused)
     bf_loss = config.bf_loss or bf_loss_from_add_bf(config.add_bf)
     validate(config, accelerator.num_processes, bf_loss)
     # One output folder, one run: the main process holds <output-dir>/.lock until the end, and
@@ -307,7 +321,10 @@ def run(config, switched: list[str], accelerator, bf_loss: str | None) -> int:
         "trainable params": sum(p.numel() for p in moco.parameters() if p.requires_grad),
         "frozen params": sum(p.numel() for p in moco.parameters() if not p.requires_grad), "seed": config.seed,
         "BatchFormer": "off" if bf_loss is None else f"{bf_loss} loss, "
-        f"{'trainable' if config.bf_trainable else 'frozen at init'}, context {plan.local_batch} samples per process",
+        f"{'trainable' if config.bf_trainable else 'frozen at init'}, context "
+        + (f"{plan.local_batch} samples per process" if config.bf_context == "local"
+           else f"the global batch of {config.batch_size}")
+        + (f", on from step {plan.bf_start_step}" if plan.bf_start_step else ""),
         "resumed from": f"{path} (step {start_step})" if path else "scratch",
     }
     summary = {k: v for k, v in summary.items() if v is not None}
@@ -358,8 +375,10 @@ def train(config, plan: Plan, accelerator, model, optimizer, param_names, datase
 
     steps = batches(dataset, config.batch_size, rank, plan.processes, config.seed, start_step, plan.last_step,
                     config.workers, pin_memory=device.type == "cuda")
+    context = global_context(accelerator) if config.bf_context == "global" else None
     for step, (x1, x2, _, failed) in steps:
         window.data_arrived()
+        bf_on = plan.bf_loss is not None and step >= plan.bf_start_step
         lr = learning_rate(step, plan.total_steps, plan.warmup_steps, plan.peak_lr)
         m = momentum(step, plan.total_steps, config.moco_m, config.moco_m_cos)
         for group in optimizer.param_groups:
@@ -370,8 +389,9 @@ def train(config, plan: Plan, accelerator, model, optimizer, param_names, datase
         x1 = x1.to(device, non_blocking=True, memory_format=memory_format)
         x2 = x2.to(device, non_blocking=True, memory_format=memory_format)
 
-        q1, q2, k1, k2 = model(x1, x2)
-        loss = moco_loss(q1, q2, accelerator.gather(k1), accelerator.gather(k2), rank, config.moco_t, plan.bf_loss)
+        q1, q2, k1, k2 = model(x1, x2, batchformer=bf_on, context=context)
+        loss = moco_loss(q1, q2, accelerator.gather(k1), accelerator.gather(k2), rank, config.moco_t,
+                         plan.bf_loss if bf_on else None)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         optimizer.step()
@@ -383,6 +403,18 @@ def train(config, plan: Plan, accelerator, model, optimizer, param_names, datase
                       done, lr, m) == "stop":
             return EXIT_PREEMPTED
     return finish(config, accelerator, moco, log, max(start_step, plan.last_step))
+
+
+def global_context(accelerator):
+    """BatchFormer's context over the whole global batch (--bf-context global): every process's
+    features, gathered WITH gradients, so each sample's BatchFormer row attends to all samples
+    and the loss of every process reaches every backbone. Returns x [N, C] -> (x_all [P·N, C],
+    this process's first row). One process: the local batch itself."""
+    if accelerator.num_processes == 1:
+        return lambda x: (x, 0)
+    from torch.distributed.nn.functional import all_gather  # differentiable, unlike accelerator.gather
+    start = accelerator.process_index
+    return lambda x: (torch.cat(all_gather(x.contiguous())), start * x.shape[0])
 
 
 def sync_point(config, plan: Plan, accelerator, moco, optimizer, param_names, log, knn, window: Window, totals: dict,

@@ -35,16 +35,20 @@ class BatchFormer(nn.Module):
             norm_first=False,
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context=None) -> torch.Tensor:
+        """context None: the sequence is the local batch (as released). Otherwise a callable
+        x [N, C] -> (x_all [M, C], start) that gathers every process's rows WITH gradients (global
+        context, train.py --bf-context global); this process's rows are x_all[start:start + N]."""
         if not self.training:
             return x
-        if x.shape[0] < 2:
+        rows, start = (x, 0) if context is None else context(x)
+        if rows.shape[0] < 2:
             raise ValueError(
-                f"BatchFormer needs at least 2 samples in the local batch, got {x.shape[0]}; "
+                f"BatchFormer needs at least 2 samples in its context, got {rows.shape[0]}; "
                 "raise the per-process batch size"
             )
-        mixed = self.encoder_layer(x.unsqueeze(0)).squeeze(0)  # [1, N, C]: one sequence of N
-        return torch.cat([x, mixed], dim=0)
+        mixed = self.encoder_layer(rows.unsqueeze(0)).squeeze(0)  # [1, M, C]: one sequence of M
+        return torch.cat([x, mixed[start:start + x.shape[0]]], dim=0)
 
 
 def dropout_seed(seed: int, step: int, process: int) -> int:

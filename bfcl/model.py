@@ -122,23 +122,25 @@ class MoCo(nn.Module):
         if self.batchformer is not None:
             self.batchformer.requires_grad_(bf_trainable)
 
-    def _embed(self, encoder: Encoder, x: torch.Tensor) -> torch.Tensor:
+    def _embed(self, encoder: Encoder, x: torch.Tensor, batchformer: bool, context) -> torch.Tensor:
         """[N, 3, H, W] -> [N, dim], or [2N, dim] through BatchFormer in training.
 
         The projector sees plain and BatchFormer rows in one pass, so its BatchNorm statistics
         cover both (the paper's shared head).
         """
         features = encoder.backbone(x)
-        if self.batchformer is not None:
-            features = self.batchformer(features)
+        if batchformer and self.batchformer is not None:
+            features = self.batchformer(features, context)
         return encoder.projector(features)
 
-    def forward(self, x1: torch.Tensor, x2: torch.Tensor):
-        q1 = self.predictor(self._embed(self.base_encoder, x1))
-        q2 = self.predictor(self._embed(self.base_encoder, x2))
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor, batchformer: bool = True, context=None):
+        """batchformer=False skips BatchFormer for this step (train.py --bf-start-epoch); context
+        is BatchFormer's (None: the local batch; see BatchFormer.forward)."""
+        q1 = self.predictor(self._embed(self.base_encoder, x1, batchformer, context))
+        q2 = self.predictor(self._embed(self.base_encoder, x2, batchformer, context))
         with torch.no_grad():  # BatchFormer draws its own dropout sample here
-            k1 = self._embed(self.momentum_encoder, x1)
-            k2 = self._embed(self.momentum_encoder, x2)
+            k1 = self._embed(self.momentum_encoder, x1, batchformer, context)
+            k2 = self._embed(self.momentum_encoder, x2, batchformer, context)
         return q1, q2, k1, k2
 
     @torch.no_grad()
