@@ -15,7 +15,7 @@ OUT_FT ?= bench-results/finetune
 VIT_ARGS ?= -a vit_tiny --patch-size 8 --optimizer adamw --lr 5e-4 --wd 0.1 --moco-t 0.2 --moco-m 0.8 \
 	--moco-mlp-dim 1024 --crop-min 0.2
 
-.PHONY: venv lint test test-fast smoke-test bench-speed bench-quality bench-quality-vit bench-finetune clean
+.PHONY: venv lint test test-fast smoke-test bench-speed bench-quality bench-quality-vit bench-finetune bench-bf clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -67,6 +67,16 @@ bench-quality-vit: venv
 # Fine-tuning from a 15-minute bfcl backbone vs from random init, FT_BUDGET minutes each (bench/finetune.py).
 bench-finetune: venv
 	$(BIN)/python bench/finetune.py --pretrain-min $(BUDGET) --budget-min $(FT_BUDGET) --seeds $(SEEDS) --out $(OUT_FT)
+
+# When does BatchFormer help? Screen every variant (5 min, 2 seeds), confirm the best two and the released
+# default (15 min, 3 seeds), then the best against MoCo v3 at 45 min (bench/bf_study.py). Hours on 2 cores.
+BF_OUT ?= bench-results/bf
+bench-bf: venv
+	$(BIN)/python bench/bf_study.py --budget-min 5 --seeds 2 --out $(BF_OUT)/screen
+	$(BIN)/python bench/bf_study.py --budget-min 15 --seeds 3 --out $(BF_OUT)/confirm \
+		--variants released,best:2:$(BF_OUT)/screen/results.json
+	$(BIN)/python bench/bf_study.py --budget-min 45 --seeds 1 --out $(BF_OUT)/trend \
+		--variants best:1:$(BF_OUT)/confirm/results.json
 
 clean:
 	rm -rf build bench-results .pytest_cache

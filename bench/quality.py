@@ -192,12 +192,15 @@ def recipe_value(args, flag: str) -> str:
 
 # ---- calibration: the budget as a number of steps ------------------------------------------------
 
-def calibrate(args, env, steps_per_epoch: int, bf: bool, earlier: dict | None) -> dict:
+def calibrate(args, env, steps_per_epoch: int, bf: bool, earlier: dict | None, name: str | None = None,
+              extra=()) -> dict:
     """Time a short run of the recipe: logs every 5 steps and the kNN monitor at the last step.
-    The windows before it give the step time; the last one, minus that, the monitor pass."""
+    The windows before it give the step time; the last one, minus that, the monitor pass.
+    name and extra (more train.py flags) time a variant of the recipe (bench/bf_study.py)."""
     n = args.calibration_steps
-    out = os.path.join(args.out, "calibration", "bf" if bf else "moco")
-    cmd = train_cmd(args, out, 0, bf, 2 * n + steps_per_epoch, steps_per_epoch, n, 5, ["--max-steps", str(n)])
+    out = os.path.join(args.out, "calibration", name or ("bf" if bf else "moco"))
+    cmd = train_cmd(args, out, 0, bf, 2 * n + steps_per_epoch, steps_per_epoch, n, 5,
+                    ["--max-steps", str(n), *extra])
     if earlier and earlier.get("command") == shlex.join(cmd):  # keeps a resumed benchmark's runs reusable
         return earlier
     shutil.rmtree(out, ignore_errors=True)
@@ -311,7 +314,8 @@ def main(argv=None) -> int:
         fail(f"{args.data}/train holds fewer images than one batch of {batch}; pass a smaller --batch-size")
     info = {"command": shlex.join([os.path.relpath(sys.executable, REPO), "bench/quality.py", *(argv or sys.argv[1:])]),
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "hardware": hardware(),
-            "git": git_commit(), "data": args.data, "budget_min": args.budget_min, "seeds": args.seeds,
+            "git": git_commit(), "data": args.data, "data_name": os.path.basename(os.path.normpath(args.data)),
+            "budget_min": args.budget_min, "seeds": args.seeds,
             "recipe": shlex.join(recipe(args)), "bf_loss": args.bf_loss, "bf_trainable": args.bf_trainable,
             "steps_per_epoch": steps_per_epoch, "warmup_share": WARMUP_SHARE,
             "launch": f"{args.procs} process(es) x {args.threads or 'default'} thread(s), "

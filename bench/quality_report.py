@@ -68,7 +68,7 @@ def markdown(info: dict, cal: dict, records: list[dict]) -> tuple[str, str]:
                  (f", {paired_gain(records, 'bf-equal-steps', 'linear_top1')} at equal steps"
                   if any(r["name"] == "bf-equal-steps" for r in records) else ""))
     text = [
-        f"# Pretraining quality on CIFAR-10, {info['budget_min']:g} min per run",
+        f"# Pretraining quality on {info.get('data_name', 'CIFAR-10')}, {info['budget_min']:g} min per run",
         "",
         f"- command: `{info['command']}`",
         f"- hardware: {hw['cpu']}, {hw['cores']} cores, torch {hw['torch']}; load average at start "
@@ -110,7 +110,7 @@ def nice_step(span: float, ticks: int = 5) -> float:
 
 
 def panel(x0: float, records: list[dict], key: str, xlabel: str, width: float, height: float,
-          y_max: float) -> list[str]:
+          y_max: float, series: dict = SERIES) -> list[str]:
     """One axes box at horizontal offset x0: knn_top1 against `key` for every trained run."""
     left, top, w, h = x0 + 55, 30, width - 75, height - 80
     step = nice_step(max([p[key] for r in records for p in r["curve"]] + [1e-9]))
@@ -131,27 +131,29 @@ def panel(x0: float, records: list[dict], key: str, xlabel: str, width: float, h
             f'<text x="{x0 + 14}" y="{top + h / 2}" text-anchor="middle" '
             f'transform="rotate(-90 {x0 + 14} {top + h / 2})">kNN top-1 (%), online monitor</text>']
     for r in records:
-        if not r["curve"] or r["name"] not in SERIES:
+        if not r["curve"] or r["name"] not in series:
             continue
         points = " ".join(f"{sx(p[key]):.1f},{sy(p['knn_top1']):.1f}" for p in r["curve"])
         dash = DASHES[r["seed"] % len(DASHES)]
-        out.append(f'<polyline points="{points}" fill="none" stroke="{SERIES[r["name"]][1]}" stroke-width="2"'
+        out.append(f'<polyline points="{points}" fill="none" stroke="{series[r["name"]][1]}" stroke-width="2"'
                    + (f' stroke-dasharray="{dash}"' if dash else "") + "/>")
     return out
 
 
-def svg(records: list[dict], title: str) -> str:
+def svg(records: list[dict], title: str, series: dict = SERIES) -> str:
+    """The online kNN curves of the runs named in `series` ({name: (label, colour)}), against
+    wall-clock and against steps; one line style per seed."""
     width, height, panel_w = 980, 420, 490
     curves = [p["knn_top1"] for r in records for p in r["curve"]]
     y_max = max(10.0, 10 * (int(max(curves + [0.0]) // 10) + 1))
     body = [f'<text x="{width / 2}" y="18" text-anchor="middle" font-weight="bold">{escape(title)}</text>']
-    body += panel(0, records, "minutes", "wall-clock since the run started (min)", panel_w, height - 40, y_max)
-    body += panel(panel_w, records, "step", "training step", panel_w, height - 40, y_max)
+    body += panel(0, records, "minutes", "wall-clock since the run started (min)", panel_w, height - 40, y_max, series)
+    body += panel(panel_w, records, "step", "training step", panel_w, height - 40, y_max, series)
     y = height - 22
     x = 60
-    names = [n for n in SERIES if any(r["name"] == n and r["curve"] for r in records)]
+    names = [n for n in series if any(r["name"] == n and r["curve"] for r in records)]
     for n in names:
-        label, color = SERIES[n]
+        label, color = series[n]
         body += [f'<line x1="{x}" y1="{y}" x2="{x + 24}" y2="{y}" stroke="{color}" stroke-width="2"/>',
                  f'<text x="{x + 30}" y="{y + 4}">{escape(label)}</text>']
         x += 40 + 7 * len(label)
@@ -171,7 +173,8 @@ def write_report(out: str, info: dict, cal: dict, records: list[dict]) -> str:
         f.write(text)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({**info, "calibration": cal, "runs": records}, f, indent=1)
-    title = f"CIFAR-10, {info['budget_min']:g} min per run: online kNN monitor ({info['hardware']['cpu']})"
+    title = (f"{info.get('data_name', 'CIFAR-10')}, {info['budget_min']:g} min per run: online kNN monitor "
+             f"({info['hardware']['cpu']})")
     with open(os.path.join(out, "knn_curve.svg"), "w") as f:
         f.write(svg(records, title))
     return main_table

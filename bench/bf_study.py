@@ -1,0 +1,199 @@
+"""When does BatchFormer help? Each variant against MoCo v3 at equal wall-clock, paired by seed.
+
+    make bench-bf                                   # screen, confirm the best two, trend (hours on 2 cores)
+    .venv/bin/python bench/bf_study.py --budget-min 5 --seeds 2 --out bench-results/bf-screen
+    .venv/bin/python bench/bf_study.py --budget-min 15 --seeds 3 --variants released,pairs-mean --out DIR
+
+Every run is bench/quality.py's recipe (ResNet-18, CIFAR-10, 2 processes x 1 thread, bf16)
+with the variant's train.py flags (VARIANTS below), for the same wall-clock budget as the
+MoCo v3 run of its seed; probe.py scores each backbone (kNN k 200, fast-linear).
+
+Equal time must be equal. Each variant is calibrated against MoCo v3 in interleaved rounds
+(MoCo, variant, MoCo, variant, ...; --calibration-rounds), and its step time is the median of
+its rounds, so a load change on a shared machine hits both alike. Every run's real wall-clock
+is reported beside its score, and a run that overran its budget by more than --overrun-flag is
+marked in the table ("overran").
+
+Outputs in --out: results.md (the table, titled with the data set's folder name, command,
+hardware, date), results.json, knn_curve.svg (online kNN against wall-clock and steps, every
+variant), runs/ and calibration/ (train.py and probe.py outputs). A rerun reuses finished runs
+whose command is unchanged.
+"""
+
+import argparse
+import datetime
+import json
+import math
+import os
+import shlex
+import statistics
+import sys
+
+import quality
+from quality import REPO, WARMUP_SHARE, count_images, fail, git_commit, hardware, pretrain_and_probe
+from quality_report import svg
+
+# name -> train.py flags after the recipe. "{warmup}" becomes the run's warm-up length in epochs.
+VARIANTS = {
+    "released": ["--bf-loss", "pairs-sum"],  # --add_bf 1: 8 terms summed, frozen at init
+    "pairs-mean": ["--bf-loss", "pairs-mean"],
+    "joint": ["--bf-loss", "joint"],
+    "trainable-0.1": ["--bf-loss", "pairs-sum", "--bf-trainable", "--bf-lr-scale", "0.1"],
+    "trainable-1": ["--bf-loss", "pairs-sum", "--bf-trainable", "--bf-lr-scale", "1"],
+    "after-warmup": ["--bf-loss", "pairs-sum", "--bf-start-epoch", "{warmup}"],
+    "global": ["--bf-loss", "pairs-sum", "--bf-context", "global"],
+}
+COLOURS = ("#d62728", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    p.add_argument("--data", default=quality.DEFAULT_DATA, help="ImageFolder root with train/ and val/")
+    p.add_argument("--out", default=os.path.join(REPO, "bench-results", "bf-study"), help="results folder")
+    p.add_argument("--budget-min", type=float, default=5, help="wall-clock minutes per pretraining run")
+    p.add_argument("--seeds", type=int, default=2, help="seeds 0..N-1, each variant paired with MoCo v3 by seed")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help=f"comma-separated, of {', '.join(VARIANTS)}; 'best:K:RESULTS_JSON' adds the K best of an "
+                        "earlier stage's ranking")
+    p.add_argument("--calibration-rounds", type=int, default=2, help="interleaved MoCo/variant calibration rounds")
+    p.add_argument("--calibration-steps", type=int, default=30, help="timed steps per calibration run")
+    p.add_argument("--overrun-flag", type=float, default=0.05, help="mark runs over budget by more than this share")
+    p.add_argument("--quality-args", default="",
+                   help="more bench/quality.py options, e.g. '--batch-size 64 --knn-points 2' for small data")
+    p.add_argument("--procs", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    args.variant_list = variant_list(args.variants)
+    return args
+
+
+def variant_list(spec: str) -> list[str]:
+    """'a,b,best:2:stage1/results.json' -> [a, b, the two best of stage 1 not already named]."""
+    names = []
+    for item in spec.split(","):
+        if item.startswith("best:"):
+            _, k, path = item.split(":", 2)
+            if not os.path.exists(path):
+                fail(f"{path} does not exist; run the screening stage first")
+            ranking = json.load(open(path))["ranking"]
+            names += [v for v in ranking if v not in names][:int(k)]
+        elif item not in names:
+            names.append(item)
+    unknown = set(names) - set(VARIANTS)
+    if unknown:
+        fail(f"unknown variant(s) {', '.join(sorted(unknown))}; choose from {', '.join(VARIANTS)}")
+    return names
+
+
+def quality_args(args, out: str) -> argparse.Namespace:
+    """bench/quality.py's options for one stage, so that its calibration and runs can be reused."""
+    return quality.parse_args(["--data", args.data, "--out", out, "--budget-min", str(args.budget_min),
+                               "--seeds", str(args.seeds), "--procs", str(args.procs), "--threads", str(args.threads),
+                               "--calibration-steps", str(args.calibration_steps), "--no-equal-steps",
+                               *shlex.split(args.quality_args)])
+
+
+def flags(variant: str, epochs: float) -> list[str]:
+    return [f.replace("{warmup}", repr(epochs * WARMUP_SHARE)) for f in VARIANTS[variant]]
+
+
+def calibrate(q, env, steps_per_epoch: int, variants: list[str], rounds_count: int) -> dict:
+    """Step times of MoCo v3 and each variant, measured in interleaved rounds; medians."""
+    rounds = {name: [] for name in ["moco", *variants]}
+    for r in range(rounds_count):
+        for name in rounds:
+            # the calibration run's own length (quality.calibrate), so --bf-start-epoch falls inside it
+            extra = [] if name == "moco" else flags(name, (2 * q.calibration_steps + steps_per_epoch) / steps_per_epoch)
+            rounds[name].append(quality.calibrate(q, env, steps_per_epoch, False, None, f"{name}-{r}", extra))
+    cal = {}
+    for name, runs in rounds.items():
+        median = {k: statistics.median(run[k] for run in runs) for k in ("step_s", "monitor_s", "startup_s",
+                                                                            "checkpoint_exit_s")}
+        cal[name] = {**median, "rounds_step_s": [run["step_s"] for run in runs]}
+    return cal
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    args.data, args.out = os.path.abspath(args.data), os.path.abspath(args.out)
+    variants = args.variant_list
+    q = quality_args(args, args.out)
+    q.data, q.out = args.data, args.out
+    os.makedirs(args.out, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    batch = int(quality.recipe_value(q, "-b"))
+    steps_per_epoch = count_images(os.path.join(args.data, "train")) // batch
+    if steps_per_epoch == 0:
+        fail(f"{args.data}/train holds fewer images than one batch of {batch}")
+    budget_s = args.budget_min * 60
+    info = {"command": shlex.join([os.path.relpath(sys.executable, REPO), "bench/bf_study.py",
+                                   *(argv or sys.argv[1:])]),
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "hardware": hardware(),
+            "git": git_commit(), "data": args.data, "data_name": os.path.basename(os.path.normpath(args.data)),
+            "budget_min": args.budget_min, "seeds": args.seeds, "recipe": shlex.join(quality.recipe(q)),
+            "variants": {v: VARIANTS[v] for v in variants}}
+    print(f"{info['date']} | {info['hardware']['cpu']} | {info['data_name']}, {args.budget_min:g} min per run, "
+          f"{args.seeds} seed(s), variants {', '.join(variants)}", flush=True)
+    cal = calibrate(q, env, steps_per_epoch, variants, args.calibration_rounds)
+    plan = {name: quality.steps_for_budget(c, budget_s, steps_per_epoch, q.knn_points) for name, c in cal.items()}
+    for name, c in cal.items():
+        print(f"  {name}: {c['step_s']:.2f} s/step (rounds {', '.join(f'{s:.2f}' for s in c['rounds_step_s'])}) "
+              f"-> {plan[name]} steps", flush=True)
+    records = []
+    for seed in range(args.seeds):
+        for name in ["moco", *variants]:
+            steps = plan[name]
+            epochs = steps / steps_per_epoch
+            extra = [] if name == "moco" else flags(name, epochs)
+            cmd = quality.train_cmd(q, os.path.join(args.out, "runs", f"seed{seed}", name), seed, False, steps,
+                                    steps_per_epoch, max(1, math.ceil(steps / q.knn_points)), extra=extra)
+            records.append(pretrain_and_probe(q, env, name, seed, cmd, budget_s))
+    info["date_end"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    print(report(args, info, cal, records, variants))
+    return 0
+
+
+def report(args, info: dict, cal: dict, records: list[dict], variants: list[str]) -> str:
+    by = {(r["name"], r["seed"]): r for r in records}
+    seeds = range(args.seeds)
+    rows = ["| variant | kNN top-1 | − MoCo v3 (paired) | fast-linear | − MoCo v3 (paired) | steps "
+            "| wall-clock (min) |",
+            "|---|---|---|---|---|---|---|"]
+    summary = {}
+    for name in ["moco", *variants]:
+        rs = [by[(name, s)] for s in seeds]
+        knn_diff = [by[(name, s)]["knn_top1"] - by[("moco", s)]["knn_top1"] for s in seeds]
+        lin_diff = [by[(name, s)]["linear_top1"] - by[("moco", s)]["linear_top1"] for s in seeds]
+        over = [r for r in rs if r["wall_s"] > args.budget_min * 60 * (1 + args.overrun_flag)]
+        walls = ", ".join(f"{r['wall_s'] / 60:.1f}" for r in rs) + (" (overran)" if over else "")
+        summary[name] = {"knn_diff_mean": statistics.mean(knn_diff),
+                         "knn_diff_std": statistics.stdev(knn_diff) if len(knn_diff) > 1 else 0.0}
+        rows.append(f"| {name} | {quality_mean_std([r['knn_top1'] for r in rs])} | "
+                    f"{'–' if name == 'moco' else quality_mean_std(knn_diff)} | "
+                    f"{quality_mean_std([r['linear_top1'] for r in rs])} | "
+                    f"{'–' if name == 'moco' else quality_mean_std(lin_diff)} | {rs[0]['steps']} | {walls} |")
+    best = sorted(variants, key=lambda v: -summary[v]["knn_diff_mean"])
+    wins = [v for v in variants if summary[v]["knn_diff_mean"] > 2 * summary[v]["knn_diff_std"] > 0]
+    text = (f"# BatchFormer variants on {info['data_name']}, {args.budget_min:g} min per run, "
+            f"{args.seeds} seed(s)\n\n- command: `{info['command']}`\n- hardware: {info['hardware']['cpu']}, "
+            f"{info['hardware']['cores']} cores; {info['date']} to {info['date_end']}; code {info['git']}\n"
+            f"- recipe: `{info['recipe']}`\n\n" + "\n".join(rows) +
+            f"\n\nBest by paired kNN difference: {', '.join(best)}. Beating MoCo v3 by more than twice the paired "
+            f"std: {', '.join(wins) or 'none'}.\n")
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({**info, "calibration": cal, "runs": records, "summary": summary, "ranking": best}, f, indent=1)
+    series = {"moco": ("MoCo v3", "#1f77b4"), **{v: (v, COLOURS[i % len(COLOURS)]) for i, v in enumerate(variants)}}
+    with open(os.path.join(args.out, "knn_curve.svg"), "w") as f:
+        f.write(svg(records, f"{info['data_name']}, {args.budget_min:g} min per run: BatchFormer variants", series))
+    return text
+
+
+def quality_mean_std(values: list[float]) -> str:
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.1f}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
