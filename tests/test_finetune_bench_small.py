@@ -1,0 +1,38 @@
+"""bench/finetune.py end to end at toy size: calibration, the budget as a step count, the
+pretrained and the random-init start fine-tuned for the same steps, table and results.json."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bfcl.export import export_backbone
+from bfcl.model import MoCo
+from bfcl.synthetic import make_image_folder
+from test_quality_small import REPO, table_rows
+
+
+@pytest.mark.slow
+def test_finetune_bench_small(tmp_path):
+    data = make_image_folder(str(tmp_path / "data"), classes=4, train_per_class=160, val_per_class=16, size=32)
+    torch.manual_seed(1)
+    export = str(tmp_path / "backbone.safetensors")
+    export_backbone(MoCo("resnet18", "imagenet", 16, 32).state_dict(), export, arch="resnet18", stem="imagenet",
+                    image_size=32, step=1)
+    out = str(tmp_path / "out")
+    cmd = [sys.executable, "bench/finetune.py", "--data", data, "--out", out, "--pretrained", export,
+           "--budget-min", "0.3", "--seeds", "1", "--calibration-steps", "15"]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "# Fine-tuning on data: bfcl-pretrained vs random init, 0.3 min each" in r.stdout
+    rows = table_rows(r.stdout)
+    assert tuple(rows) == ("pretrained", "random-init")
+    results = json.load(open(os.path.join(out, "results.json")))
+    records = {rec["start"]: rec for rec in results["records"]}
+    assert records["pretrained"]["steps"] == records["random-init"]["steps"] == results["steps"] >= 10
+    assert all(0 <= rec["top1"] <= 100 and rec["wall_s"] > 0 for rec in records.values())
+    assert results["paired_top1_difference"] == [records["pretrained"]["top1"] - records["random-init"]["top1"]]
+    assert os.path.exists(os.path.join(out, "runs", "seed0", "pretrained", "finetuned.safetensors"))
