@@ -12,7 +12,8 @@
 3. For each seed: fine-tune from (a) the pretrained backbone and (b) a random init, the same
    number of steps, with the ResNet recipe (torchvision's reference: SGD momentum 0.9, lr 0.1 x
    batch/256, wd 1e-4, cosine with a linear warm-up over the first 5/90 of the run, label
-   smoothing 0.1, RandomResizedCrop + flip), batch 256, bf16; evaluated once, at the end, on val/.
+   smoothing 0.1, RandomResizedCrop + flip; a ViT backbone gets DeiT's recipe, warm-up 5/150),
+   batch 256, bf16; evaluated once, at the end, on val/. The random init is the same backbone's.
 4. Report: top-1/top-5 of the final model, mean +- std over seeds, and the paired difference.
 
 Outputs in --out: results.md, results.json, pretrain/ (train.py's run), runs/seed<S>/<start>/
@@ -32,7 +33,7 @@ import sys
 import quality
 from quality import REPO, count_images, fail, git_commit, hardware, launcher, run
 
-WARMUP_SHARE = 5 / 90  # torchvision's reference: 5 warm-up epochs of 90
+WARMUP_SHARE = {"resnet": 5 / 90, "vit": 5 / 150}  # torchvision's reference: 5 of 90; DeiT as MoCo v3's ViT-B: 5 of 150
 BATCH = 256
 
 
@@ -83,11 +84,22 @@ def pretrain(args, env) -> str:
     return export
 
 
+def backbone_of(path: str) -> tuple[str, list[str]]:
+    """(family, probe.py flags for a random init of the same backbone) of a pretrained file."""
+    from bfcl.model import is_vit
+    from bfcl.pretrained import guess_architecture, load_backbone_state
+    state, info = load_backbone_state(path)
+    arch = info.get("arch") or guess_architecture(state)["arch"]
+    if is_vit(arch):
+        patch = info.get("patch_size") or guess_architecture(state)["patch_size"]
+        return "vit", ["--random-init", "-a", arch, "--patch-size", str(patch)]
+    return "resnet", ["--random-init", "-a", arch, "--stem", info.get("stem") or guess_architecture(state)["stem"]]
+
+
 def finetune_cmd(args, start: str, out_dir: str, seed: int, epochs: float, extra=()) -> list[str]:
-    what = ["--pretrained", start] if start != "random-init" else ["--random-init", "-a", "resnet18", "--stem",
-                                                                   "imagenet"]
+    what = ["--pretrained", start] if start != "random-init" else args.random_init
     return [*launcher(args), "probe.py", *what, "--data", args.data, "--mode", "finetune", "--image-size", "32",
-            "-b", str(BATCH), "--epochs", repr(epochs), "--warmup-epochs", repr(epochs * WARMUP_SHARE),
+            "-b", str(BATCH), "--epochs", repr(epochs), "--warmup-epochs", repr(epochs * WARMUP_SHARE[args.family]),
             "--mixed-precision", "bf16", "--workers", "0", "--seed", str(seed), "--output-dir", out_dir,
             "--no-eval-epoch-ends", "--log-every", "10", "--save-every", "1000000", "--keep", "1", *extra]
 
@@ -179,6 +191,8 @@ def main(argv=None) -> int:
           f"fine-tuning {args.budget_min:g} min per run, {args.seeds} seed(s)", flush=True)
     path = os.path.abspath(args.pretrained) if args.pretrained else pretrain(args, env)
     info["pretrained"] = path if args.pretrained else f"train.py, CIFAR-10 recipe, {args.pretrain_min:g} min ({path})"
+    args.family, args.random_init = backbone_of(path)
+    info["random_init"] = shlex.join(args.random_init)
     steps_per_epoch = count_images(os.path.join(args.data, "train")) // BATCH
     cal = calibrate(args, env, path, steps_per_epoch)
     steps = max(10, int((args.budget_min * 60 - cal["startup_s"] - cal["final_eval_exit_s"]) / cal["step_s"]))
