@@ -82,7 +82,7 @@ from bfcl.loop import Window, batches
 from bfcl.progress import ProgressLog
 from bfcl.runlock import RunLockError, take_lock
 from bfcl.data import (DEFAULT_MAX_PIXELS, IMAGENET_MEAN, IMAGENET_STD, DataError, LabelledImages, SeededImages,
-                       check_image_folder, eval_transform, image_folder, probe_train_transform, read_image,
+                       check_train_val, eval_transform, image_folder, probe_train_transform, read_image,
                        scan_image_folder)
 from bfcl.knn import extract_features, knn_scores, topk_accuracy
 from bfcl.model import ARCHS, STEMS, build_backbone, is_vit
@@ -245,27 +245,17 @@ def default_image_size(args, backbone: Backbone, train_root: str) -> tuple[int, 
 
 @dataclass(frozen=True)
 class ProbeData:
-    """train/ with the probe's augmentation and with the centre crop, val/ with the centre crop;
-    train_images is train/ itself (any transform), for fine-tuning's own augmentation."""
+    """train/ with the probe's augmentation and with the centre crop, val/ with the centre crop."""
 
     train_aug: LabelledImages
     train: LabelledImages
     val: LabelledImages
     classes: list[str]
 
-    @property
-    def train_images(self) -> LabelledImages:
-        return self.train
-
 
 def datasets(args, image_size: int) -> ProbeData:
     train_root, val_root = os.path.join(args.data, "train"), os.path.join(args.data, "val")
-    train_classes, val_classes = check_image_folder(train_root), check_image_folder(val_root)
-    if train_classes != val_classes:
-        only_train = sorted(set(train_classes) - set(val_classes))[:3]
-        only_val = sorted(set(val_classes) - set(train_classes))[:3]
-        raise DataError(f"train/ and val/ have different classes (only in train: {only_train}, only in val: "
-                        f"{only_val}); give both the same class folders")
+    train_classes = check_train_val(args.data)
     train = image_folder(train_root, eval_transform(image_size), max_pixels=args.max_image_pixels)
     if args.max_train_samples and args.max_train_samples < len(train):
         g = torch.Generator().manual_seed(args.seed)
@@ -309,6 +299,11 @@ def sharded_loader(dataset, batch: int, args, accelerator) -> tuple[list[int], D
     return indices, DataLoader(Subset(dataset, indices), batch_size=batch, num_workers=args.workers)
 
 
+def summed(accelerator, count: int) -> int:
+    """A host count summed over the processes."""
+    return int(accelerator.reduce(torch.tensor(count, device=accelerator.device), "sum"))
+
+
 def check_failed_reads(failed: int, total: int, args) -> None:
     """The probe's side of the unreadable-image policy: replaced and counted; too many stop."""
     if failed > args.max_bad_image_share * total:
@@ -324,8 +319,7 @@ def features(model, dataset, batch: int, args, accelerator) -> tuple[torch.Tenso
             local, labels, failed = extract_features(model, loader, accelerator.device)
     else:  # more processes than batches
         local, labels, failed = torch.zeros(0, model.feature_dim), torch.zeros(0, dtype=torch.long), 0
-    check_failed_reads(int(accelerator.reduce(torch.tensor(failed, device=accelerator.device), "sum")),
-                       len(dataset), args)
+    check_failed_reads(summed(accelerator, failed), len(dataset), args)
     return gather_in_order(accelerator, indices, len(dataset), local, labels)
 
 
@@ -374,8 +368,7 @@ def evaluate(model, dataset, num_classes: int, batch: int, args, accelerator) ->
             scores.append(model(images.to(accelerator.device)).float().cpu())
             labels.append(targets)
             failed += int(failed_reads.sum())
-    check_failed_reads(int(accelerator.reduce(torch.tensor(failed, device=accelerator.device), "sum")),
-                       len(dataset), args)
+    check_failed_reads(summed(accelerator, failed), len(dataset), args)
     scores, labels = gather_in_order(accelerator, indices, len(dataset), torch.cat(scores), torch.cat(labels))
     return topk_accuracy(scores, labels)
 
@@ -417,8 +410,7 @@ def linear_probe(args, backbone: Backbone, data: ProbeData, image_size: int, pea
             loss_sum += loss.detach().float()
             failed += int(failed_reads.sum())
             steps += 1
-        check_failed_reads(int(accelerator.reduce(torch.tensor(failed, device=device), "sum")),
-                           (epoch + 1) * len(data.train_aug), args)
+        check_failed_reads(summed(accelerator, failed), (epoch + 1) * len(data.train_aug), args)
         model.eval()
         # Evaluate the plain module: DDP syncs buffers on forward, and processes may hold
         # different numbers of val batches.
@@ -483,7 +475,7 @@ def finetune(args, backbone: Backbone, data: ProbeData, image_size: int, recipe:
     groups, param_names = finetune_param_groups(model, family, recipe.weight_decay, recipe.layer_decay)
     optimizer = torch.optim.SGD(groups, lr=0.0, momentum=recipe.momentum) if recipe.optimizer == "sgd" \
         else torch.optim.AdamW(groups, lr=0.0)
-    train_set = SeededImages(copy.copy(data.train_images))
+    train_set = SeededImages(copy.copy(data.train))  # fine-tuning's own augmentation, seeded per sample
     train_set.images.transform = train_transform(recipe, image_size, IMAGENET_MEAN, IMAGENET_STD)
     steps_per_epoch = len(train_set) // args.batch_size
     if steps_per_epoch == 0:
@@ -542,13 +534,13 @@ def finetune(args, backbone: Backbone, data: ProbeData, image_size: int, recipe:
         save_now = done % args.save_every == 0 or end_of_epoch or done == last_step
         if done % args.log_every and not (evaluate_now or save_now):
             continue
-        sums = window.read(lambda t: accelerator.reduce(t, reduction="sum"))
+        sums = window.read(lambda t: accelerator.reduce(t, reduction="sum"), world)
         bad += sums["bad"]
         if sums["nonfinite"]:
             fail(f"non-finite loss by step {done} (lr {lr:.4g}); the last good checkpoint is kept in "
                  f"{args.output_dir}; lower --lr")
         check_failed_reads(bad, done * args.batch_size, args)
-        record = {"epoch": round(done / steps_per_epoch, 3), "loss": sums["loss_sum"] / world / sums["steps"],
+        record = {"epoch": round(done / steps_per_epoch, 3), "loss": sums["loss"],
                   "lr": lr, "img_per_s": round(sums["steps"] * args.batch_size / sums["elapsed"], 1)}
         if evaluate_now:
             model.eval()
@@ -567,13 +559,14 @@ def finetune(args, backbone: Backbone, data: ProbeData, image_size: int, recipe:
     if log is not None:
         log.close()
     final = max(start, last_step)
+    if not history or history[-1]["step"] != final:  # resumed from a checkpoint saved between evaluations
+        model.eval()
+        history.append({"step": final, **evaluate(model, data.val, len(data.classes), args.batch_size // world, args,
+                                                  accelerator)})
     path = os.path.join(args.output_dir, "finetuned.safetensors")
     if accelerator.is_main_process:  # the fine-tuned classifier, torchvision keys, head included
         save_file_atomic(model.state_dict(), path, classifier_metadata(backbone, image_size, len(data.classes), final))
     accelerator.wait_for_everyone()
-    if not history:
-        fail(f"{args.output_dir} holds a finished fine-tuning without evaluations; pass --resume none and a new "
-             "--output-dir")
     best = max(history, key=lambda h: h["top1"])
     return {"recipe": dataclasses.asdict(recipe), "steps": final, "batch_size": args.batch_size, "lr": peak_lr,
             "best": best, "last": history[-1], "history": history, "model": path}

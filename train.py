@@ -32,7 +32,7 @@ from bfcl.checkpoint import (CheckpointError, load_model_state, load_optimizer_s
                              resume_checkpoint, save_checkpoint)
 from bfcl.cli import (EXIT_PREEMPTED, HelpFormatter, StopSignal, check_output_dir, check_ranges, code_version, fail,
                       format_summary)
-from bfcl.data import DEFAULT_MAX_PIXELS, DataError, PretrainDataset, check_image_folder, pretrain_views
+from bfcl.data import DEFAULT_MAX_PIXELS, DataError, PretrainDataset, check_train_val, pretrain_views
 from bfcl.export import export_backbone
 from bfcl.knn import KnnMonitor
 from bfcl.loop import Window, batches
@@ -190,12 +190,9 @@ def validate(config, num_processes: int, bf_loss: str | None) -> None:
         if not os.path.isdir(val):
             fail(f"--knn-every needs labelled images in {val}; add them or pass --knn-every 0")
         try:
-            train_classes, val_classes = check_image_folder(os.path.join(config.data, "train")), check_image_folder(val)
+            check_train_val(config.data)
         except DataError as e:
-            fail(str(e))
-        if train_classes != val_classes:
-            fail(f"--knn-every needs the same class folders in train/ and val/ of {config.data}; fix them or pass "
-                 "--knn-every 0")
+            fail(f"--knn-every needs the same class folders in train/ and val/ ({e}); or pass --knn-every 0")
     if config.resume not in ("auto", "none") and not os.path.isdir(config.resume):
         fail(f"--resume {config.resume} is not a checkpoint folder; pass checkpoints/step-* of a run, auto or none")
     check_output_dir(config.output_dir, config.data)
@@ -402,7 +399,10 @@ def train(config, plan: Plan, accelerator, model, optimizer, param_names, datase
         if sync_point(config, plan, accelerator, moco, optimizer, param_names, log, knn, window, totals,
                       done, lr, m) == "stop":
             return EXIT_PREEMPTED
-    return finish(config, accelerator, moco, log, max(start_step, plan.last_step))
+    # The last step's sync point saved and exported; only a resume with nothing left to train (a
+    # run killed between its last checkpoint and the export) must write the export here.
+    return finish(config, accelerator, moco, log, max(start_step, plan.last_step),
+                  export_again=start_step >= plan.last_step)
 
 
 def global_context(accelerator):
@@ -414,7 +414,7 @@ def global_context(accelerator):
         return lambda x: (x, 0)
     from torch.distributed.nn.functional import all_gather  # differentiable, unlike accelerator.gather
     start = accelerator.process_index
-    return lambda x: (torch.cat(all_gather(x.contiguous())), start * x.shape[0])
+    return lambda x: (torch.cat(all_gather(x)), start * x.shape[0])
 
 
 def sync_point(config, plan: Plan, accelerator, moco, optimizer, param_names, log, knn, window: Window, totals: dict,
@@ -428,7 +428,7 @@ def sync_point(config, plan: Plan, accelerator, moco, optimizer, param_names, lo
     knn_now = config.knn_every > 0 and (done % config.knn_every == 0 or done == plan.last_step)
     if done % config.log_every and not (save_now or knn_now):
         return None
-    sums = window.read(lambda t: accelerator.reduce(t, reduction="sum"))
+    sums = window.read(lambda t: accelerator.reduce(t, reduction="sum"), plan.processes)
     totals["nonfinite"] += sums["nonfinite"]
     totals["bad"] += sums["bad"]
     if totals["nonfinite"] > config.max_nonfinite_steps:
@@ -438,8 +438,7 @@ def sync_point(config, plan: Plan, accelerator, moco, optimizer, param_names, lo
         fail(f"{totals['bad']} of {totals['images']} image reads failed, more than --max-bad-image-share "
              f"{config.max_bad_image_share}; check the data folder")
     if log is not None:
-        metrics = {"epoch": round(done / plan.steps_per_epoch, 3), "lr": lr, "m": m,
-                   "loss": sums["loss_sum"] / plan.processes / sums["steps"],
+        metrics = {"epoch": round(done / plan.steps_per_epoch, 3), "loss": sums["loss"], "lr": lr, "m": m,
                    "img_per_s": round(sums["steps"] * config.batch_size / sums["elapsed"], 1),
                    "data_wait": sums["data_wait"], "bad_images": totals["bad"]}
         if knn_now:
@@ -458,11 +457,11 @@ def sync_point(config, plan: Plan, accelerator, moco, optimizer, param_names, lo
     return "stop"
 
 
-def finish(config, accelerator, moco, log, step: int) -> int:
-    """The export always matches the final weights: a run killed between its last checkpoint
-    and the export, then resumed with nothing left to do, writes it here."""
+def finish(config, accelerator, moco, log, step: int, export_again: bool) -> int:
+    """The final line names the export and its step, which always match the final weights."""
     if accelerator.is_main_process:
-        path = export(config, moco.state_dict(), step)
+        path = export(config, moco.state_dict(), step) if export_again else \
+            os.path.join(config.output_dir, "backbone.safetensors")
         log.print(f"done: {step} steps; backbone (step {step}) in {path}")
         log.close()
     accelerator.wait_for_everyone()

@@ -225,6 +225,19 @@ def check_image_folder(root: str) -> list[str]:
     return classes
 
 
+def check_train_val(data_dir: str) -> list[str]:
+    """The class names of DIR/train and DIR/val, which must hold the same class folders; DataError
+    in one line otherwise (what the probe and the online kNN monitor need)."""
+    train_classes = check_image_folder(os.path.join(data_dir, "train"))
+    val_classes = check_image_folder(os.path.join(data_dir, "val"))
+    if train_classes != val_classes:
+        only_train = sorted(set(train_classes) - set(val_classes))[:3]
+        only_val = sorted(set(val_classes) - set(train_classes))[:3]
+        raise DataError(f"train/ and val/ have different classes (only in train: {only_train}, only in val: "
+                        f"{only_val}); give both the same class folders")
+    return train_classes
+
+
 def scan_image_folder(root: str) -> FolderScan:
     """Every image of an ImageFolder-layout directory, in torchvision ImageFolder's order (see
     _walk_class for links). Folder links skipped and folders that cannot be listed are kept in

@@ -50,12 +50,13 @@ class Window:
         self.steps += 1
         self.fetch_start = time.perf_counter()
 
-    def read(self, reduce_sum) -> dict:
-        """Sum over processes with reduce_sum (the sync), then start a new window. loss_sum adds
-        every step's loss of every process."""
+    def read(self, reduce_sum, processes: int) -> dict:
+        """Sum over the processes with reduce_sum (the sync), then start a new window. "loss" is
+        the mean over the window's steps and the processes; the counts are totals."""
         loss_sum, nonfinite, bad, stops = reduce_sum(self.sums).tolist()
         elapsed = time.perf_counter() - self.start
-        out = {"loss_sum": loss_sum, "nonfinite": int(nonfinite), "bad": int(bad), "stop": stops > 0,
+        out = {"loss": loss_sum / processes / self.steps, "nonfinite": int(nonfinite), "bad": int(bad),
+               "stop": stops > 0,
                "steps": self.steps, "elapsed": elapsed, "data_wait": self.data_wait / elapsed}
         self.sums.zero_()
         self.steps, self.start, self.data_wait, self.fetch_start = 0, time.perf_counter(), 0.0, time.perf_counter()

@@ -27,9 +27,9 @@ from torch import nn
 from torchvision.models import VisionTransformer
 
 from bfcl.checkpoint import CheckpointError, check_weights, read_meta
-from bfcl.export import read_export_metadata
+from bfcl.export import BACKBONE_FORMAT, read_export_metadata
 from bfcl.model import ARCHS, STEMS, build_backbone, is_vit
-from bfcl.vit import timm_to_torchvision, vit_config_from_state
+from bfcl.vit import is_timm_vit_state, timm_to_torchvision, vit_config_from_state
 
 # The modules of a torchvision ResNet or VisionTransformer that hold the backbone's tensors
 # (fc and heads are the classifier, or MoCo v3's projector). Anything else in a checkpoint
@@ -65,7 +65,7 @@ def load_backbone_state(path: str) -> tuple[dict, dict]:
     for prefix, layout in LAYOUTS:
         if any(k.startswith(prefix) for k in tensors):
             break
-    timm = any(k.startswith(prefix + "blocks.") for k in tensors)
+    timm = is_timm_vit_state(tensors)
     parts = TIMM_VIT_PARTS if timm else BACKBONE_PARTS
     state = {k[len(prefix):]: v for k, v in tensors.items()
              if k.startswith(prefix) and k[len(prefix):].split(".")[0] in parts}
@@ -101,7 +101,7 @@ def _read_folder(path: str) -> tuple[dict, dict]:
         tensors = _safetensors_file(os.path.join(path, "model.safetensors"))
         # the config was checked when the run started; still, only well-typed values are taken
         metadata = {k: str(config[k]) for k in ("arch", "stem", "image_size", "patch_size") if k in config}
-        info = read_export_metadata({**metadata, "format": "bfcl-backbone-1", "step": str(meta["step"])}, path)
+        info = read_export_metadata({**metadata, "format": BACKBONE_FORMAT, "step": str(meta["step"])}, path)
         return tensors, {**info, "source": "bfcl training checkpoint"}
     export = os.path.join(path, "backbone.safetensors")
     if os.path.isfile(export):
