@@ -22,7 +22,8 @@ Modes (--mode):
                train features as the bank. Minutes instead of days.
   fast-linear  a linear head on cached centre-crop features, standardised with train
                statistics, no augmentation. A quick check on a CPU, NOT the protocol.
-  all          knn and fast-linear (sharing one feature pass), then linear.
+  quick        knn and fast-linear, sharing one feature pass (what bench/quality.py scores with).
+  all          quick, then linear.
   finetune     end to end: the whole backbone and a new head train (method.md §6), with the
                torchvision reference recipe (ResNets) or DeiT's (ViTs), each field overridable
                by its flag; exact resume, SIGTERM checkpoint, OUTPUT/finetuned.safetensors.
@@ -90,7 +91,7 @@ from bfcl.pretrained import (assert_backbone_unchanged, backbone_tensors, descri
                              linear_head, load_backbone_state, probe_model, set_head)
 from bfcl.schedules import learning_rate
 
-MODES = ("linear", "knn", "fast-linear", "all", "finetune")
+MODES = ("linear", "knn", "fast-linear", "quick", "all", "finetune")
 FAST_LINEAR_BATCH, FAST_LINEAR_LR = 256, 0.1
 LINEAR_LR = {"resnet": 0.1, "vit": 3.0}  # base lr of the linear protocol: MoCo v3's main_lincls.py commands
 
@@ -651,7 +652,7 @@ def main(argv=None) -> int:
         fail(str(e))
     except ValueError as e:  # a ViT whose image size is not a multiple of its patch
         fail(str(e))
-    modes = ("knn", "fast-linear", "linear") if args.mode == "all" else (args.mode,)
+    modes = {"quick": ("knn", "fast-linear"), "all": ("knn", "fast-linear", "linear")}.get(args.mode, (args.mode,))
     if "finetune" in modes:
         recipe = finetune_recipe(args, backbone)
     base_lr = args.lr if args.lr is not None else LINEAR_LR["vit" if is_vit(backbone.arch) else "resnet"]

@@ -16,8 +16,9 @@ marked in the table ("overran").
 
 Outputs in --out: results.md (the table, titled with the data set's folder name, command,
 hardware, date), results.json, knn_curve.svg (online kNN against wall-clock and steps, every
-variant), runs/ and calibration/ (train.py and probe.py outputs). A rerun reuses finished runs
-whose command is unchanged.
+variant), runs/ and calibration/ (train.py and probe.py outputs), calibration.json. A rerun
+reuses every calibration run and finished run whose command is unchanged, so a study grows in
+steps: --seeds 1 now, --seeds 2 later into the same --out trains only seed 1.
 """
 
 import argparse
@@ -98,14 +99,22 @@ def flags(variant: str, epochs: float) -> list[str]:
     return [f.replace("{warmup}", repr(epochs * WARMUP_SHARE)) for f in VARIANTS[variant]]
 
 
-def calibrate(q, env, steps_per_epoch: int, variants: list[str], rounds_count: int) -> dict:
-    """Step times of MoCo v3 and each variant, measured in interleaved rounds; medians."""
+def calibrate(q, env, steps_per_epoch: int, variants: list[str], rounds_count: int, path: str) -> dict:
+    """Step times of MoCo v3 and each variant, measured in interleaved rounds; medians. Every
+    calibration run is saved in path as it ends and reused when its command is unchanged, so an
+    interrupted or extended study (more seeds) keeps its step counts and its runs."""
+    saved = json.load(open(path)) if os.path.exists(path) else {}
     rounds = {name: [] for name in ["moco", *variants]}
     for r in range(rounds_count):
         for name in rounds:
             # the calibration run's own length (quality.calibrate), so --bf-start-epoch falls inside it
             extra = [] if name == "moco" else flags(name, (2 * q.calibration_steps + steps_per_epoch) / steps_per_epoch)
-            rounds[name].append(quality.calibrate(q, env, steps_per_epoch, False, None, f"{name}-{r}", extra))
+            key = f"{name}-{r}"
+            saved[key] = quality.calibrate(q, env, steps_per_epoch, False, saved.get(key), key, extra)
+            rounds[name].append(saved[key])
+            with open(path + ".tmp", "w") as f:
+                json.dump(saved, f, indent=1)
+            os.replace(path + ".tmp", path)
     cal = {}
     for name, runs in rounds.items():
         median = {k: statistics.median(run[k] for run in runs) for k in ("step_s", "monitor_s", "startup_s",
@@ -135,7 +144,8 @@ def main(argv=None) -> int:
             "variants": {v: VARIANTS[v] for v in variants}}
     print(f"{info['date']} | {info['hardware']['cpu']} | {info['data_name']}, {args.budget_min:g} min per run, "
           f"{args.seeds} seed(s), variants {', '.join(variants)}", flush=True)
-    cal = calibrate(q, env, steps_per_epoch, variants, args.calibration_rounds)
+    cal = calibrate(q, env, steps_per_epoch, variants, args.calibration_rounds,
+                    os.path.join(args.out, "calibration.json"))
     plan = {name: quality.steps_for_budget(c, budget_s, steps_per_epoch, q.knn_points) for name, c in cal.items()}
     for name, c in cal.items():
         print(f"  {name}: {c['step_s']:.2f} s/step (rounds {', '.join(f'{s:.2f}' for s in c['rounds_step_s'])}) "

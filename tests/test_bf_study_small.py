@@ -1,6 +1,6 @@
 """bench/bf_study.py end to end on a few hundred real CIFAR-10 images: interleaved calibration,
 MoCo v3 and a BatchFormer variant at equal wall-clock, probes, table titled with the data set,
-plot. Skips where the shared data folder is absent."""
+plot, and a rerun that reuses the calibration and the runs. Skips where the shared data folder is absent."""
 
 import json
 import os
@@ -39,3 +39,12 @@ def test_bf_study_small(tmp_path):
     assert "on from step" in late
     plot = ET.parse(os.path.join(out, "knn_curve.svg")).getroot()
     assert len(plot.findall("{http://www.w3.org/2000/svg}polyline")) == 4  # two runs, two panels
+
+    # A rerun into the same folder (how a study grows by seeds) trains and calibrates nothing again.
+    calibration_log = os.path.join(out, "calibration", "moco-0", "train.log")
+    before = os.stat(calibration_log).st_mtime_ns
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert again.stdout.count("seed 0: reusing") == 2 and "training" not in again.stdout
+    assert os.stat(calibration_log).st_mtime_ns == before
+    assert json.load(open(os.path.join(out, "results.json")))["runs"] == results["runs"]

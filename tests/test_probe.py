@@ -118,6 +118,21 @@ def test_linear_probe_learns_separable_classes(tmp_path):
     assert linear["last"] == linear["history"][-1] and linear["best"] == max(linear["history"], key=lambda h: h["top1"])
 
 
+def test_quick_mode_equals_knn_and_fast_linear_run_apart(tmp_path):
+    """--mode quick (what bench/quality.py scores with) shares one feature pass; its numbers are
+    those of --mode knn and --mode fast-linear run on their own, and it trains no linear head."""
+    data = colour_folder(str(tmp_path / "data"), train_per_class=6, val_per_class=4, size=8)
+    got = {}
+    for mode in ("quick", "knn", "fast-linear"):
+        out = str(tmp_path / mode)
+        assert probe.main([*TINY, "--data", data, "--mode", mode, "--fast-epochs", "5", "--seed", "3",
+                           "--output-dir", out]) == 0
+        got[mode] = json.load(open(os.path.join(out, "results.json")))["results"]
+    assert set(got["quick"]) == {"knn", "fast_linear"}
+    assert got["quick"]["knn"] == got["knn"]["knn"]
+    assert got["quick"]["fast_linear"] == got["fast-linear"]["fast_linear"]
+
+
 def test_bn_head_probe_runs(tmp_path):
     data = colour_folder(str(tmp_path / "data"), train_per_class=8, val_per_class=4, size=8)
     out = str(tmp_path / "out")
