@@ -69,11 +69,11 @@ bench-finetune: venv
 	$(BIN)/python bench/finetune.py --pretrain-min $(BUDGET) --budget-min $(FT_BUDGET) --seeds $(SEEDS) --out $(OUT_FT)
 
 # When does BatchFormer help? Screen every variant (5 min, 2 seeds), confirm the best two and the released
-# default (15 min, 3 seeds), then the best against MoCo v3 at 45 min (bench/bf_study.py). Hours on 2 cores.
+# default (15 min, 3 seeds, equal wall-clock and equal steps), then the best against MoCo v3 at 45 min (bench/bf_study.py). Hours on 2 cores.
 BF_OUT ?= bench-results/bf
 bench-bf: venv
 	$(BIN)/python bench/bf_study.py --budget-min 5 --seeds 2 --out $(BF_OUT)/screen
-	$(BIN)/python bench/bf_study.py --budget-min 15 --seeds 3 --out $(BF_OUT)/confirm \
+	$(BIN)/python bench/bf_study.py --budget-min 15 --seeds 3 --equal-steps --out $(BF_OUT)/confirm \
 		--variants released,best:2:$(BF_OUT)/screen/results.json
 	$(BIN)/python bench/bf_study.py --budget-min 45 --seeds 1 --out $(BF_OUT)/trend \
 		--variants best:1:$(BF_OUT)/confirm/results.json

@@ -12,7 +12,8 @@ Equal time must be equal. Each variant is calibrated against MoCo v3 in interlea
 (MoCo, variant, MoCo, variant, ...; --calibration-rounds), and its step time is the median of
 its rounds, so a load change on a shared machine hits both alike. Every run's real wall-clock
 is reported beside its score, and a run that overran its budget by more than --overrun-flag is
-marked in the table ("overran").
+marked in the table ("overran"). --equal-steps adds each variant at its seed's MoCo v3 step count
+(a run named VARIANT@moco-steps, only where the budgets gave different counts) and a column for it.
 
 Outputs in --out: results.md (the table, titled with the data set's folder name, command,
 hardware, date), results.json, knn_curve.svg (online kNN against wall-clock and steps, every
@@ -59,6 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "earlier stage's ranking")
     p.add_argument("--calibration-rounds", type=int, default=2, help="interleaved MoCo/variant calibration rounds")
     p.add_argument("--calibration-steps", type=int, default=30, help="timed steps per calibration run")
+    p.add_argument("--equal-steps", action="store_true",
+                   help="also train each variant for its seed's MoCo v3 step count (where the two differ)")
     p.add_argument("--overrun-flag", type=float, default=0.05, help="mark runs over budget by more than this share")
     p.add_argument("--quality-args", default="",
                    help="more bench/quality.py options, e.g. '--batch-size 64 --knn-points 2' for small data")
@@ -150,15 +153,21 @@ def main(argv=None) -> int:
     for name, c in cal.items():
         print(f"  {name}: {c['step_s']:.2f} s/step (rounds {', '.join(f'{s:.2f}' for s in c['rounds_step_s'])}) "
               f"-> {plan[name]} steps", flush=True)
+
+    def train_and_probe(name: str, variant: str, steps: int, seed: int, budget: float | None) -> dict:
+        extra = [] if variant == "moco" else flags(variant, steps / steps_per_epoch)
+        cmd = quality.train_cmd(q, os.path.join(args.out, "runs", f"seed{seed}", name), seed, False, steps,
+                                steps_per_epoch, max(1, math.ceil(steps / q.knn_points)), extra=extra)
+        return pretrain_and_probe(q, env, name, seed, cmd, budget)
+
     records = []
     for seed in range(args.seeds):
         for name in ["moco", *variants]:
-            steps = plan[name]
-            epochs = steps / steps_per_epoch
-            extra = [] if name == "moco" else flags(name, epochs)
-            cmd = quality.train_cmd(q, os.path.join(args.out, "runs", f"seed{seed}", name), seed, False, steps,
-                                    steps_per_epoch, max(1, math.ceil(steps / q.knn_points)), extra=extra)
-            records.append(pretrain_and_probe(q, env, name, seed, cmd, budget_s))
+            records.append(train_and_probe(name, name, plan[name], seed, budget_s))
+        if args.equal_steps:  # where a variant's budget gave MoCo v3's step count, its run already is this one
+            for name in variants:
+                if plan[name] != plan["moco"]:
+                    records.append(train_and_probe(equal_steps_name(name), name, plan["moco"], seed, None))
     info["date_end"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     print(report(args, info, cal, records, variants))
     return 0
@@ -168,8 +177,8 @@ def report(args, info: dict, cal: dict, records: list[dict], variants: list[str]
     by = {(r["name"], r["seed"]): r for r in records}
     seeds = range(args.seeds)
     rows = ["| variant | kNN top-1 | − MoCo v3 (paired) | fast-linear | − MoCo v3 (paired) | steps "
-            "| wall-clock (min) |",
-            "|---|---|---|---|---|---|---|"]
+            "| wall-clock (min) |" + (" kNN − MoCo v3 at equal steps (paired) |" if args.equal_steps else ""),
+            "|---|---|---|---|---|---|---|" + ("---|" if args.equal_steps else "")]
     summary = {}
     for name in ["moco", *variants]:
         rs = [by[(name, s)] for s in seeds]
@@ -183,6 +192,12 @@ def report(args, info: dict, cal: dict, records: list[dict], variants: list[str]
                     f"{'–' if name == 'moco' else quality_mean_std(knn_diff)} | "
                     f"{quality_mean_std([r['linear_top1'] for r in rs])} | "
                     f"{'–' if name == 'moco' else quality_mean_std(lin_diff)} | {rs[0]['steps']} | {walls} |")
+        if args.equal_steps:
+            same = [by.get((equal_steps_name(name), s), by[(name, s)]) for s in seeds]
+            steps_diff = [r["knn_top1"] - by[("moco", s)]["knn_top1"] for r, s in zip(same, seeds)]
+            summary[name].update(knn_diff_equal_steps_mean=statistics.mean(steps_diff),
+                                 knn_diff_equal_steps_std=statistics.stdev(steps_diff) if len(steps_diff) > 1 else 0.0)
+            rows[-1] += f" {'–' if name == 'moco' else quality_mean_std(steps_diff)} |"
     best = sorted(variants, key=lambda v: -summary[v]["knn_diff_mean"])
     wins = [v for v in variants if summary[v]["knn_diff_mean"] > 2 * summary[v]["knn_diff_std"] > 0]
     text = (f"# BatchFormer variants on {info['data_name']}, {args.budget_min:g} min per run, "
@@ -199,6 +214,10 @@ def report(args, info: dict, cal: dict, records: list[dict], variants: list[str]
     with open(os.path.join(args.out, "knn_curve.svg"), "w") as f:
         f.write(svg(records, f"{info['data_name']}, {args.budget_min:g} min per run: BatchFormer variants", series))
     return text
+
+
+def equal_steps_name(variant: str) -> str:
+    return f"{variant}@moco-steps"
 
 
 def quality_mean_std(values: list[float]) -> str:

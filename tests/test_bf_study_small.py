@@ -1,5 +1,5 @@
 """bench/bf_study.py end to end on a few hundred real CIFAR-10 images: interleaved calibration,
-MoCo v3 and a BatchFormer variant at equal wall-clock, probes, table titled with the data set,
+MoCo v3 and a BatchFormer variant at equal wall-clock and at equal steps, probes, table titled with the data set,
 plot, and a rerun that reuses the calibration and the runs. Skips where the shared data folder is absent."""
 
 import json
@@ -20,7 +20,7 @@ def test_bf_study_small(tmp_path):
     data, out = str(tmp_path / "cifar-small"), str(tmp_path / "out")
     copy_subset(data, train_per_class=40, val_per_class=20)
     cmd = [sys.executable, "bench/bf_study.py", "--data", data, "--out", out, "--budget-min", "0.25", "--seeds", "1",
-           "--variants", "after-warmup", "--calibration-rounds", "2", "--calibration-steps", "15",
+           "--variants", "after-warmup", "--calibration-rounds", "2", "--calibration-steps", "15", "--equal-steps",
            "--quality-args", "--batch-size 64 --knn-points 2 --knn-samples 100 --fast-epochs 20"]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -35,6 +35,13 @@ def test_bf_study_small(tmp_path):
     runs = {run["name"]: run for run in results["runs"]}
     for name in ("moco", "after-warmup"):
         assert runs[name]["steps"] >= 10 and runs[name]["wall_s"] > 0 and runs[name]["knn_top1"] > 15, runs[name]
+    # Equal steps: the variant at MoCo v3's step count, trained only where the budgets gave different counts.
+    same = runs.get("after-warmup@moco-steps", runs["after-warmup"])
+    assert same["steps"] == runs["moco"]["steps"]
+    assert (same is runs["after-warmup"]) == (runs["after-warmup"]["steps"] == runs["moco"]["steps"])
+    diff = same["knn_top1"] - runs["moco"]["knn_top1"]
+    assert rows["after-warmup"]["kNN − MoCo v3 at equal steps (paired)"] == f"{diff:.1f} ± 0.0"
+    assert results["summary"]["after-warmup"]["knn_diff_equal_steps_mean"] == pytest.approx(diff)
     late = open(os.path.join(out, "runs", "seed0", "after-warmup", "train.log")).read()
     assert "on from step" in late
     plot = ET.parse(os.path.join(out, "knn_curve.svg")).getroot()
@@ -45,6 +52,6 @@ def test_bf_study_small(tmp_path):
     before = os.stat(calibration_log).st_mtime_ns
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert again.stdout.count("seed 0: reusing") == 2 and "training" not in again.stdout
+    assert again.stdout.count("seed 0: reusing") == len(runs) and "training" not in again.stdout
     assert os.stat(calibration_log).st_mtime_ns == before
     assert json.load(open(os.path.join(out, "results.json")))["runs"] == results["runs"]
