@@ -102,16 +102,23 @@ def flags(variant: str, epochs: float) -> list[str]:
     return [f.replace("{warmup}", repr(epochs * WARMUP_SHARE)) for f in VARIANTS[variant]]
 
 
+def switches_on_late(variant: str) -> bool:
+    return any("{warmup}" in f for f in VARIANTS[variant])
+
+
 def calibrate(q, env, steps_per_epoch: int, variants: list[str], rounds_count: int, path: str) -> dict:
     """Step times of MoCo v3 and each variant, measured in interleaved rounds; medians. Every
     calibration run is saved in path as it ends and reused when its command is unchanged, so an
-    interrupted or extended study (more seeds) keeps its step counts and its runs."""
+    interrupted or extended study (more seeds) keeps its step counts and its runs.
+
+    A variant that switches BatchFormer on after the warm-up is timed switched on from the start
+    (its timed steps would otherwise be plain MoCo v3 steps); its run's step time is then MoCo v3's
+    for the warm-up share of the run and its own for the rest."""
     saved = json.load(open(path)) if os.path.exists(path) else {}
     rounds = {name: [] for name in ["moco", *variants]}
     for r in range(rounds_count):
         for name in rounds:
-            # the calibration run's own length (quality.calibrate), so --bf-start-epoch falls inside it
-            extra = [] if name == "moco" else flags(name, (2 * q.calibration_steps + steps_per_epoch) / steps_per_epoch)
+            extra = [] if name == "moco" else flags(name, 0.0)
             key = f"{name}-{r}"
             saved[key] = quality.calibrate(q, env, steps_per_epoch, False, saved.get(key), key, extra)
             rounds[name].append(saved[key])
@@ -123,6 +130,8 @@ def calibrate(q, env, steps_per_epoch: int, variants: list[str], rounds_count: i
         median = {k: statistics.median(run[k] for run in runs) for k in ("step_s", "monitor_s", "startup_s",
                                                                             "checkpoint_exit_s")}
         cal[name] = {**median, "rounds_step_s": [run["step_s"] for run in runs]}
+    for name in filter(switches_on_late, variants):
+        cal[name]["step_s"] = WARMUP_SHARE * cal["moco"]["step_s"] + (1 - WARMUP_SHARE) * cal[name]["step_s"]
     return cal
 
 

@@ -55,3 +55,26 @@ def test_bf_study_small(tmp_path):
     assert again.stdout.count("seed 0: reusing") == len(runs) and "training" not in again.stdout
     assert os.stat(calibration_log).st_mtime_ns == before
     assert json.load(open(os.path.join(out, "results.json")))["runs"] == results["runs"]
+
+
+def test_late_switch_is_timed_switched_on_and_blended(tmp_path, monkeypatch):
+    """after-warmup is calibrated with BatchFormer on from step 0; its run's step time is MoCo v3's
+    for the warm-up tenth and its own for the rest: 0.1 x 1.0 + 0.9 x 1.2 = 1.18 s."""
+    sys.path.insert(0, os.path.join(REPO, "bench"))
+    import bf_study
+
+    commands = {}
+
+    def fake_calibrate(q, env, steps_per_epoch, bf, earlier, name, extra):
+        commands[name] = list(extra)
+        step_s = 1.0 if name.startswith("moco") else 1.2
+        return {"step_s": step_s, "monitor_s": 2.0, "startup_s": 3.0, "checkpoint_exit_s": 1.0}
+
+    monkeypatch.setattr(bf_study.quality, "calibrate", fake_calibrate)
+    q = bf_study.quality_args(bf_study.parse_args(["--out", str(tmp_path)]), str(tmp_path))
+    cal = bf_study.calibrate(q, {}, 195, ["after-warmup", "released"], 2, str(tmp_path / "calibration.json"))
+    assert commands["after-warmup-0"] == ["--bf-loss", "pairs-sum", "--bf-start-epoch", "0.0"]
+    assert cal["after-warmup"]["step_s"] == pytest.approx(0.1 * 1.0 + 0.9 * 1.2)
+    assert cal["after-warmup"]["rounds_step_s"] == [1.2, 1.2]
+    assert cal["released"]["step_s"] == pytest.approx(1.2) and cal["moco"]["step_s"] == pytest.approx(1.0)
+    assert sorted(json.load(open(tmp_path / "calibration.json"))) == sorted(commands)
