@@ -69,7 +69,8 @@ bench-finetune: venv
 	$(BIN)/python bench/finetune.py --pretrain-min $(BUDGET) --budget-min $(FT_BUDGET) --seeds $(SEEDS) --out $(OUT_FT)
 
 # When does BatchFormer help? Screen every variant (5 min, 2 seeds), confirm the best two and the released
-# default (15 min, 3 seeds, equal wall-clock and equal steps), then the best against MoCo v3 at 45 min (bench/bf_study.py). Hours on 2 cores.
+# default (15 min, 3 seeds, equal wall-clock and equal steps), then the best against MoCo v3 at 45 min
+# (bench/bf_study.py). Hours on 2 cores.
 BF_OUT ?= bench-results/bf
 bench-bf: venv
 	$(BIN)/python bench/bf_study.py --budget-min 5 --seeds 2 --out $(BF_OUT)/screen

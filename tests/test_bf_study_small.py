@@ -60,7 +60,7 @@ def test_bf_study_small(tmp_path):
 def test_late_switch_is_timed_switched_on_and_blended(tmp_path, monkeypatch):
     """after-warmup is calibrated with BatchFormer on from step 0; its run's step time is MoCo v3's
     for the warm-up tenth and its own for the rest: 0.1 x 1.0 + 0.9 x 1.2 = 1.18 s."""
-    sys.path.insert(0, os.path.join(REPO, "bench"))
+    monkeypatch.syspath_prepend(os.path.join(REPO, "bench"))
     import bf_study
 
     commands = {}
