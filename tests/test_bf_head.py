@@ -1,0 +1,103 @@
+"""BatchFormer in the classifier (bfcl/bf_head.py) against its contract: [x ; BF(x)] through a shared
+head with the labels duplicated, the plain classifier at evaluation, and an export that torchvision loads."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torchvision.models.vision_transformer import VisionTransformer
+
+from bfcl.bf_head import BatchFormerClassifier, duplicate_targets, targets_for
+from bfcl.model import build_backbone
+from bfcl.pretrained import linear_head, set_head
+
+N, K = 6, 3
+
+
+def resnet_with_bf(seed: int = 0) -> BatchFormerClassifier:
+    torch.manual_seed(seed)
+    model = build_backbone("resnet18", "imagenet", image_size=32)  # the ImageNet stem is torchvision's own
+    set_head(model, linear_head(model.feature_dim, K))
+    return BatchFormerClassifier(model)
+
+
+def images(seed: int = 1) -> torch.Tensor:
+    return torch.randn(N, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def test_train_rows_are_plain_then_batchformer_through_one_head():
+    model = resnet_with_bf().train()
+    x = images()
+    torch.manual_seed(7)
+    logits = model(x)
+    assert logits.shape == (2 * N, K)
+    features = model.backbone(x)  # train-mode BN normalises with batch statistics: the same features again
+    torch.manual_seed(7)  # the same dropout masks: the backbone draws no random numbers
+    mixed = model.batchformer.encoder_layer(features.unsqueeze(0)).squeeze(0)  # ONE sequence of N samples
+    expected = torch.cat([model.head(features), model.head(mixed)])
+    torch.testing.assert_close(logits, expected)
+    assert not torch.allclose(logits[:N], logits[N:])  # the second half really went through BatchFormer
+
+
+def test_labels_duplicated_batch_doubles_in_the_loss():
+    y = torch.tensor([0, 2, 1, 1, 0, 2])
+    assert torch.equal(duplicate_targets(y), torch.tensor([0, 2, 1, 1, 0, 2, 0, 2, 1, 1, 0, 2]))
+    soft = F.one_hot(y, K).float() * 0.7 + 0.1
+    assert torch.equal(duplicate_targets(soft), torch.cat([soft, soft]))
+
+    model = resnet_with_bf().train()
+    torch.manual_seed(3)
+    logits = model(images())
+    loss = F.cross_entropy(logits, targets_for(logits, y))
+    # Worked by hand: row i of 2N is sample i mod N and carries that sample's label.
+    by_hand = sum(-torch.log_softmax(logits[i], 0)[y[i % N]] for i in range(2 * N)) / (2 * N)
+    torch.testing.assert_close(loss, by_hand)
+    assert targets_for(logits[:N], y) is y  # evaluation: one row per sample, targets as they are
+    with pytest.raises(ValueError, match="7 logit rows for 6 targets"):
+        targets_for(logits[:7], y)
+
+
+def test_absent_at_evaluation_and_export_loads_strictly_into_torchvision():
+    model = resnet_with_bf()
+    model.train()
+    model(images(2))  # move the BN running statistics away from their init
+    model.eval()
+    x = images()
+    logits = model(x)
+    assert logits.shape == (N, K)
+    torch.testing.assert_close(logits, model.head(model.backbone(x)))  # the head on x alone
+
+    state = model.classifier_state()
+    assert not any("batchformer" in k for k in state)
+    reference = torchvision.models.resnet18(num_classes=K)
+    reference.load_state_dict(state, strict=True)
+    torch.testing.assert_close(reference.eval()(x), logits)
+
+
+def test_vit_export_loads_strictly_into_torchvision():
+    torch.manual_seed(0)
+    vit = build_backbone("vit_tiny", image_size=32, patch_size=8)
+    set_head(vit, linear_head(vit.feature_dim, K))
+    model = BatchFormerClassifier(vit).eval()
+    reference = VisionTransformer(image_size=32, patch_size=8, num_layers=12, num_heads=3, hidden_dim=192,
+                                  mlp_dim=768, num_classes=K)
+    reference.load_state_dict(model.classifier_state(), strict=True)  # heads.head.* back in place
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(reference.eval()(x), model(x))
+
+
+def test_it_trains_batchformer_head_and_backbone_move():
+    model = resnet_with_bf().train()
+    watched = {"batchformer": model.batchformer.encoder_layer.linear1.weight, "head": model.head.weight,
+               "backbone": model.backbone.conv1.weight}
+    before = {k: v.detach().clone() for k, v in watched.items()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    for _ in range(2):
+        logits = model(images())
+        loss = F.cross_entropy(logits, targets_for(logits, y))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    for name, tensor in watched.items():
+        assert not torch.equal(tensor, before[name]), f"{name} did not move"
