@@ -82,9 +82,9 @@ from bfcl.finetune import param_groups as finetune_param_groups
 from bfcl.loop import Window, batches
 from bfcl.progress import ProgressLog
 from bfcl.runlock import RunLockError, take_lock
-from bfcl.data import (DEFAULT_MAX_PIXELS, IMAGENET_MEAN, IMAGENET_STD, DataError, LabelledImages, SeededImages,
-                       check_train_val, eval_transform, image_folder, probe_train_transform, read_image,
-                       scan_image_folder)
+from bfcl.images import (DEFAULT_MAX_PIXELS, DataError, LabelledImages, check_train_val, image_folder, read_image,
+                         scan_image_folder)
+from bfcl.views import IMAGENET_MEAN, IMAGENET_STD, SeededImages, eval_transform, probe_train_transform
 from bfcl.knn import extract_features, knn_scores, topk_accuracy
 from bfcl.model import ARCHS, STEMS, build_backbone, is_vit
 from bfcl.pretrained import (assert_backbone_unchanged, backbone_tensors, describe, guess_architecture, head_name,

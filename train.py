@@ -32,7 +32,7 @@ from bfcl.checkpoint import (CheckpointError, load_model_state, load_optimizer_s
                              resume_checkpoint, save_checkpoint)
 from bfcl.cli import (EXIT_PREEMPTED, HelpFormatter, StopSignal, check_output_dir, check_ranges, code_version, fail,
                       format_summary)
-from bfcl.data import DEFAULT_MAX_PIXELS, DataError, PretrainDataset, check_train_val, pretrain_views
+from bfcl.images import DEFAULT_MAX_PIXELS, DataError, check_train_val
 from bfcl.export import export_backbone
 from bfcl.knn import KnnMonitor
 from bfcl.loop import Window, batches
@@ -42,6 +42,7 @@ from bfcl.optim import OPTIMIZERS, build_optimizer, param_groups
 from bfcl.progress import ProgressLog
 from bfcl.runlock import RunLockError, take_lock
 from bfcl.schedules import learning_rate, momentum
+from bfcl.views import PretrainDataset, pretrain_views
 
 # Options that may change between a run and its resume; any other difference is refused.
 RESUMABLE_CHANGES = {"workers", "output_dir", "resume", "force_resume", "log_every", "save_every", "keep",

@@ -217,7 +217,7 @@ def augmentation_speed(args) -> None:
     from PIL import Image
 
     from bfcl.augment import BatchedTwoViews
-    from bfcl.data import eval_resize, pretrain_views
+    from bfcl.views import eval_resize, pretrain_views
     from bfcl.synthetic import stripes
     print("\n## 3. Two-view augmentation, views per second on one core (1 thread), from decoded images")
     print(f"{'size':>5} {'source':>7} {'PIL per image':>14} {'batched':>9} {'batched+loader':>15} {'speed-up':>9}")

@@ -1,6 +1,6 @@
 """MoCo v3's two-view augmentation on batches of uint8 tensors, on any device.
 
-The per-image PIL recipe (bfcl.data.pretrain_views) runs in the data-loading processes and
+The per-image PIL recipe (bfcl.views.pretrain_views) runs in the data-loading processes and
 is the usual bottleneck at 224 px. This module splits the work in two:
 
 - in the loader, per image: decode, resize to a fixed square `source_size`, and draw the
@@ -33,7 +33,7 @@ import torchvision.transforms.v2.functional as F
 from PIL import Image
 from torchvision.ops import roi_align
 
-from bfcl.data import IMAGENET_MEAN, IMAGENET_STD, eval_resize
+from bfcl.views import IMAGENET_MEAN, IMAGENET_STD, eval_resize
 
 # ColorJitter(0.4, 0.4, 0.2, 0.1): factor ranges in the op order brightness, contrast,
 # saturation, hue (the op ids used in `order`).

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
-from bfcl.data import eval_transform, image_folder
+from bfcl.images import image_folder
+from bfcl.views import eval_transform
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from bfcl.cli import ignore_stop_signals
-from bfcl.data import EpochBatchSampler
+from bfcl.views import EpochBatchSampler
 
 
 def batches(dataset, global_batch: int, rank: int, processes: int, seed: int, start_step: int, last_step: int,

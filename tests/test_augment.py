@@ -1,6 +1,6 @@
 """The batched tensor augmentation (bfcl/augment.py) against the reference PIL recipe.
 
-Distributions: every setting is read from the reference views (bfcl.data.pretrain_views), and
+Distributions: every setting is read from the reference views (bfcl.views.pretrain_views), and
 the batched draws are compared with them (rates within 5 binomial standard errors, crop
 geometry by a two-sample Kolmogorov-Smirnov distance against torchvision's own sampler).
 Pixels: each op, for fixed parameters, against torchvision.transforms.v2.functional.
@@ -15,7 +15,7 @@ import torchvision.transforms.v2.functional as F
 
 from bfcl.augment import (BRIGHTNESS, CONTRAST, CROP_UNIFORMS, HUE, SATURATION, BatchedTwoViews, blend, color_jitter,
                           crop_boxes, draw_crop_boxes, gaussian_blur, gaussian_kernels, shift_hue)
-from bfcl.data import GaussianBlur, PretrainDataset, pretrain_views
+from bfcl.views import GaussianBlur, PretrainDataset, pretrain_views
 from bfcl.synthetic import make_image_folder
 
 N = 20_000  # parameter rows drawn per distribution check

@@ -12,7 +12,7 @@ from PIL import Image
 from torchvision.models.vision_transformer import VisionTransformer
 from torchvision.ops import StochasticDepth
 
-from bfcl.data import IMAGENET_MEAN, IMAGENET_STD
+from bfcl.views import IMAGENET_MEAN, IMAGENET_STD
 from bfcl.finetune import (RESNET_RECIPE, VIT_RECIPE, MixupCutmix, add_drop_path, lr_at, param_groups,
                            recipe_for, soft_target_cross_entropy, train_transform)
 

@@ -21,8 +21,9 @@ from torchvision.datasets import ImageFolder
 from bfcl.checkpoint import (CHECKPOINT_FORMAT, CheckpointError, check_weights, latest_checkpoint, list_checkpoints,
                              load_checkpoint, load_model_state, load_optimizer_state, optimizer_state_tensors,
                              read_meta, save_checkpoint)
-from bfcl.data import (DEFAULT_MAX_PIXELS, DataError, DataWarning, LabelledImages, PretrainDataset, UnreadableImage,
-                       check_image_folder, image_folder, pretrain_views, read_image, scan_image_folder)
+from bfcl.images import (DEFAULT_MAX_PIXELS, DataError, DataWarning, LabelledImages, UnreadableImage,
+                         check_image_folder, image_folder, read_image, scan_image_folder)
+from bfcl.views import PretrainDataset, pretrain_views
 from bfcl.runlock import RunLock, RunLockError, _pid_namespace, _process_start
 
 # ---------------------------------------------------------------- images

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 import train
 from bfcl.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
-from bfcl.data import PretrainDataset, pretrain_views
+from bfcl.views import PretrainDataset, pretrain_views
 from bfcl.synthetic import make_image_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
