@@ -35,9 +35,12 @@ from bfcl.cli import (EXIT_PREEMPTED, HelpFormatter, StopSignal, check_output_di
 from bfcl.images import DEFAULT_MAX_PIXELS, DataError, check_train_val
 from bfcl.export import export_backbone
 from bfcl.knn import KnnMonitor
-from bfcl.loop import Window, batches
+from bfcl.loop import StopCheck, Window, batches
 from bfcl.loss import BF_LOSSES, bf_loss_from_add_bf, moco_loss
 from bfcl.model import ARCHS, STEMS, MoCo, is_vit, uses_channels_last
+from bfcl.precision import CHOICES as PRECISIONS
+from bfcl.precision import emulated_bf16_warning, launch_device_type
+from bfcl.precision import resolve as resolve_precision
 from bfcl.optim import OPTIMIZERS, build_optimizer, param_groups
 from bfcl.progress import ProgressLog
 from bfcl.runlock import RunLockError, take_lock
@@ -150,9 +153,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.add_argument("--max-bad-image-share", type=float, default=0.01,
                    help="stop if more than this share of image reads fail")
     a.add_argument("--compile", action="store_true", help="torch.compile the model")
-    a.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=None,
+    a.add_argument("--mixed-precision", choices=PRECISIONS, default=None,
                    help="overrides accelerate launch's --mixed_precision / config file (default: theirs; "
-                   "the way to set it under torchrun); bf16 also runs on CPUs with AVX512-BF16 or AMX")
+                   "the way to set it under torchrun). 'auto': bf16 on GPUs that support it (else fp16) and on "
+                   "CPUs that compute it natively (AVX512-BF16, AMX), fp32 on other CPUs, where bf16 is emulated")
     a.add_argument("--knn-every", type=int, default=0,
                    help="kNN top-1 on a held-out subset every N steps (0: off); needs DIR/val")
     a.add_argument("--knn-samples", type=int, default=2000, help="train images in the kNN bank and val images queried")
@@ -161,11 +165,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def with_recipe(args: argparse.Namespace) -> tuple[argparse.Namespace, list[str]]:
     """The config: args with every unset recipe flag filled from the backbone family's recipe
-    (a new Namespace; args is not mutated), and the ViT values that differ from ResNet's."""
+    (a new Namespace; args is not mutated), and the ViT values that differ from ResNet's.
+
+    A shortened schedule (--epochs given, --warmup-epochs not) that the recipe's warm-up would
+    fill keeps the recipe's warm-up share instead (10 % for ResNets, 13.3 % for ViTs)."""
     recipe = VIT_RECIPE if is_vit(args.arch) else RESNET_RECIPE
     filled = {k: v for k, v in recipe.items() if getattr(args, k) is None}
+    scaled = "warmup_epochs" in filled and "epochs" not in filled and filled["warmup_epochs"] >= args.epochs
+    if scaled:
+        filled["warmup_epochs"] = args.epochs * recipe["warmup_epochs"] / recipe["epochs"]
     switched = [f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
-                for k, v in filled.items() if v != RESNET_RECIPE[k]]
+                for k, v in filled.items() if v != RESNET_RECIPE[k] and not (scaled and k == "warmup_epochs")]
     return argparse.Namespace(**{**vars(args), **filled}), switched
 
 
@@ -197,6 +207,13 @@ def validate(config, num_processes: int, bf_loss: str | None) -> None:
     if config.resume not in ("auto", "none") and not os.path.isdir(config.resume):
         fail(f"--resume {config.resume} is not a checkpoint folder; pass checkpoints/step-* of a run, auto or none")
     check_output_dir(config.output_dir, config.data)
+
+
+def scaled_warmup(config) -> bool:
+    """Whether with_recipe shortened the recipe's warm-up to fit --epochs."""
+    recipe = VIT_RECIPE if is_vit(config.arch) else RESNET_RECIPE
+    return config.warmup_epochs == config.epochs * recipe["warmup_epochs"] / recipe["epochs"] \
+        and recipe["warmup_epochs"] >= config.epochs
 
 
 @dataclass(frozen=True)
@@ -252,14 +269,19 @@ def check_free_disk(config, model) -> None:
 
 
 def main(argv=None) -> int:
+    stop = StopSignal()  # first: a signal during start-up is honoured at the first step, not fatal
     args = parse_args(argv)
     config, switched = with_recipe(args)
     # torchrun without GPUs: Accelerate starts gloo only when told the processes are CPU ones.
     # A trainable BatchFormer switched on late has no gradient before: DDP must be told.
     unused = [DistributedDataParallelKwargs(find_unused_parameters=True)] \
         if config.bf_trainable and config.bf_start_epoch > 0 else []
-    accelerator = Accelerator(cpu="LOCAL_RANK" in os.environ and not torch.cuda.is_available(),
-                              mixed_precision=config.mixed_precision, kwargs_handlers=unused)
+    cpu = "LOCAL_RANK" in os.environ and not torch.cuda.is_available()
+    precision, why = resolve_precision(config.mixed_precision, launch_device_type(cpu))
+    accelerator = Accelerator(cpu=cpu, mixed_precision=precision, kwargs_handlers=unused)
+    warning = emulated_bf16_warning(accelerator.mixed_precision, accelerator.device.type)
+    if warning:
+        accelerator.print(warning)
     bf_loss = config.bf_loss or bf_loss_from_add_bf(config.add_bf)
     validate(config, accelerator.num_processes, bf_loss)
     # One output folder, one run: the main process holds <output-dir>/.lock until the end, and
@@ -271,13 +293,14 @@ def main(argv=None) -> int:
     try:
         if lock is not None and lock.message:
             accelerator.print(lock.message)
-        return run(config, switched, accelerator, bf_loss)
+        return run(config, switched, accelerator, bf_loss, why, stop)
     finally:
         if lock is not None:
             lock.release()
 
 
-def run(config, switched: list[str], accelerator, bf_loss: str | None) -> int:
+def run(config, switched: list[str], accelerator, bf_loss: str | None, precision_reason: str,
+        stop: StopSignal) -> int:
     """Build everything, print the summary, resume if asked, train."""
     try:
         augment = BatchedTwoViews(config.image_size, config.crop_min, config.blur, compile=config.compile) \
@@ -312,7 +335,10 @@ def run(config, switched: list[str], accelerator, bf_loss: str | None) -> int:
     summary = {
         "backbone": config.arch + (f", patch {config.patch_size}" if is_vit(config.arch) else f", {config.stem} stem"),
         "ViT recipe defaults": ", ".join(switched) or None,
-        "processes": plan.processes, "device": str(accelerator.device), "precision": accelerator.mixed_precision,
+        "warm-up": f"{config.warmup_epochs:g} epochs: the recipe's share of the shortened --epochs {config.epochs:g}"
+        if scaled_warmup(config) else None,
+        "processes": plan.processes, "device": str(accelerator.device),
+        "precision": f"{accelerator.mixed_precision} ({precision_reason})",
         "batch per process": plan.local_batch, "global batch": config.batch_size,
         "optimizer": config.optimizer, "lr (scaled)": plan.peak_lr,
         "steps per epoch": plan.steps_per_epoch, "total steps": plan.total_steps, "warmup steps": plan.warmup_steps,
@@ -330,7 +356,7 @@ def run(config, switched: list[str], accelerator, bf_loss: str | None) -> int:
     if accelerator.is_main_process:
         with open(os.path.join(config.output_dir, "config.json"), "w") as f:
             json.dump({"config": vars(config), "derived": summary}, f, indent=1)
-    return train(config, plan, accelerator, model, optimizer, param_names, dataset, augment, start_step)
+    return train(config, plan, accelerator, model, optimizer, param_names, dataset, augment, start_step, stop)
 
 
 def save(config, plan: Plan, accelerator, moco: MoCo, optimizer, param_names, step: int) -> None:
@@ -355,7 +381,8 @@ def export(config, model_state: dict, step: int) -> str:
     return path
 
 
-def train(config, plan: Plan, accelerator, model, optimizer, param_names, dataset, augment, start_step: int) -> int:
+def train(config, plan: Plan, accelerator, model, optimizer, param_names, dataset, augment, start_step: int,
+          stop: StopSignal) -> int:
     """The pretraining loop. Per step: set lr and m -> forward -> gather keys -> loss ->
     backward -> optimizer step -> momentum update; then, at sync points only, read the
     device-side sums, log, check for trouble and checkpoint (sync_point)."""
@@ -367,7 +394,8 @@ def train(config, plan: Plan, accelerator, model, optimizer, param_names, datase
                      config.max_image_pixels) if config.knn_every and accelerator.is_main_process else None
     memory_format = torch.channels_last if uses_channels_last(config.arch, device.type, accelerator.mixed_precision) \
         else torch.contiguous_format
-    stop, window, totals = StopSignal(), Window(device), {"nonfinite": 0, "bad": 0, "images": 0}
+    window, totals = Window(device), {"nonfinite": 0, "bad": 0, "images": 0}
+    check = StopCheck(start_step)
     if knn is not None and start_step == 0:  # the curve starts at the random init
         log.log(0, {"epoch": 0.0, "knn_top1": knn.top1(moco.base_encoder.backbone, device)})
 
@@ -398,7 +426,7 @@ def train(config, plan: Plan, accelerator, model, optimizer, param_names, datase
         window.add(loss, failed, stop.requested)
         done = step + 1
         if sync_point(config, plan, accelerator, moco, optimizer, param_names, log, knn, window, totals,
-                      done, lr, m) == "stop":
+                      done, lr, m, stop, check) == "stop":
             return EXIT_PREEMPTED
     # The last step's sync point saved and exported; only a resume with nothing left to train (a
     # run killed between its last checkpoint and the export) must write the export here.
@@ -419,17 +447,26 @@ def global_context(accelerator):
 
 
 def sync_point(config, plan: Plan, accelerator, moco, optimizer, param_names, log, knn, window: Window, totals: dict,
-               done: int, lr: float, m: float) -> str | None:
+               done: int, lr: float, m: float, stop: StopSignal, check: StopCheck) -> str | None:
     """After step `done` (counted from 1): at log, save and kNN steps, the only place where the
-    host reads values from the device. Checks for trouble, logs, checkpoints; "stop" on a signal."""
+    host reads values from the device. Checks for trouble, logs, checkpoints; "stop" on a signal.
+    Between them, about every 30 s, only the stop flags are read (StopCheck)."""
     totals["images"] += config.batch_size
     end_of_epoch = done % plan.steps_per_epoch == 0
     save_now = done % config.save_every == 0 or end_of_epoch or done == plan.last_step
     # the same on every process (only the main one holds the monitor): all of them must reach the sync
     knn_now = config.knn_every > 0 and (done % config.knn_every == 0 or done == plan.last_step)
+    reduce_sum = lambda t: accelerator.reduce(t, reduction="sum")
+    stop_heard = False
     if done % config.log_every and not (save_now or knn_now):
-        return None
-    sums = window.read(lambda t: accelerator.reduce(t, reduction="sum"), plan.processes)
+        if not check.due(done):
+            return None
+        stop_heard = check.poll(done, stop.requested, reduce_sum, plan.processes, accelerator.device)
+        if not stop_heard:
+            return None
+    sums = window.read(reduce_sum, plan.processes)
+    check.synced(done)
+    sums["stop"] = sums["stop"] or stop_heard
     totals["nonfinite"] += sums["nonfinite"]
     totals["bad"] += sums["bad"]
     if totals["nonfinite"] > config.max_nonfinite_steps:
