@@ -61,3 +61,36 @@ class Window:
         self.sums.zero_()
         self.steps, self.start, self.data_wait, self.fetch_start = 0, time.perf_counter(), 0.0, time.perf_counter()
         return out
+
+
+class StopCheck:
+    """Between sync points, ask every process whether it was told to stop, about once per
+    `seconds` of wall-clock, so that a preemption notice is heard within its grace period even
+    when --log-every steps take minutes.
+
+    The interval is counted in steps that all processes agree on: each check all-reduces the
+    stop flags and the time since the last check, and the mean step time sets the next interval.
+    Fast steps therefore never pay for it (their interval runs past the next sync point), and no
+    step waits for the host except at a check. The first check follows the first step.
+    """
+
+    def __init__(self, start_step: int, seconds: float = 30.0):
+        self.seconds, self.every = seconds, 1
+        self.last_step, self.last_time = start_step, time.perf_counter()
+
+    def due(self, done: int) -> bool:
+        return done - self.last_step >= self.every
+
+    def poll(self, done: int, requested: bool, reduce_sum, processes: int, device: torch.device) -> bool:
+        """Whether any process was asked to stop; also sets the next interval. A collective: every
+        process must call it at the same step."""
+        now = time.perf_counter()
+        stops, elapsed = reduce_sum(torch.tensor([float(requested), now - self.last_time], device=device)).tolist()
+        step_time = elapsed / processes / max(1, done - self.last_step)
+        self.every = max(1, int(self.seconds / max(step_time, 1e-9)))
+        self.last_step, self.last_time = done, now
+        return stops > 0
+
+    def synced(self, done: int) -> None:
+        """A full sync point just read every process's stop flag: count the next interval from here."""
+        self.last_step, self.last_time = done, time.perf_counter()

@@ -129,8 +129,25 @@ def _safetensors_file(path: str) -> dict:
                               "is it truncated?") from None
 
 
+def _looks_like_torch_save(path: str) -> bool:
+    """torch.save's zip archive, or its legacy format, which opens with a pickle protocol 2+ header
+    (0x80, version). Unreadable files pass, for torch.load to report."""
+    try:
+        if zipfile.is_zipfile(path):
+            return True
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError:
+        return True
+    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+
+
 def _read_torch(path: str) -> tuple[dict, dict]:
     """A .pth/.pth.tar file read with weights_only=True: tensors, numbers and strings only."""
+    if not _looks_like_torch_save(path):
+        raise CheckpointError(f"{path} is not a checkpoint (torch.save writes a zip archive or a pickle, and this "
+                              "file is neither); pass a .pth/.pth.tar from torch.save, a .safetensors file or a run "
+                              "folder")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
