@@ -250,6 +250,9 @@ class LabelledImages(Dataset):
     """Images of a folder with their class, like torchvision's ImageFolder (same .classes,
     .class_to_idx, .samples, .targets and sample order), read with read_image.
 
+    Other code uses only len(), .classes, .class_to_idx, .targets (indexable ints), .path(i),
+    .read(i), .transform and __getitem__; the rest (how paths are stored) may change.
+
     __getitem__(i) -> (transform(image), label, failed_reads). An unreadable image is replaced by
     the next readable one (with its own label) and counted in failed_reads, as in PretrainDataset;
     more than max_retries in a row raise DataError. `transform` may be set after copy.copy().
@@ -266,6 +269,10 @@ class LabelledImages(Dataset):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def path(self, index: int) -> str:
+        """The file of sample `index`."""
+        return self.samples[index][0]
 
     def read(self, index: int) -> tuple[Image.Image, int, int]:
         """(RGB image, label, failed_reads) of sample `index` or of the next readable one."""
