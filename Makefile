@@ -15,7 +15,8 @@ OUT_FT ?= bench-results/finetune
 VIT_ARGS ?= -a vit_tiny --patch-size 8 --optimizer adamw --lr 5e-4 --wd 0.1 --moco-t 0.2 --moco-m 0.8 \
 	--moco-mlp-dim 1024 --crop-min 0.2
 
-.PHONY: venv lint test test-fast smoke-test bench-speed bench-quality bench-quality-vit bench-finetune bench-bf clean
+.PHONY: venv lint test test-fast smoke-test bench-speed bench-quality bench-quality-vit bench-finetune bench-bf \
+	bench-downstream clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -71,6 +72,14 @@ bench-finetune: venv
 # When does BatchFormer help? Screen every variant (5 min, 2 seeds), confirm the best two and the released
 # default (15 min, 3 seeds, equal wall-clock and equal steps), then the best against MoCo v3 at 45 min
 # (bench/bf_study.py). Hours on 2 cores.
+# Few labels: the 15-minute backbone vs random init at 1, 10 and 100 % of the CIFAR-10 labels (kNN, fast-linear,
+# fine-tuning with each start's recipe, + BatchFormer in the classifier at 1 and 10 %), 2 seeds; about 1 h 45 min
+# on 2 cores (bench/downstream.py). DS_ARGS="--pretrained RUN/backbone.safetensors" skips the pretraining.
+OUT_DS ?= bench-results/downstream
+DS_ARGS ?=
+bench-downstream: venv
+	$(BIN)/python bench/downstream.py --pretrain-min $(BUDGET) --seeds $(SEEDS) --out $(OUT_DS) $(DS_ARGS)
+
 BF_OUT ?= bench-results/bf
 bench-bf: venv
 	$(BIN)/python bench/bf_study.py --budget-min 5 --seeds 2 --out $(BF_OUT)/screen
