@@ -69,9 +69,6 @@ bench-quality-vit: venv
 bench-finetune: venv
 	$(BIN)/python bench/finetune.py --pretrain-min $(BUDGET) --budget-min $(FT_BUDGET) --seeds $(SEEDS) --out $(OUT_FT)
 
-# When does BatchFormer help? Screen every variant (5 min, 2 seeds), confirm the best two and the released
-# default (15 min, 3 seeds, equal wall-clock and equal steps), then the best against MoCo v3 at 45 min
-# (bench/bf_study.py). Hours on 2 cores.
 # Few labels: the 15-minute backbone vs random init at 1, 10 and 100 % of the CIFAR-10 labels (kNN, fast-linear,
 # fine-tuning with each start's recipe, + BatchFormer in the classifier at 1 and 10 %), 2 seeds; about 1 h 45 min
 # on 2 cores (bench/downstream.py). DS_ARGS="--pretrained RUN/backbone.safetensors" skips the pretraining.
@@ -80,6 +77,9 @@ DS_ARGS ?=
 bench-downstream: venv
 	$(BIN)/python bench/downstream.py --pretrain-min $(BUDGET) --seeds $(SEEDS) --out $(OUT_DS) $(DS_ARGS)
 
+# When does BatchFormer help? Screen every variant (5 min, 2 seeds), confirm the best two and the released
+# default (15 min, 3 seeds, equal wall-clock and equal steps), then the best against MoCo v3 at 45 min
+# (bench/bf_study.py). Hours on 2 cores.
 BF_OUT ?= bench-results/bf
 bench-bf: venv
 	$(BIN)/python bench/bf_study.py --budget-min 5 --seeds 2 --out $(BF_OUT)/screen
