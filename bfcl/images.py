@@ -7,6 +7,7 @@ ImageFolder's order but reading each folder once, whatever its links.
 """
 
 import contextlib
+import copy
 import os
 import stat
 import threading
@@ -251,7 +252,7 @@ class LabelledImages(Dataset):
     .class_to_idx, .samples, .targets and sample order), read with read_image.
 
     Other code uses only len(), .classes, .class_to_idx, .targets (indexable ints), .path(i),
-    .read(i), .transform and __getitem__; the rest (how paths are stored) may change.
+    .read(i), .subset(indices), .transform and __getitem__; the rest (how paths are stored) may change.
 
     __getitem__(i) -> (transform(image), label, failed_reads). An unreadable image is replaced by
     the next readable one (with its own label) and counted in failed_reads, as in PretrainDataset;
@@ -273,6 +274,13 @@ class LabelledImages(Dataset):
     def path(self, index: int) -> str:
         """The file of sample `index`."""
         return self.samples[index][0]
+
+    def subset(self, indices: list[int]) -> "LabelledImages":
+        """A copy holding only these samples, in this order (same classes and transform)."""
+        part = copy.copy(self)
+        part.samples = [self.samples[i] for i in indices]
+        part.targets = [label for _, label in part.samples]
+        return part
 
     def read(self, index: int) -> tuple[Image.Image, int, int]:
         """(RGB image, label, failed_reads) of sample `index` or of the next readable one."""
