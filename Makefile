@@ -40,14 +40,14 @@ test-fast: venv
 smoke-test: venv
 	rm -rf $(SMOKE)
 	$(BIN)/python -m bfcl.synthetic $(SMOKE)/data --classes 4 --train-per-class 96 --val-per-class 32 --size 32
-	$(BIN)/accelerate launch --config_file accelerate_configs/cpu.yaml train.py \
+	$(BIN)/accelerate launch --config_file accelerate_configs/cpu.yaml train.py --mixed-precision auto \
 		--data $(SMOKE)/data --output-dir $(SMOKE)/run -a resnet18 --stem imagenet --image-size 32 \
 		-b 32 --epochs 4 --warmup-epochs 1 --lr 0.6 --moco-mlp-dim 512 --add_bf 1 --workers 2 \
 		--log-every 4 --knn-every 12 --knn-samples 128
 	$(BIN)/accelerate launch --config_file accelerate_configs/cpu.yaml probe.py \
 		--pretrained $(SMOKE)/run/backbone.safetensors --data $(SMOKE)/data --mode knn --workers 2 \
 		--output-dir $(SMOKE)/probe
-	$(BIN)/accelerate launch --config_file accelerate_configs/cpu.yaml train.py \
+	$(BIN)/accelerate launch --config_file accelerate_configs/cpu.yaml train.py --mixed-precision auto \
 		--data $(SMOKE)/data --output-dir $(SMOKE)/run-vit -a vit_tiny --patch-size 8 --image-size 32 \
 		-b 32 --epochs 2 --warmup-epochs 1 --moco-mlp-dim 256 --add_bf 1 --workers 2 --log-every 4
 	$(BIN)/accelerate launch --config_file accelerate_configs/cpu.yaml probe.py \

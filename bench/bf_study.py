@@ -4,7 +4,7 @@
     .venv/bin/python bench/bf_study.py --budget-min 5 --seeds 2 --out bench-results/bf-screen
     .venv/bin/python bench/bf_study.py --budget-min 15 --seeds 3 --variants released,pairs-mean --out DIR
 
-Every run is bench/quality.py's recipe (ResNet-18, CIFAR-10, 2 processes x 1 thread, bf16)
+Every run is bench/quality.py's recipe (ResNet-18, CIFAR-10, 2 processes x 1 thread, precision auto)
 with the variant's train.py flags (VARIANTS below), for the same wall-clock budget as the
 MoCo v3 run of its seed; probe.py scores each backbone (kNN k 200, fast-linear).
 

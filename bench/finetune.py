@@ -5,7 +5,7 @@
     .venv/bin/python bench/finetune.py --pretrained RUN/backbone.safetensors --budget-min 15   # skip pretraining
 
 1. Pretraining (unless --pretrained): train.py with bench/quality.py's CIFAR-10 recipe (MoCo v3,
-   ResNet-18, ImageNet stem at 32 px, bf16, 2 processes x 1 thread), seed 0, calibrated to
+   ResNet-18, ImageNet stem at 32 px, precision auto, 2 processes x 1 thread), seed 0, calibrated to
    --pretrain-min of wall-clock exactly as bench/quality.py does.
 2. Calibration: a short timed `probe.py --mode finetune` run gives the seconds per step, the
    start-up and the final evaluation, and the budget becomes a step count (as --epochs).
@@ -13,7 +13,7 @@
    number of steps, with the ResNet recipe (torchvision's reference: SGD momentum 0.9, lr 0.1 x
    batch/256, wd 1e-4, cosine with a linear warm-up over the first 5/90 of the run, label
    smoothing 0.1, RandomResizedCrop + flip; a ViT backbone gets DeiT's recipe, warm-up 5/150),
-   batch 256, bf16; evaluated once, at the end, on val/. The random init is the same backbone's.
+   batch 256, precision auto; evaluated once, at the end, on val/. The random init is the same backbone's.
 4. Report: top-1/top-5 of the final model, mean +- std over seeds, and the paired difference.
 
 Outputs in --out: results.md, results.json, pretrain/ (train.py's run), runs/seed<S>/<start>/
@@ -100,7 +100,7 @@ def finetune_cmd(args, start: str, out_dir: str, seed: int, epochs: float, extra
     what = ["--pretrained", start] if start != "random-init" else args.random_init
     return [*launcher(args), "probe.py", *what, "--data", args.data, "--mode", "finetune", "--image-size", "32",
             "-b", str(BATCH), "--epochs", repr(epochs), "--warmup-epochs", repr(epochs * WARMUP_SHARE[args.family]),
-            "--mixed-precision", "bf16", "--workers", "0", "--seed", str(seed), "--output-dir", out_dir,
+            "--mixed-precision", "auto", "--workers", "0", "--seed", str(seed), "--output-dir", out_dir,
             "--no-eval-epoch-ends", "--log-every", "10", "--save-every", "1000000", "--keep", "1", *extra]
 
 

@@ -49,6 +49,7 @@ import time
 import torch
 
 from bfcl.loss import BF_LOSSES
+from bfcl.precision import cpu_has_native_bf16, cpu_name
 from quality_report import write_report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,12 +58,14 @@ DEFAULT_DATA = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "cifa
 # The small-image recipe, chosen by measurement on this 2-core CPU (README "Small-image recipe").
 # ResNet-18 with the ImageNet stem at 32 px: conv1/2 + max-pool/2 leave 8x8 maps for layer1, 12x
 # less compute than the 3x3 CIFAR stem, so a 15-minute run sees about six epochs, not a quarter
-# of one. bf16 (AVX512-BF16 here; NHWC) and views made per batch run 1.67x as many images per
-# second as fp32 with PIL views. T 0.2 (small batch), a high LARS lr and a low base momentum suit
+# of one. Precision auto: bf16 where the CPU computes it natively (on the AVX512-BF16 machine of
+# the README's results, bf16 with NHWC and views made per batch ran 1.67x as many images per
+# second as fp32 with PIL views), fp32 where bf16 would be emulated (about 9x slower on AVX2).
+# T 0.2 (small batch), a high LARS lr and a low base momentum suit
 # a run of about a thousand steps; global batch 256 is split over two single-threaded processes.
 RECIPE = ["-a", "resnet18", "--stem", "imagenet", "--image-size", "32", "-b", "256",
           "--optimizer", "lars", "--lr", "4.8", "--wd", "1e-5", "--moco-t", "0.2", "--moco-m", "0.8",
-          "--moco-mlp-dim", "2048", "--crop-min", "0.2", "--no-blur", "--mixed-precision", "bf16",
+          "--moco-mlp-dim", "2048", "--crop-min", "0.2", "--no-blur", "--mixed-precision", "auto",
           "--augment", "batched"]
 WARMUP_SHARE = 0.1  # of the run's epochs; MoCo v3 warms up 10 of 100 epochs
 OVERRUN_STOP = 1.5  # a budgeted run is stopped at this multiple of its budget
@@ -108,9 +111,8 @@ def count_images(root: str) -> int:
 
 
 def hardware() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor() or "unknown CPU")
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+    return {"cpu": cpu_name(), "bf16": "native" if cpu_has_native_bf16() else "emulated", "cores": os.cpu_count(),
+            "torch": torch.__version__, "python": platform.python_version(),
             "os": platform.platform(), "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
 
 

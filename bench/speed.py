@@ -33,7 +33,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -43,6 +42,7 @@ import time
 
 import torch
 
+from bfcl.precision import cpu_name
 from reference_step import PHASES, build, make_views, run_steps
 from trainer_log import trainer_throughput
 
@@ -63,8 +63,7 @@ STEPS_PER_EPOCH = 6  # of the trainer's generated data set: with the default 2 +
 
 
 def hardware() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                 platform.processor())
+    model = cpu_name()
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     return (f"{model}, {os.cpu_count()} cores; torch {torch.__version__}; {datetime.date.today().isoformat()}; "
             f"load average {load} (other processes share this machine)")
