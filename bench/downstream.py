@@ -18,14 +18,15 @@
 4. Fine-tuning (probe.py --mode finetune), seeds 0..--seeds-1 on the same subset, each start with
    its own recipe (probe.py picks it: SimCLR's semi-supervised recipe for a pretrained ResNet,
    torchvision's from-scratch one for the random init; docs/finetune-recipes.md), and with
-   BatchFormer in the classifier (--add_bf 1) at --bf-fractions. Evaluated once, at the end.
+   BatchFormer in the classifier (--add_bf 1) at --bf-fractions for --bf-starts. Evaluated once,
+   at the end.
 5. Report: results.md (top-1 table, paired differences by seed, every run), results.json and
    downstream.svg (top-1 against label fraction, log x, one line per start and method).
 
 Cost with the defaults (2 cores): pretraining 15 min + quick checks ~5 min + calibration ~1 min +
 fine-tuning 2 seeds x 2 starts x (2 + 4 + 8 min) + BatchFormer 2 seeds x 2 starts x (2 + 4 min)
 = about 1 h 45 min (the script prints its estimate at start). --ft-min, --fractions,
---bf-fractions and --seeds trade cost for precision; --pretrained saves the 15 minutes.
+--bf-fractions, --bf-starts and --seeds trade cost for precision; --pretrained saves the 15 minutes.
 
 --sweep-lr runs only steps 1-3 and fine-tunes the pretrained start at --sweep-fraction once per
 base lr and seed, writing sweep.md and sweep.json (5 lrs x 1 seed x 4 min: about 25 minutes).
@@ -76,6 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="fixed steps per fine-tuning run instead of --ft-min (no calibration; toy runs)")
     p.add_argument("--bf-fractions", type=floats, default=[0.01, 0.1],
                    help="fractions also fine-tuned with BatchFormer in the classifier ('' for none)")
+    p.add_argument("--bf-starts", type=lambda t: [v for v in t.split(",") if v], default=list(STARTS),
+                   help="starts also fine-tuned with BatchFormer, comma-separated")
     p.add_argument("--seeds", type=int, default=2, help="fine-tuning seeds 0..N-1 (the subset stays the same)")
     p.add_argument("--subset-seed", type=int, default=0, help="probe.py --subset-seed: which labelled images")
     p.add_argument("--batch-size", type=int, default=128, help="global fine-tuning batch (1 %% of CIFAR-10: 500)")
@@ -101,6 +104,8 @@ def check(args) -> None:
         fail(f"--ft-min has {len(args.ft_min)} values for {len(args.fractions)} --fractions; give one per fraction")
     if not set(args.bf_fractions) <= set(args.fractions):
         fail(f"--bf-fractions {args.bf_fractions} must be among --fractions {args.fractions}")
+    if not set(args.bf_starts) <= set(STARTS):
+        fail(f"--bf-starts {','.join(args.bf_starts)}: choose among {','.join(STARTS)}")
     if args.calibration_steps < 15 or args.calibration_steps % 5:
         fail(f"--calibration-steps {args.calibration_steps} must be a multiple of 5, at least 15")
     if args.seeds < 1:
@@ -112,7 +117,7 @@ def estimate_min(args) -> float:
     pretrain = 0 if args.pretrained else args.pretrain_min
     if args.sweep_lr:
         return pretrain + 2 + len(args.sweep_lr) * args.seeds * args.ft_min[args.fractions.index(args.sweep_fraction)]
-    runs = sum(m * len(STARTS) * args.seeds * (2 if f in args.bf_fractions else 1)
+    runs = sum(m * args.seeds * (len(STARTS) + (len(args.bf_starts) if f in args.bf_fractions else 0))
                for f, m in zip(args.fractions, args.ft_min))
     return pretrain + 5 + 1 + runs
 
@@ -298,7 +303,8 @@ def main(argv=None) -> int:
     command = [os.path.relpath(sys.executable, REPO), "bench/downstream.py", *(argv or sys.argv[1:])]
     info = {"command": shlex.join(command), "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "hardware": hardware(), "git": git_commit(), "fractions": args.fractions, "ft_min": args.ft_min,
-            "ft_steps": args.ft_steps, "bf_fractions": args.bf_fractions, "seeds": args.seeds,
+            "ft_steps": args.ft_steps, "bf_fractions": args.bf_fractions, "bf_starts": args.bf_starts,
+            "seeds": args.seeds,
             "subset_seed": args.subset_seed, "batch_size": args.batch_size, "precision": args.precision,
             "estimate_min": round(estimate_min(args))}
     print(f"{info['date']} | {info['hardware']['cpu']}, {info['hardware']['cores']} cores | fractions "
@@ -335,7 +341,7 @@ def main(argv=None) -> int:
         steps = steps_for(args, cal, minutes[f])
         for seed in range(args.seeds):
             for start in STARTS:
-                for bf in (False, True) if f in args.bf_fractions else (False,):
+                for bf in (False, True) if f in args.bf_fractions and start in args.bf_starts else (False,):
                     records.append(finetune(args, env, start, f, seed, steps, samples[f], bf))
     info["date_end"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     print(write_report(args.out, info, quick_records, records))
