@@ -167,7 +167,8 @@ def trainer_vs_reference(args) -> None:
         print(f"run {i + 1}: trainer {run['img_per_s']:.2f} img/s (steps {run['steps'][0]}-{run['steps'][1]}), "
               f"reference {ref_ips:.2f} img/s (bare steps before and after), ratio {ratios[-1]:.3f}")
     print(f"command: python {runs[0]['command']}")
-    print(f"trainer/reference throughput ratio: {median(ratios):.3f} (median of {len(ratios)} runs)")
+    print(f"{ARCH_NAMES[args.arch]} line: trainer/reference throughput ratio {median(ratios):.3f} "
+          f"(median of {len(ratios)} runs)")
     run = sorted(runs, key=lambda r: r["img_per_s"])[len(runs) // 2]  # the median run
     step = sum(run["parts"].values())
     print(f"breakdown of the median run's loop, per step (cProfile, all {args.warmup + args.steps} steps):")
