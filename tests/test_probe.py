@@ -13,7 +13,9 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import probe
+from bfcl.evaluation import shard
 from bfcl.knn import knn_scores
+from bfcl.linear import fast_linear, knn_eval
 from bfcl.model import MoCo
 from bfcl.synthetic import make_image_folder
 
@@ -42,7 +44,7 @@ def test_shard_splits_whole_batches_without_padding():
         for batch in (1, 4, 16):
             single = [list(range(s, min(s + batch, num_samples))) for s in range(0, num_samples, batch)]
             for world in (1, 2, 3):
-                shards = [probe.shard(num_samples, batch, r, world) for r in range(world)]
+                shards = [shard(num_samples, batch, r, world) for r in range(world)]
                 assert sorted(i for s in shards for i in s) == list(range(num_samples))  # each once
                 for r, s in enumerate(shards):  # rank r's batches are single-process batches r, r + world, ...
                     assert [s[i:i + batch] for i in range(0, len(s), batch)] == single[r::world]
@@ -71,7 +73,7 @@ def test_knn_matches_brute_force():
     labels = torch.randint(0, num_classes, (25,), generator=g)
     bank = centres[bank_labels] + 1.2 * torch.randn(40, dim, generator=g)  # overlapping: accuracy < 100
     queries = 3.0 * (centres[labels] + 1.2 * torch.randn(25, dim, generator=g))  # scale must not matter
-    result = probe.knn_eval(bank, bank_labels, queries, labels, num_classes, ks=(5, 200), temperature=0.07)
+    result = knn_eval(bank, bank_labels, queries, labels, num_classes, ks=(5, 200), temperature=0.07)
     for k, key in ((5, "k5"), (40, "k200")):  # k beyond the bank uses the whole bank
         reference = brute_force_knn(bank, bank_labels, queries, num_classes, k, 0.07)
         scores = knn_scores(queries, bank, bank_labels, num_classes, k=200 if k == 40 else k, temperature=0.07)
@@ -90,9 +92,9 @@ def test_fast_linear_separates_separable_features():
     train_y, val_y = torch.arange(5).repeat(20), torch.arange(5).repeat(8)
     train_x = (centres[train_y] + torch.randn(100, 32, generator=g)).relu() * 50  # unnormalised, like features
     val_x = (centres[val_y] + torch.randn(40, 32, generator=g)).relu() * 50
-    result = probe.fast_linear(train_x, train_y, val_x, val_y, num_classes=5, epochs=30, seed=0)
+    result = fast_linear(train_x, train_y, val_x, val_y, num_classes=5, epochs=30, seed=0)
     assert result["protocol"] is False and result["top1"] == 100.0
-    shuffled = probe.fast_linear(train_x, train_y[torch.randperm(100, generator=g)], val_x, val_y, 5, 30, 0)
+    shuffled = fast_linear(train_x, train_y[torch.randperm(100, generator=g)], val_x, val_y, 5, 30, 0)
     assert shuffled["top1"] < 60  # no signal, no accuracy: the 100 above is not an artefact
 
 

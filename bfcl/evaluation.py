@@ -1,0 +1,173 @@
+"""What probe.py's evaluations share: the backbone they evaluate (from the flags) and the data they
+take, passes over a data set split across processes so that each image is counted exactly once,
+and the table of results.
+
+Several processes split every pass into whole batches without padding (shard), so the features
+equal a one-process run with the same per-process batch; gather_in_order puts the rows of every
+process back in data-set order.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from rich.table import Table
+from torch.utils.data import DataLoader, Subset
+
+from bfcl.checkpoint import CheckpointError
+from bfcl.cli import fail
+from bfcl.images import LabelledImages, read_image, scan_image_folder
+from bfcl.knn import extract_features, topk_accuracy
+from bfcl.model import ARCHS, build_backbone, is_vit
+from bfcl.pretrained import guess_architecture, head_name, load_backbone_state, probe_model
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """What to build and load: the architecture, and the pretrained tensors (torchvision keys)."""
+
+    arch: str
+    stem: str
+    patch_size: int
+    state: dict
+    info: dict
+
+    def model(self, num_classes: int, bn_head: bool = False, image_size: int = 224, freeze: bool = True):
+        return probe_model(self.arch, self.stem, self.state, num_classes, bn_head, image_size, self.patch_size, freeze)
+
+
+def backbone_source(args) -> Backbone:
+    """The backbone probe.py's flags ask for: --random-init (seeded by --seed) or --pretrained.
+    Flags win over what the file records, which wins over what its tensor shapes say;
+    probe_model then refuses a checkpoint that does not fit."""
+    if args.random_init:
+        arch = args.arch or "resnet50"
+        set_seed(args.seed)
+        size = args.image_size or 224
+        model = build_backbone(arch, args.stem or "imagenet", image_size=size, patch_size=args.patch_size or 16)
+        state = {k: v for k, v in model.state_dict().items() if not k.startswith(head_name(model) + ".")}
+        info = {"source": "random init", "image_size": size if is_vit(arch) else None}
+        return Backbone(arch, args.stem or "imagenet", args.patch_size or 16, state, info)
+    state, info = load_backbone_state(args.pretrained)
+    guess = guess_architecture(state)
+    arch = args.arch or info.get("arch") or guess["arch"]
+    if arch is None:
+        raise CheckpointError(f"cannot tell the arch of {args.pretrained}; pass --arch ({', '.join(ARCHS)})")
+    if is_vit(arch) and guess.get("image_size"):  # the position embedding fixes the token grid
+        info = {**info, "image_size": guess["image_size"]}
+    stem = args.stem or info.get("stem") or guess.get("stem") or "imagenet"
+    return Backbone(arch, stem, args.patch_size or info.get("patch_size") or guess.get("patch_size") or 16, state, info)
+
+
+def default_image_size(args, backbone: Backbone, train_root: str) -> tuple[int, str]:
+    """(crop side, why): --image-size, else the pretraining's, else the data's (small stem), else 224."""
+    if args.image_size:
+        return args.image_size, "--image-size"
+    if backbone.info.get("image_size"):
+        return int(backbone.info["image_size"]), "recorded in the checkpoint" if not is_vit(backbone.arch) \
+            else "the ViT's position embedding"
+    if backbone.stem == "small":  # 32-96 px data; probing it at 224 would cost ~50x for nothing
+        first = scan_image_folder(train_root).path(0)
+        return min(read_image(first, args.max_image_pixels).size), "side of the first training image (small stem)"
+    return 224, "ImageNet default"
+
+
+@dataclass(frozen=True)
+class ProbeData:
+    """train/ with the probe's augmentation and with the centre crop, val/ with the centre crop."""
+
+    train_aug: LabelledImages
+    train: LabelledImages
+    val: LabelledImages
+    classes: list[str]
+
+
+def shard(num_samples: int, batch: int, rank: int, world: int) -> list[int]:
+    """This process's data-set indices: batches rank, rank + world, ... of the plain order, no padding.
+
+    Each batch is the one a single process with the same batch size would see, so features match
+    a one-process run exactly; the last batches may leave some processes with fewer samples.
+    """
+    return [i for start in range(rank * batch, num_samples, world * batch)
+            for i in range(start, min(start + batch, num_samples))]
+
+
+def gather_in_order(accelerator: Accelerator, indices: list[int], num_samples: int, *tensors) -> list[torch.Tensor]:
+    """Rows [m_rank, ...] of every process, back in data-set order: [num_samples, ...] on the CPU.
+
+    Processes hold different row counts, so rows are padded to the largest count, gathered, and
+    the padding (index -1) dropped; the check below proves each sample came back exactly once.
+    """
+    device = accelerator.device
+    index = accelerator.gather(accelerator.pad_across_processes(torch.tensor(indices, dtype=torch.long, device=device),
+                                                                pad_index=-1))
+    real = index >= 0
+    order = index[real].argsort()
+    assert torch.equal(index[real][order].cpu(), torch.arange(num_samples)), "a sample was lost or counted twice"
+    return [accelerator.gather(accelerator.pad_across_processes(t.to(device)))[real][order].cpu() for t in tensors]
+
+
+def sharded_loader(dataset, batch: int, args, accelerator: Accelerator) -> tuple[list[int], DataLoader]:
+    """This process's share of `dataset` (shard) in plain order, and a loader over it."""
+    indices = shard(len(dataset), batch, accelerator.process_index, accelerator.num_processes)
+    return indices, DataLoader(Subset(dataset, indices), batch_size=batch, num_workers=args.workers)
+
+
+def summed(accelerator: Accelerator, count: int) -> int:
+    """A host count summed over the processes."""
+    return int(accelerator.reduce(torch.tensor(count, device=accelerator.device), "sum"))
+
+
+def check_failed_reads(failed: int, total: int, args) -> None:
+    """The probe's side of the unreadable-image policy: replaced and counted; too many stop."""
+    if failed > args.max_bad_image_share * total:
+        fail(f"{failed} of {total} image reads failed, more than --max-bad-image-share {args.max_bad_image_share}; "
+             "check the data folder")
+
+
+def features(model, dataset, batch: int, args, accelerator: Accelerator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backbone features of the whole data set, split over the processes: ([M, C] fp32, [M] labels)."""
+    indices, loader = sharded_loader(dataset, batch, args, accelerator)
+    if indices:
+        with accelerator.autocast():
+            local, labels, failed = extract_features(model, loader, accelerator.device)
+    else:  # more processes than batches
+        local, labels, failed = torch.zeros(0, model.feature_dim), torch.zeros(0, dtype=torch.long), 0
+    check_failed_reads(summed(accelerator, failed), len(dataset), args)
+    return gather_in_order(accelerator, indices, len(dataset), local, labels)
+
+
+@torch.no_grad()
+def evaluate(model, dataset, num_classes: int, batch: int, args, accelerator: Accelerator) -> dict:
+    """Top-1/top-5 of a classifier on the whole val set, each image counted once."""
+    indices, loader = sharded_loader(dataset, batch, args, accelerator)
+    scores, labels = [torch.zeros(0, num_classes)], [torch.zeros(0, dtype=torch.long)]  # a process may get none
+    failed = 0
+    with accelerator.autocast():
+        for images, targets, failed_reads in loader:
+            scores.append(model(images.to(accelerator.device)).float().cpu())
+            labels.append(targets)
+            failed += int(failed_reads.sum())
+    check_failed_reads(summed(accelerator, failed), len(dataset), args)
+    scores, labels = gather_in_order(accelerator, indices, len(dataset), torch.cat(scores), torch.cat(labels))
+    return topk_accuracy(scores, labels)
+
+
+def results_table(results: dict, title: str) -> Table:
+    table = Table(title=title)
+    for column in ("evaluation", "top-1 %", "top-5 %", "note"):
+        table.add_column(column, justify="right" if "%" in column else "left")
+    for name, r in results.get("knn", {}).items():
+        if name.startswith("k") and isinstance(r, dict):
+            table.add_row(f"kNN {name[1:]}-NN", f"{r['top1']:.2f}", f"{r['top5']:.2f}",
+                          f"T {results['knn']['temperature']}")
+    if "fast_linear" in results:
+        r = results["fast_linear"]
+        table.add_row("fast linear", f"{r['top1']:.2f}", f"{r['top5']:.2f}", "cached centre crops: NOT the protocol")
+    for mode, unit in (("linear", "epoch"), ("finetune", "step")):
+        for which in ("best", "last") if mode in results else ():
+            r = results[mode][which]
+            table.add_row(f"{mode}, {which} {unit}", f"{r['top1']:.2f}", f"{r['top5']:.2f}",
+                          f"{'protocol, ' if mode == 'linear' else 'end to end, '}{unit} {r[unit]}")
+    return table
