@@ -1,0 +1,186 @@
+"""The README's promises, run: the quickstart's CPU commands at toy size, the SLURM batch script against
+stand-ins for SLURM's tools, and every link between README.md and docs/.
+
+The quickstart is the ```bash block after the `<!-- quickstart` marker in README.md. It runs in bash as
+written, in a temporary folder that links train.py, probe.py and accelerate_configs/, with only these size
+flags changed (SHRINK):
+
+    --train-per-class N -> 32, --val-per-class N -> 16      the generated set: 128 train and 64 val images
+    -b N -> 32, --epochs N -> 1, --warmup-epochs N -> 0.5   4 pretraining steps, 4 fine-tuning steps
+
+and OMP_NUM_THREADS=1, since two compute threads per process stall when other jobs share the cores.
+
+If a command there stops working (a renamed flag, a moved file, a changed default), this test fails.
+"""
+
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+
+import pytest
+import torchvision
+from safetensors.torch import load_file
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHRINK = [(r"--train-per-class \d+", "--train-per-class 32"), (r"--val-per-class \d+", "--val-per-class 16"),
+          (r"(?<=\s)-b \d+", "-b 32"), (r"--epochs \d+", "--epochs 1"), (r"--warmup-epochs \d+", "--warmup-epochs 0.5")]
+TRAIN_IMAGES, VAL_IMAGES, CLASSES, BATCH, EPOCHS = 4 * 32, 4 * 16, 4, 32, 1
+
+
+def quickstart_block(readme: str) -> str:
+    """The first ```bash block after the quickstart marker."""
+    marker = readme.index("<!-- quickstart")
+    match = re.compile(r"```bash\n(.*?)```", re.S).search(readme, marker)
+    assert match, "README.md: no ```bash block after the <!-- quickstart --> marker"
+    return match.group(1)
+
+
+def shrink(block: str) -> str:
+    for pattern, replacement in SHRINK:
+        block, count = re.subn(pattern, replacement, block)
+        assert count, f"the quickstart no longer has {pattern!r}: update SHRINK and this test's docstring"
+    return block
+
+
+def commands(block: str) -> list[list[str]]:
+    """Each command of the block as argv words: continuation lines joined, comments and blank lines dropped."""
+    joined = re.sub(r"\\\n\s*", " ", block)
+    return [shlex.split(line, comments=True) for line in joined.splitlines() if shlex.split(line, comments=True)]
+
+
+def flag(argv: list[str], name: str, default: str | None = None) -> str | None:
+    return argv[argv.index(name) + 1] if name in argv else default
+
+
+def test_shrink_changes_only_size_flags():
+    block = "python -m bfcl.synthetic d --train-per-class 256 --val-per-class 64 --size 32\n" \
+            "accelerate launch train.py --data d -b 64 --epochs 20 --warmup-epochs 2 --moco-mlp-dim 2048\n" \
+            "accelerate launch probe.py --data d --mode finetune -b 64 --epochs 10\n"
+    assert shrink(block) == ("python -m bfcl.synthetic d --train-per-class 32 --val-per-class 16 --size 32\n"
+                             "accelerate launch train.py --data d -b 32 --epochs 1 --warmup-epochs 0.5 "
+                             "--moco-mlp-dim 2048\n"
+                             "accelerate launch probe.py --data d --mode finetune -b 32 --epochs 1\n")
+    assert commands("a --x 1 \\\n    --y 2   # note\n# comment\n\nb\n") == [["a", "--x", "1", "--y", "2"], ["b"]]
+
+
+@pytest.mark.slow
+def test_quickstart_runs_as_written_at_toy_size(tmp_path):
+    block = shrink(quickstart_block(open(os.path.join(REPO, "README.md")).read()))
+    argvs = commands(block)
+    trains = [a for a in argvs if "train.py" in a]
+    probes = [a for a in argvs if "probe.py" in a]
+    assert trains and probes, "the quickstart should pretrain with train.py and score with probe.py"
+    for name in ("train.py", "probe.py", "accelerate_configs"):
+        os.symlink(os.path.join(REPO, name), tmp_path / name)
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"], OMP_NUM_THREADS="1")
+    # its own process group, so that a timeout ends the scripts the block started, not only bash
+    run = subprocess.Popen(["bash", "-euo", "pipefail", "-c", block], cwd=tmp_path, env=env, text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        log, _ = run.communicate(timeout=900)
+    except subprocess.TimeoutExpired:
+        os.killpg(run.pid, signal.SIGKILL)
+        raise
+    assert run.returncode == 0, log[-6000:]
+    assert "auto:" in log, "the start-up summary should say what --mixed-precision auto chose and why"
+
+    steps = EPOCHS * TRAIN_IMAGES // BATCH
+    for argv in trains:  # the export is a torchvision ResNet's
+        out = tmp_path / flag(argv, "--output-dir", "runs/pretrain")
+        records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+        assert records[-1]["step"] == steps
+        arch = flag(argv, "-a", flag(argv, "--arch", "resnet50"))
+        missing, unexpected = getattr(torchvision.models, arch)().load_state_dict(
+            load_file(out / "backbone.safetensors"), strict=False)
+        assert set(missing) == {"fc.weight", "fc.bias"} and not unexpected
+
+    for argv in probes:
+        results = json.load(open(tmp_path / flag(argv, "--output-dir", "runs/probe") / "results.json"))
+        assert (results["num_classes"], results["val_samples"]) == (CLASSES, VAL_IMAGES)
+        mode = flag(argv, "--mode", "linear")
+        if mode == "quick":
+            assert set(results["results"]) == {"knn", "fast_linear"}
+            assert 0 <= results["results"]["knn"]["k200"]["top1"] <= 100
+        if mode == "finetune":
+            assert results["results"]["finetune"]["steps"] == steps
+            assert 0 <= results["results"]["finetune"]["last"]["top1"] <= 100
+
+
+# --- the SLURM batch script -------------------------------------------------------------------------------
+
+STUBS = {
+    # scontrol show hostnames LIST: one host a line, in the job's order
+    "scontrol": 'test "$1 $2" = "show hostnames" && tr , "\\n" <<< "$3"',
+    # srun: one task per node, as SLURM starts them, each with its SLURM_NODEID
+    "srun": 'while [[ $1 == --* ]]; do shift; done\n'
+            'for ((n = 0; n < SLURM_NNODES; n++)); do SLURM_NODEID=$n "$@" || exit; done',
+    # accelerate: record the working folder and the arguments, one a line
+    "accelerate": '{ pwd; printf "%s\\n" "$@"; } > "$STUB_LOG/accelerate.$SLURM_NODEID"',
+    "nvidia-smi": 'test "$1" = --list-gpus && printf "GPU 0: H100\\nGPU 1: H100\\nGPU 2: H100\\nGPU 3: H100\\n"',
+}
+
+
+@pytest.mark.parametrize("gpus_on_node", ["8", None])  # None: SLURM does not say, nvidia-smi lists 4
+def test_slurm_script_starts_one_launcher_per_node_with_ranks_from_slurm(tmp_path, gpus_on_node):
+    from accelerate.commands.launch import launch_command_parser
+
+    bin_dir, log = tmp_path / "bin", tmp_path / "log"
+    bin_dir.mkdir()
+    log.mkdir()
+    for name, body in STUBS.items():
+        (bin_dir / name).write_text("#!/bin/bash\n" + body + "\n")
+        (bin_dir / name).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", STUB_LOG=str(log), SLURM_JOB_NODELIST="gpu-a17,gpu-b03",
+               SLURM_NNODES="2", SLURM_SUBMIT_DIR=REPO)
+    if gpus_on_node:
+        env["SLURM_GPUS_ON_NODE"] = gpus_on_node
+    script_args = ["--data", "/data/image net", "--add_bf", "1"]
+    run = subprocess.run(["bash", os.path.join(REPO, "accelerate_configs", "slurm.sbatch"), *script_args],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+    processes = 2 * (int(gpus_on_node) if gpus_on_node else 4)
+    for rank in (0, 1):
+        cwd, *argv = (log / f"accelerate.{rank}").read_text().splitlines()
+        assert cwd == REPO and argv[0] == "launch"
+        args = launch_command_parser().parse_args(argv[1:])  # accelerate's own parser: the flags exist
+        assert (args.config_file, args.num_machines, args.num_processes, args.machine_rank) == \
+            ("accelerate_configs/multi_node.yaml", 2, processes, rank)
+        assert (args.main_process_ip, args.main_process_port) == ("gpu-a17", 29500)
+        assert args.training_script == "train.py" and args.training_script_args == script_args
+
+
+# --- links ------------------------------------------------------------------------------------------------
+
+def anchors(markdown: str) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    heads = re.findall(r"^#+ (.+)$", re.sub(r"```.*?```", "", markdown, flags=re.S), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in heads}
+
+
+def test_anchor_slugs_follow_github():
+    assert anchors("# ViT: MoCo v3's ViT recipe\n## `--mode finetune`, end to end\n") == \
+        {"vit-moco-v3s-vit-recipe", "--mode-finetune-end-to-end"}
+
+
+@pytest.mark.parametrize("page", ["README.md"] + [f"docs/{f}" for f in sorted(os.listdir(os.path.join(REPO, "docs")))
+                                                 if f.endswith(".md")])
+def test_links_between_readme_and_docs_resolve(page):
+    text = open(os.path.join(REPO, page)).read()
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+:", target):
+            continue  # a web address
+        path, _, anchor = target.partition("#")
+        file = os.path.normpath(os.path.join(REPO, os.path.dirname(page), path)) if path else os.path.join(REPO, page)
+        assert os.path.exists(file), f"{page}: the link {target} points to no file"
+        if anchor:
+            assert anchor in anchors(open(file).read()), f"{page}: the link {target} points to no heading"
+
+
+def test_readme_stays_a_guide_of_at_most_300_lines():
+    assert len(open(os.path.join(REPO, "README.md")).read().splitlines()) <= 300
