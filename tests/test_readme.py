@@ -155,6 +155,13 @@ def test_slurm_script_starts_one_launcher_per_node_with_ranks_from_slurm(tmp_pat
         assert args.training_script == "train.py" and args.training_script_args == script_args
 
 
+def test_slurm_script_outside_slurm_says_how_to_run_it(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    run = subprocess.run(["bash", os.path.join(REPO, "accelerate_configs", "slurm.sbatch"), "--data", "d"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0 and "SLURM_JOB_NODELIST" in run.stderr and "sbatch" in run.stderr
+
+
 # --- links ------------------------------------------------------------------------------------------------
 
 def anchors(markdown: str) -> set[str]:
