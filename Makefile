@@ -16,7 +16,7 @@ VIT_ARGS ?= -a vit_tiny --patch-size 8 --optimizer adamw --lr 5e-4 --wd 0.1 --mo
 	--moco-mlp-dim 1024 --crop-min 0.2
 
 .PHONY: venv lint test test-fast smoke-test bench-speed bench-quality bench-quality-vit bench-finetune bench-bf \
-	bench-downstream clean
+	bench-downstream bench-data-index clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -36,7 +36,7 @@ test-fast: venv
 	$(BIN)/python -m pytest -q -m "not slow"
 
 # Whole pipeline on a generated JPEG ImageFolder, on the CPU: pretrain a ResNet-18 and a ViT-Tiny with
-# BatchFormer, then kNN-probe each.
+# BatchFormer, then kNN-probe each; then pretrain on an unlabelled folder nested by date (docs/data.md).
 smoke-test: venv
 	rm -rf $(SMOKE)
 	$(BIN)/python -m bfcl.synthetic $(SMOKE)/data --classes 4 --train-per-class 96 --val-per-class 32 --size 32
@@ -53,6 +53,11 @@ smoke-test: venv
 	$(BIN)/accelerate launch --config_file accelerate_configs/cpu.yaml probe.py \
 		--pretrained $(SMOKE)/run-vit/backbone.safetensors --data $(SMOKE)/data --mode knn --workers 2 \
 		--output-dir $(SMOKE)/probe-vit
+	$(BIN)/python -m bfcl.synthetic $(SMOKE)/photos --unlabelled --classes 4 --train-per-class 64 --size 32
+	$(BIN)/accelerate launch --config_file accelerate_configs/cpu.yaml train.py --mixed-precision auto \
+		--data $(SMOKE)/photos --output-dir $(SMOKE)/run-photos -a resnet18 --image-size 32 \
+		-b 32 --epochs 2 --warmup-epochs 1 --moco-mlp-dim 256 --workers 2 --log-every 4 \
+		--knn-every 8 --knn-data $(SMOKE)/data --knn-samples 128
 
 bench-speed: venv
 	$(BIN)/python bench/speed.py
@@ -87,6 +92,11 @@ bench-bf: venv
 		--variants released,best:2:$(BF_OUT)/screen/results.json
 	$(BIN)/python bench/bf_study.py --budget-min 45 --seeds 1 --out $(BF_OUT)/trend \
 		--variants best:1:$(BF_OUT)/confirm/results.json
+
+# The image index at 100 k and 1.28 M empty files, ImageNet-shaped and photo-dump-shaped: index time, size,
+# memory of 8 loader workers (bench/data_index.py; docs/data.md). Writes and deletes ~2.8 M files in /tmp.
+bench-data-index: venv
+	$(BIN)/python bench/data_index.py
 
 clean:
 	rm -rf build bench-results .pytest_cache

@@ -7,12 +7,15 @@ precision. The same command runs on a CPU, one GPU, several GPUs or several node
     accelerate launch --config_file accelerate_configs/multi_gpu.yaml train.py --data DIR --add_bf 1
     torchrun --nproc_per_node 2 train.py --data DIR ...      # two CPU processes (gloo)
 
-DIR holds train/<class>/<image> (ImageFolder layout) and, for --knn-every, val/. Defaults are
-the ResNet-50, 100-epoch, batch-4096 recipe of MoCo v3; with -a vit_* the flags not given take
+DIR is an ImageFolder (train/<class>/<image>), any folder of images (searched recursively, no
+labels needed) or, with --train-list FILE, the root of the paths listed in FILE; see docs/data.md.
+The image index is built once and saved in --output-dir. Defaults are the ResNet-50, 100-epoch,
+batch-4096 recipe of MoCo v3; with -a vit_* the flags not given take
 MoCo v3's ViT recipe (AdamW, lr 1.5e-4, wd 0.1, T 0.2, crop-min 0.08, 300 epochs, 40 warm-up),
 and the start-up summary lists them. --add_bf 1 adds BatchFormer as released.
 Outputs in --output-dir: checkpoints/step-*/ (safetensors + meta.json), backbone.safetensors
-(torchvision key names, what probe.py loads), metrics.jsonl, config.json.
+(torchvision key names, what probe.py loads), metrics.jsonl, config.json, image-index.safetensors
+(the training images' list, read again on resume).
 """
 
 import argparse
@@ -28,11 +31,13 @@ from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_lis
 
 from bfcl.augment import BatchedTwoViews
 from bfcl.batchformer import dropout_seed
-from bfcl.checkpoint import (CheckpointError, load_model_state, load_optimizer_state, optimizer_state_tensors,
-                             resume_checkpoint, save_checkpoint)
+from bfcl.checkpoint import (CheckpointError, list_checkpoints, load_model_state, load_optimizer_state,
+                             optimizer_state_tensors, resume_checkpoint, save_checkpoint)
 from bfcl.cli import (EXIT_PREEMPTED, HelpFormatter, StopSignal, check_output_dir, check_ranges, code_version, fail,
                       format_summary)
-from bfcl.images import DEFAULT_MAX_PIXELS, DataError, check_train_val
+from bfcl.folders import check_image_folder, check_train_val
+from bfcl.images import DEFAULT_MAX_PIXELS, DataError, LabelledImages, image_folder
+from bfcl.index import ImageIndex, find_layout, saved_or_built
 from bfcl.export import export_backbone
 from bfcl.knn import KnnMonitor
 from bfcl.loop import StopCheck, Window, batches
@@ -49,8 +54,8 @@ from bfcl.views import PretrainDataset, pretrain_views
 
 # Options that may change between a run and its resume; any other difference is refused.
 RESUMABLE_CHANGES = {"workers", "output_dir", "resume", "force_resume", "log_every", "save_every", "keep",
-                     "knn_every", "knn_samples", "max_steps", "compile", "max_bad_image_share", "max_nonfinite_steps",
-                     "max_image_pixels"}
+                     "knn_every", "knn_samples", "knn_data", "max_steps", "compile", "max_bad_image_share",
+                     "max_nonfinite_steps", "max_image_pixels"}
 
 # Options that checkpoints of bfcl 0.1.0 do not record, with the value those runs had.
 ADDED_SINCE_0_1 = {"patch_size": 16, "stop_grad_conv1": True, "max_image_pixels": DEFAULT_MAX_PIXELS,
@@ -83,7 +88,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=HelpFormatter)
     a = p.add_argument_group("data")
     a.add_argument("--data", required=True,
-                   help="folder with train/ (and val/ for --knn-every), one subfolder per class")
+                   help="the images: an ImageFolder (DIR/train/<class>/..., labels used by the kNN monitor only), "
+                        "any folder of images (searched recursively; hidden files and DIR/val left out), or the "
+                        "root of the paths in --train-list")
+    a.add_argument("--train-list", default=None,
+                   help="file with one image path a line, relative to --data: train on exactly these, in this order")
     a.add_argument("--workers", type=int, default=8, help="data-loading processes per training process")
     a.add_argument("--image-size", type=int, default=224, help="side of the random crops")
     a.add_argument("--crop-min", type=float, default=None,
@@ -158,7 +167,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "the way to set it under torchrun). 'auto': bf16 on GPUs that support it (else fp16) and on "
                    "CPUs that compute it natively (AVX512-BF16, AMX), fp32 on other CPUs, where bf16 is emulated")
     a.add_argument("--knn-every", type=int, default=0,
-                   help="kNN top-1 on a held-out subset every N steps (0: off); needs DIR/val")
+                   help="kNN top-1 on a held-out subset every N steps (0: off); labels from DIR/val/<class>/ (with "
+                        "DIR/train as the bank for an ImageFolder, else two halves of DIR/val) or from --knn-data")
+    a.add_argument("--knn-data", default=None,
+                   help="an ImageFolder with train/ (the kNN bank) and val/ (the queries) for --knn-every, when "
+                        "--data has no labels")
     a.add_argument("--knn-samples", type=int, default=2000, help="train images in the kNN bank and val images queried")
     return p.parse_args(argv)
 
@@ -196,17 +209,91 @@ def validate(config, num_processes: int, bf_loss: str | None) -> None:
     if is_vit(config.arch) and config.image_size % config.patch_size:
         fail(f"--image-size {config.image_size} is not a multiple of --patch-size {config.patch_size}; "
              "change one of them")
-    if config.knn_every:
-        val = os.path.join(config.data, "val")
-        if not os.path.isdir(val):
-            fail(f"--knn-every needs labelled images in {val}; add them or pass --knn-every 0")
-        try:
+    try:
+        find_layout(config.data, config.train_list)
+    except DataError as e:
+        fail(str(e))
+    source, _ = knn_source(config)
+    try:
+        if source == "knn-data":
+            check_train_val(config.knn_data)
+        elif source == "train+val":
             check_train_val(config.data)
-        except DataError as e:
-            fail(f"--knn-every needs the same class folders in train/ and val/ ({e}); or pass --knn-every 0")
+        elif source == "val-halves":
+            check_image_folder(os.path.join(config.data, "val"))
+    except DataError as e:
+        fail({"knn-data": f"--knn-data {config.knn_data} is not an ImageFolder with train/ and val/ ({e})",
+              "train+val": f"--knn-every needs the same class folders in train/ and val/ ({e}); or pass --knn-every 0",
+              "val-halves": f"--knn-every takes labels from {config.data}/val/<class>/ ({e}); or pass --knn-every 0"
+              }[source])
     if config.resume not in ("auto", "none") and not os.path.isdir(config.resume):
         fail(f"--resume {config.resume} is not a checkpoint folder; pass checkpoints/step-* of a run, auto or none")
     check_output_dir(config.output_dir, config.data)
+
+
+INDEX_FILE = "image-index.safetensors"  # in --output-dir
+
+
+def training_images(config, accelerator) -> tuple[ImageIndex, str]:
+    """(index of the training images, how it was obtained). Only the main process walks the data:
+    it reads the index saved in --output-dir if that still matches the data, else builds and saves
+    it; the others then read the file, which a resume or a restart after preemption reads too
+    (the output folder is shared by every node, as for checkpoints). Reading a file beats
+    broadcasting: no pickled copy of the index in every process, and no second format.
+    A saved index that no longer matches is rebuilt on a fresh start or with --force-resume and
+    refused on resume, where other images in another order would break the exact resume."""
+    file = os.path.join(config.output_dir, INDEX_FILE)
+    outcome = None
+    if accelerator.is_main_process:
+        resuming = config.resume != "none" and (config.resume != "auto" or bool(list_checkpoints(config.output_dir)))
+        try:
+            index, note = saved_or_built(config.data, config.train_list, file, config.force_resume or not resuming)
+            outcome = ("ok", note)
+        except DataError as e:
+            outcome = ("error", str(e))
+    if accelerator.num_processes > 1:
+        outcome = broadcast_object_list([outcome])[0]
+    if outcome[0] == "error":
+        raise DataError(outcome[1])
+    if not accelerator.is_main_process:
+        index = ImageIndex.load(file)
+    left_out = os.path.join(config.data, "val")
+    if index.layout == "folder" and os.path.isdir(left_out):
+        return index, f"{outcome[1]}; {left_out} left out (the kNN monitor's labelled images)"
+    return index, outcome[1]
+
+
+def knn_source(config) -> tuple[str, str]:
+    """Where the online kNN monitor (--knn-every) takes labelled images from, and the summary's
+    line: 'knn-data' (--knn-data's train/ bank, val/ queries), 'train+val' (an ImageFolder --data
+    with val/), 'val-halves' (DIR/val/<class>/ beside unlabelled images: two disjoint halves, bank
+    and queries) or 'off'."""
+    if not config.knn_every:
+        return "off", None
+    if config.knn_data:
+        return "knn-data", f"{config.knn_data}/train as the bank, {config.knn_data}/val as queries"
+    val = os.path.join(config.data, "val")
+    if not os.path.isdir(val):
+        return "off", f"off: --knn-every needs labelled images, in {val}/<class>/ or from --knn-data DIR"
+    if find_layout(config.data, config.train_list)[0] == "imagefolder":
+        return "train+val", "train/ as the bank, val/ as queries"
+    return "val-halves", f"two halves of {val}, one the bank, one the queries"
+
+
+def knn_monitor(config, images: LabelledImages) -> KnnMonitor | None:
+    """The monitor knn_source names, on the main process; the training images are the bank of an
+    ImageFolder --data (no second walk of train/)."""
+    source, _ = knn_source(config)
+    if source == "off":
+        return None
+    read = lambda folder: image_folder(folder, max_pixels=config.max_image_pixels)  # noqa: E731
+    if source == "knn-data":
+        bank, queries = read(os.path.join(config.knn_data, "train")), read(os.path.join(config.knn_data, "val"))
+    elif source == "train+val":
+        bank, queries = images, read(os.path.join(config.data, "val"))
+    else:
+        bank, queries = read(os.path.join(config.data, "val")), None
+    return KnnMonitor(bank, queries, config.image_size, config.knn_samples, config.seed, min(config.workers, 2))
 
 
 def scaled_warmup(config) -> bool:
@@ -307,7 +394,8 @@ def run(config, switched: list[str], accelerator, bf_loss: str | None, precision
             if config.augment == "batched" else None
         views = augment.dataset_transforms() if augment else \
             pretrain_views(config.image_size, config.crop_min, config.blur)
-        dataset = PretrainDataset(os.path.join(config.data, "train"), views, max_pixels=config.max_image_pixels)
+        index, data_note = training_images(config, accelerator)
+        dataset = PretrainDataset(index, views, max_pixels=config.max_image_pixels)
     except DataError as e:
         fail(str(e))
     plan = make_plan(config, len(dataset), accelerator.num_processes, bf_loss)
@@ -333,6 +421,7 @@ def run(config, switched: list[str], accelerator, bf_loss: str | None, precision
 
     moco = accelerator.unwrap_model(model, keep_torch_compile=False)
     summary = {
+        "data": f"{index.describe()}; index {data_note}", "kNN monitor": knn_source(config)[1],
         "backbone": config.arch + (f", patch {config.patch_size}" if is_vit(config.arch) else f", {config.stem} stem"),
         "ViT recipe defaults": ", ".join(switched) or None,
         "warm-up": f"{config.warmup_epochs:g} epochs: the recipe's share of the shortened --epochs {config.epochs:g}"
@@ -390,8 +479,7 @@ def train(config, plan: Plan, accelerator, model, optimizer, param_names, datase
     moco = accelerator.unwrap_model(model, keep_torch_compile=False)
     log = ProgressLog(os.path.join(config.output_dir, "metrics.jsonl"), plan.last_step, start_step) \
         if accelerator.is_main_process else None
-    knn = KnnMonitor(config.data, config.image_size, config.knn_samples, config.seed, min(config.workers, 2),
-                     config.max_image_pixels) if config.knn_every and accelerator.is_main_process else None
+    knn = knn_monitor(config, dataset.folder) if accelerator.is_main_process else None
     memory_format = torch.channels_last if uses_channels_last(config.arch, device.type, accelerator.mixed_precision) \
         else torch.contiguous_format
     window, totals = Window(device), {"nonfinite": 0, "bad": 0, "images": 0}
@@ -479,7 +567,7 @@ def sync_point(config, plan: Plan, accelerator, moco, optimizer, param_names, lo
         metrics = {"epoch": round(done / plan.steps_per_epoch, 3), "loss": sums["loss"], "lr": lr, "m": m,
                    "img_per_s": round(sums["steps"] * config.batch_size / sums["elapsed"], 1),
                    "data_wait": sums["data_wait"], "bad_images": totals["bad"]}
-        if knn_now:
+        if knn_now and knn is not None:
             metrics["knn_top1"] = knn.top1(moco.base_encoder.backbone, accelerator.device)
         log.log(done, metrics)
         if end_of_epoch and totals["bad"]:

@@ -2,16 +2,16 @@
 
 Each of the k nearest bank features votes for its label with weight exp(cos / T); the
 standard self-supervised monitor (k = 20 or 200, T = 0.07). KnnMonitor is train.py's online
-version of it, on fixed subsets of train/ and val/.
+version of it, on fixed subsets of labelled images.
 """
 
-import os
+import copy
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
-from bfcl.images import image_folder
+from bfcl.images import LabelledImages
 from bfcl.views import eval_transform
 
 
@@ -54,19 +54,29 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict
 
 
 class KnnMonitor:
-    """kNN top-1 (k 200) of a backbone on fixed seeded subsets: `samples` train images as the
-    bank, `samples` val images as queries. A few seconds a pass at 32 px; used by train.py's
-    --knn-every. Unreadable images are replaced as in training and counted in `failed_reads`."""
+    """kNN top-1 (k 200) of a backbone on fixed seeded subsets: `samples` bank images, `samples`
+    query images. With queries=None both come from `bank`, as two disjoint halves of one seeded
+    permutation (a labelled val/ beside unlabelled training images). A few seconds a pass at 32 px;
+    used by train.py's --knn-every. Unreadable images are replaced as in training and counted in
+    `failed_reads`."""
 
-    def __init__(self, data: str, image_size: int, samples: int, seed: int, workers: int, max_pixels: int):
-        transform = eval_transform(image_size)
-        train = image_folder(os.path.join(data, "train"), transform, max_pixels=max_pixels)
-        val = image_folder(os.path.join(data, "val"), transform, max_pixels=max_pixels)
+    def __init__(self, bank: LabelledImages, queries: LabelledImages | None, image_size: int, samples: int,
+                 seed: int, workers: int):
+        bank = copy.copy(bank)
+        bank.transform = eval_transform(image_size)
         g = torch.Generator().manual_seed(seed)
-        pick = lambda ds: Subset(ds, torch.randperm(len(ds), generator=g)[:samples].tolist())  # noqa: E731
-        self.bank_loader = DataLoader(pick(train), batch_size=256, num_workers=workers)
-        self.query_loader = DataLoader(pick(val), batch_size=256, num_workers=workers)
-        self.num_classes, self.failed_reads = len(train.classes), 0
+        if queries is None:
+            order = torch.randperm(len(bank), generator=g).tolist()
+            half = len(order) // 2
+            bank_part, query_part = Subset(bank, order[:half][:samples]), Subset(bank, order[half:][:samples])
+        else:
+            queries = copy.copy(queries)
+            queries.transform = bank.transform
+            pick = lambda ds: Subset(ds, torch.randperm(len(ds), generator=g)[:samples].tolist())  # noqa: E731
+            bank_part, query_part = pick(bank), pick(queries)
+        self.bank_loader = DataLoader(bank_part, batch_size=256, num_workers=workers)
+        self.query_loader = DataLoader(query_part, batch_size=256, num_workers=workers)
+        self.num_classes, self.failed_reads = len(bank.classes), 0
 
     def top1(self, backbone: torch.nn.Module, device) -> float:
         was_training = backbone.training

@@ -7,6 +7,7 @@ another, and random crops and colour jitter keep the family: the classes are lea
 self-supervised model and checkable by kNN, while colour alone says nothing about the class.
 
     python -m bfcl.synthetic OUT_DIR [--classes 4] [--train-per-class 64] [--val-per-class 16] [--size 32]
+    python -m bfcl.synthetic OUT_DIR --unlabelled [...]   # OUT_DIR/<year>/<month>/IMG_*.jpg, no classes, no val/
 """
 
 import argparse
@@ -56,6 +57,23 @@ def make_image_folder(root: str, classes: int = 4, train_per_class: int = 64, va
     return root
 
 
+def make_unlabelled_folder(root: str, classes: int = 4, images: int = 256, size: int = 32, seed: int = 0) -> str:
+    """Write `images` images of the same patterns, class unnamed, nested like a photo dump:
+    root/<year>/<month>/IMG_<i>.jpg over 6 month folders (and a hidden file and a text file, which
+    the index leaves out). Deterministic in `seed`; returns root."""
+    g = torch.Generator().manual_seed(seed)
+    for i in range(images):
+        folder = os.path.join(root, str(2020 + i % 2), f"{1 + i % 3:02d}")
+        os.makedirs(folder, exist_ok=True)
+        label = int(torch.randint(classes, (), generator=g))
+        Image.fromarray(stripes(label, classes, size, g).numpy()).save(os.path.join(folder, f"IMG_{i:05d}.jpg"),
+                                                                       quality=90)
+    open(os.path.join(root, ".DS_Store"), "w").close()
+    with open(os.path.join(root, "README.txt"), "w") as f:
+        f.write("unlabelled synthetic images\n")
+    return root
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("root")
@@ -64,6 +82,12 @@ if __name__ == "__main__":
     p.add_argument("--val-per-class", type=int, default=16)
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--unlabelled", action="store_true",
+                   help="nested date folders without classes: classes x train-per-class images, no val/")
     a = p.parse_args()
-    make_image_folder(a.root, a.classes, a.train_per_class, a.val_per_class, a.size, a.seed)
-    print(f"wrote {a.root}/train and {a.root}/val")
+    if a.unlabelled:
+        make_unlabelled_folder(a.root, a.classes, a.classes * a.train_per_class, a.size, a.seed)
+        print(f"wrote {a.classes * a.train_per_class} unlabelled images under {a.root}")
+    else:
+        make_image_folder(a.root, a.classes, a.train_per_class, a.val_per_class, a.size, a.seed)
+        print(f"wrote {a.root}/train and {a.root}/val")

@@ -21,8 +21,8 @@ from torchvision.datasets import ImageFolder
 from bfcl.checkpoint import (CHECKPOINT_FORMAT, CheckpointError, check_weights, latest_checkpoint, list_checkpoints,
                              load_checkpoint, load_model_state, load_optimizer_state, optimizer_state_tensors,
                              read_meta, save_checkpoint)
-from bfcl.images import (DEFAULT_MAX_PIXELS, DataError, DataWarning, LabelledImages, UnreadableImage,
-                         check_image_folder, image_folder, read_image, scan_image_folder)
+from bfcl.folders import DataWarning, check_image_folder
+from bfcl.images import DEFAULT_MAX_PIXELS, DataError, LabelledImages, UnreadableImage, image_folder, read_image
 from bfcl.views import PretrainDataset, pretrain_views
 from bfcl.runlock import RunLock, RunLockError, _pid_namespace, _process_start
 
@@ -107,7 +107,8 @@ def test_fifo_named_jpg_is_not_opened(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(UnreadableImage, match="not a regular file"):
         read_image(fifo)  # open() would block forever
-    assert [os.path.basename(p) for p, _ in scan_image_folder(str(tmp_path)).samples] == ["a.jpg"]
+    ds = image_folder(str(tmp_path))
+    assert [os.path.basename(ds.path(i)) for i in range(len(ds))] == ["a.jpg"]
 
 
 def broken_folder(tmp_path) -> tuple[str, list[str]]:
@@ -123,7 +124,7 @@ def broken_folder(tmp_path) -> tuple[str, list[str]]:
 def test_labelled_images_replace_and_count_unreadable_ones(tmp_path):
     root = broken_folder(tmp_path)
     ds = LabelledImages(root, transform=lambda img: torch.tensor(img.getpixel((0, 0))))
-    assert len(ds) == 7 and ds.classes == ["a", "b"] and ds.targets == [0, 0, 0, 0, 1, 1, 1]
+    assert len(ds) == 7 and ds.classes == ["a", "b"] and ds.targets.tolist() == [0, 0, 0, 0, 1, 1, 1]
     # index: (first readable at or after it, its label, unreadable files passed over)
     expected = {0: (0, 0, 0), 1: (3, 0, 2), 2: (3, 0, 1), 3: (3, 0, 0), 4: (6, 1, 2), 5: (6, 1, 1), 6: (6, 1, 0)}
     for index, (source, label, failed) in expected.items():
@@ -149,7 +150,7 @@ def test_image_folder_copy_keeps_the_file_list_and_takes_a_new_transform(tmp_pat
     train = image_folder(root, transform=lambda img: "eval")
     aug = copy.copy(train)
     aug.transform = lambda img: "aug"
-    assert train[0] == ("eval", 0, 0) and aug[2] == ("aug", 1, 0) and aug.samples is train.samples
+    assert train[0] == ("eval", 0, 0) and aug[2] == ("aug", 1, 0) and aug.index is train.index
     assert check_image_folder(root) == ["a", "b"]
 
 
@@ -165,7 +166,8 @@ def test_sample_order_equals_torchvision_imagefolder(tmp_path):
     save_image(os.path.join(root, "a", "folder.jpg", "q.png"))
     ours, theirs = image_folder(root), ImageFolder(root)
     assert ours.classes == theirs.classes and ours.class_to_idx == theirs.class_to_idx
-    assert ours.samples == theirs.samples and ours.targets == theirs.targets
+    assert [(ours.path(i), int(ours.targets[i])) for i in range(len(ours))] == theirs.samples
+    assert ours.targets.tolist() == theirs.targets
 
 
 def test_symlink_loops_do_not_multiply_images_and_are_reported(tmp_path):
@@ -181,7 +183,7 @@ def test_symlink_loops_do_not_multiply_images_and_are_reported(tmp_path):
     with pytest.warns(DataWarning, match=r"left out 5 folder\(s\)") as record:
         ds = image_folder(root)
     assert len(record) == 1 and "\n" not in str(record[0].message)
-    assert [(os.path.relpath(p, root), y) for p, y in ds.samples] == [
+    assert [(os.path.relpath(ds.path(i), root), int(ds.targets[i])) for i in range(len(ds))] == [
         ("cat/0.png", 0), ("cat/1.png", 0), ("cat/linked.png", 0), ("dog/0.png", 1), ("dog/more/0.png", 1)]
     assert len(ds.skipped) == 5 and all(" -> " in s for s in ds.skipped)
     assert check_image_folder(root) == ["cat", "dog"]

@@ -147,7 +147,7 @@ def test_corrupt_jpeg_is_replaced_and_counted(tmp_path):
     with open(broken, "r+b") as f:
         f.truncate(60)  # a truncated JPEG: opens, fails to decode
     dataset = PretrainDataset(os.path.join(root, "train"), pretrain_views(16, blur=False))
-    assert dataset.folder.samples[1][0] == broken
+    assert dataset.folder.path(1) == broken
     v1, v2, label, failed = dataset[(1, 123)]
     assert failed == 1 and v1.shape == (3, 16, 16) and label == 0  # replaced by 00002.jpg, same class
     reference = dataset[(2, 123)]
@@ -215,7 +215,7 @@ def test_too_little_disk(data, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("layout, expected", [
-    ({}, "does not exist"),
+    ({}, "holds no images"),  # no train/: any folder of images, searched recursively
     ({"train/readme.txt": b""}, "has no class subfolders"),
     ({"train/cat/a.jpg": None, "train/dog/notes.txt": b""}, "class folders without images (dog)"),
 ])
