@@ -24,9 +24,10 @@ Modes (--mode):
                statistics, no augmentation. A quick check on a CPU, NOT the protocol.
   quick        knn and fast-linear, sharing one feature pass (what bench/quality.py scores with).
   all          quick, then linear.
-  finetune     end to end: the whole backbone and a new head train (method.md §6), with the
-               torchvision reference recipe (ResNets) or DeiT's (ViTs), each field overridable
-               by its flag; exact resume, SIGTERM checkpoint, OUTPUT/finetuned.safetensors.
+  finetune     end to end: the whole backbone and a new head train (method.md §6), with SimCLR's
+               semi-supervised recipe (pretrained ResNets), torchvision's from-scratch one
+               (--random-init ResNets) or DeiT's (ViTs), each field overridable by its flag
+               (docs/finetune-recipes.md); exact resume, SIGTERM checkpoint, OUTPUT/finetuned.safetensors.
 
 Measured on 2 shared CPU cores, on `make smoke-test`'s data (4 classes, 384 / 128 images of
 32 px) with a random-init resnet18/small, the baseline a pretrained backbone must beat:
@@ -132,13 +133,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="GLOBAL batch over all processes (also the feature-pass batch)")
     a.add_argument("--lr", type=float, default=None,
                    help="base lr. linear: the lr used is lr x batch-size / 256 (default: 0.1 ResNets, 3 ViTs, as "
-                        "MoCo v3); finetune: the recipe's (default 0.1 x batch/256 ResNets, 5e-4 x batch/512 ViTs)")
+                        "MoCo v3); finetune: the recipe's (default 0.05 x batch/256 pretrained ResNets, 0.1 x "
+                        "batch/256 random-init ResNets, 5e-4 x batch/512 ViTs)")
     a.add_argument("--epochs", type=float, default=None,
                    help="epochs of the cosine schedule (default: 90 linear; finetune: the recipe's, 90 ResNets, "
                         "150 ViTs)")
     a.add_argument("--bn-head", action="store_true",
                    help="parameter-free BatchNorm before the linear head (MoCo v3 authors: makes the lr less "
                         "sensitive)")
+    a.add_argument("--add_bf", type=int, choices=(0, 1), default=0,
+                   help="1: a trainable BatchFormer between the feature and a shared head, which sees [x ; BF(x)] "
+                        "with the labels twice; removed at evaluation and from the exported classifier "
+                        "(bfcl/bf_head.py)")
     a = p.add_argument_group("fine-tuning (--mode finetune; each flag overrides the recipe: bfcl/finetune_recipe.py)")
     a.add_argument("--wd", type=float, default=None, help="weight decay (1e-4 ResNets, 0.05 ViTs)")
     a.add_argument("--warmup-epochs", type=float, default=None,
@@ -235,7 +241,8 @@ def main(argv=None) -> int:
         "batch per process": args.batch_size // world, "global batch": args.batch_size,
     }
     if "linear" in modes:
-        summary.update({"linear lr (scaled)": peak_lr, "linear epochs": linear_epochs(args), "BN head": args.bn_head})
+        summary.update({"linear lr (scaled)": peak_lr, "linear epochs": linear_epochs(args), "BN head": args.bn_head,
+                        "BatchFormer before the head": bool(args.add_bf)})
         if args.batch_size > len(data.train):
             summary["note"] = f"batch {args.batch_size} exceeds the {len(data.train)} train images: one step per epoch"
     if "finetune" in modes and warmup_note:

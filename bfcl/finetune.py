@@ -15,12 +15,13 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 
 from bfcl.batchformer import dropout_seed
+from bfcl.bf_head import BatchFormerClassifier, param_groups_with_bf, targets_for
 from bfcl.checkpoint import (CheckpointError, load_model_state, load_optimizer_state, optimizer_state_tensors,
                              resume_checkpoint, save_checkpoint, save_file_atomic)
 from bfcl.cli import EXIT_PREEMPTED, StopSignal, code_version, fail, format_summary
 from bfcl.evaluation import Backbone, ProbeData, check_failed_reads, evaluate
 from bfcl.finetune_recipe import (FinetuneRecipe, MixupCutmix, add_drop_path, lr_at, param_groups, recipe_for,
-                                  soft_target_cross_entropy, train_transform)
+                                  recipe_reason, soft_target_cross_entropy, train_transform)
 from bfcl.loop import Window, batches
 from bfcl.model import is_vit
 from bfcl.progress import ProgressLog
@@ -44,12 +45,12 @@ def finetune_recipe(args, arch: str) -> tuple[FinetuneRecipe, str | None]:
 
     --epochs shorter than the recipe's without --warmup-epochs keeps the recipe's warm-up share
     (5 of 90 epochs for ResNets, 5 of 150 for ViTs) instead of its 5 epochs."""
-    recipe = recipe_for("vit" if is_vit(arch) else "resnet")
+    recipe = recipe_for("vit" if is_vit(arch) else "resnet", pretrained=not args.random_init)
     given = {field: getattr(args, flag) for flag, field in RECIPE_FLAGS.items() if getattr(args, flag) is not None}
     if not is_vit(arch) and given.get("layer_decay") is not None:
         fail("--layer-decay applies to ViTs only; drop it for a ResNet")
     note = None
-    if "epochs" in given and "warmup_epochs" not in given and given["epochs"] < recipe.epochs:
+    if "epochs" in given and "warmup_epochs" not in given and given["epochs"] < recipe.epochs and recipe.warmup_epochs:
         given["warmup_epochs"] = recipe.warmup_epochs * given["epochs"] / recipe.epochs
         note = (f"{given['warmup_epochs']:g} epochs: the {recipe.name} recipe's {recipe.warmup_epochs:g} of "
                 f"{recipe.epochs:g}, scaled to --epochs {given['epochs']:g} (pass --warmup-epochs to set it)")
@@ -76,17 +77,18 @@ def run_lock(output_dir: str, accelerator: Accelerator):
 
 
 def finetune_model(backbone: Backbone, recipe: FinetuneRecipe, num_classes: int, image_size: int, world: int,
-                   device) -> torch.nn.Module:
+                   device, add_bf: bool = False) -> torch.nn.Module:
     """The whole classifier, every tensor trainable: MoCo v3 fine-tunes its ViTs through DeiT, where
     the patch projection and position embedding train too. Drop path on ViT blocks; BatchNorm
-    trains (SyncBatchNorm on several GPUs)."""
+    trains (SyncBatchNorm on several GPUs). add_bf: wrapped in a BatchFormerClassifier
+    (bfcl/bf_head.py), a trainable BatchFormer before the shared head."""
     model = backbone.model(num_classes, image_size=image_size, freeze=False)
     model.requires_grad_(True)
     if is_vit(backbone.arch):
         add_drop_path(model, recipe.drop_path)
     elif world > 1 and device.type == "cuda":  # gloo (CPU) rejects SyncBatchNorm
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return model
+    return BatchFormerClassifier(model) if add_bf else model
 
 
 def finetune(args, backbone: Backbone, data: ProbeData, image_size: int, recipe: FinetuneRecipe,
@@ -99,10 +101,11 @@ def finetune(args, backbone: Backbone, data: ProbeData, image_size: int, recipe:
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     family = "vit" if is_vit(backbone.arch) else "resnet"
     set_seed(args.seed)  # the same head on every process
-    model = finetune_model(backbone, recipe, len(data.classes), image_size, world, device)
-    groups, param_names = param_groups(model, family, recipe.weight_decay, recipe.layer_decay)
-    optimizer = torch.optim.SGD(groups, lr=0.0, momentum=recipe.momentum) if recipe.optimizer == "sgd" \
-        else torch.optim.AdamW(groups, lr=0.0)
+    model = finetune_model(backbone, recipe, len(data.classes), image_size, world, device, bool(args.add_bf))
+    groups_of = param_groups_with_bf if args.add_bf else param_groups
+    groups, param_names = groups_of(model, family, recipe.weight_decay, recipe.layer_decay)
+    optimizer = torch.optim.SGD(groups, lr=0.0, momentum=recipe.momentum, nesterov=recipe.nesterov) \
+        if recipe.optimizer == "sgd" else torch.optim.AdamW(groups, lr=0.0)
     train_set = SeededImages(copy.copy(data.train))  # fine-tuning's own augmentation, seeded per sample
     train_set.images.transform = train_transform(recipe, image_size, IMAGENET_MEAN, IMAGENET_STD)
     steps_per_epoch = len(train_set) // args.batch_size
@@ -129,12 +132,15 @@ def finetune(args, backbone: Backbone, data: ProbeData, image_size: int, recipe:
         accelerator.scaler.load_state_dict(resumed["meta"]["scaler"])  # fp16: the loss scale goes on
     mix = MixupCutmix(len(data.classes), recipe.mixup, recipe.cutmix, recipe.mix_switch_prob)
     accelerator.print(format_summary({
-        "recipe": recipe.name, "source": recipe.source, "optimizer": recipe.optimizer, "lr (scaled)": peak_lr,
+        "recipe": recipe.name, "chosen for": recipe_reason(family, not args.random_init), "source": recipe.source,
+        "optimizer": f"{recipe.optimizer}{', nesterov' if recipe.nesterov else ''}", "lr (scaled)": peak_lr,
         "min lr (scaled)": min_lr, "weight decay": recipe.weight_decay, "epochs": recipe.epochs,
         "steps": f"{total_steps} ({steps_per_epoch} per epoch, {warmup_steps} warm-up)",
         "augmentation": f"mixup {recipe.mixup}, cutmix {recipe.cutmix}, randaugment {recipe.randaugment}, "
                         f"erasing {recipe.random_erasing}, smoothing {recipe.label_smoothing}",
         "drop path / layer decay": f"{recipe.drop_path if family == 'vit' else '-'} / {recipe.layer_decay}",
+        "BatchFormer in the classifier": "[x ; BF(x)] through the shared head, labels twice; removed at evaluation "
+                                         "and in the export" if args.add_bf else "no",
         "resumed from": f"{path} (step {start})" if resumed else "scratch"}))
 
     log = ProgressLog(os.path.join(args.output_dir, "metrics.jsonl"), last_step, start) \
@@ -149,7 +155,8 @@ def finetune(args, backbone: Backbone, data: ProbeData, image_size: int, recipe:
             group["lr"] = lr * group["lr_scale"]
         torch.manual_seed(dropout_seed(args.seed, step, rank))  # Mixup/CutMix and drop path
         images, targets = mix(images.to(device, non_blocking=True), labels.to(device, non_blocking=True))
-        loss = soft_target_cross_entropy(ddp_model(images).float(), targets, recipe.label_smoothing)
+        logits = ddp_model(images).float()  # [N, K], or [2N, K] with BatchFormer: the targets twice
+        loss = soft_target_cross_entropy(logits, targets_for(logits, targets), recipe.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         optimizer.step()
@@ -192,8 +199,9 @@ def finetune(args, backbone: Backbone, data: ProbeData, image_size: int, recipe:
         history.append({"step": final, **evaluate(model, data.val, len(data.classes), args.batch_size // world, args,
                                                   accelerator)})
     path = os.path.join(args.output_dir, "finetuned.safetensors")
-    if accelerator.is_main_process:  # the fine-tuned classifier, torchvision keys, head included
-        save_file_atomic(model.state_dict(), path, classifier_metadata(backbone, image_size, len(data.classes), final))
+    if accelerator.is_main_process:  # the fine-tuned classifier, torchvision keys, head included, no BatchFormer
+        state = model.classifier_state() if args.add_bf else model.state_dict()
+        save_file_atomic(state, path, classifier_metadata(backbone, image_size, len(data.classes), final))
     accelerator.wait_for_everyone()
     best = max(history, key=lambda h: h["top1"])
     return {"recipe": dataclasses.asdict(recipe), "steps": final, "batch_size": args.batch_size, "lr": peak_lr,

@@ -44,6 +44,7 @@ class FinetuneRecipe:
     layer_decay: float | None  # layer-wise lr decay (ViT only); None = off
     interpolation: str  # RandomResizedCrop's: "bilinear" | "bicubic"
     source: str
+    nesterov: bool = False  # SGD only: Nesterov momentum (SimCLR's and BYOL's fine-tuning)
 
     def scaled_lr(self, global_batch: int) -> float:
         """The linear scaling rule: base_lr * global_batch / lr_batch."""
@@ -82,11 +83,43 @@ VIT_RECIPE = FinetuneRecipe(
 )
 
 
-def recipe_for(family: str) -> FinetuneRecipe:
-    """RESNET_RECIPE for "resnet", VIT_RECIPE for "vit"."""
+# A pretrained ResNet with few labels (docs/finetune-recipes.md): SimCLR appendix B.5 fine-tunes
+# its 1 % / 10 % subsets with SGD, Nesterov momentum 0.9, lr 0.05 x batch/256, no warm-up, no
+# weight decay or other regulariser, random crop + flip only; SimCLRv2 §3 also drops warm-up and
+# weight decay and uses 30 epochs at 10 % and 100 % (60 at 1 %); BYOL appendix C.2 likewise uses
+# Nesterov SGD and sweeps lr in 0.005-0.1 at batch 1024. The from-scratch recipe's lr 0.1, wd 1e-4
+# and smoothing erase what pretraining learnt on a small subset. base_lr 0.05 is SimCLR's rule,
+# to be confirmed for bfcl backbones by `bench/downstream.py --sweep-lr` (10 % of CIFAR-10).
+PRETRAINED_RESNET_RECIPE = FinetuneRecipe(
+    name="simclr-semi-supervised", optimizer="sgd", base_lr=0.05, lr_batch=256, weight_decay=0.0,
+    momentum=0.9, epochs=30, warmup_epochs=0, min_lr=0.0, label_smoothing=0.0, mixup=0.0,
+    cutmix=0.0, mix_switch_prob=0.5, randaugment=False, random_erasing=0.0, drop_path=0.0,
+    layer_decay=None, interpolation="bilinear", nesterov=True,
+    source="SimCLR appendix B.5 / SimCLRv2 / BYOL appendix C.2 semi-supervised fine-tuning: sgd nesterov "
+           "momentum 0.9, lr 0.05 (batch 256), no warm-up, no weight decay, crop + flip, 30 epochs "
+           "(docs/finetune-recipes.md)",
+)
+
+
+def recipe_for(family: str, pretrained: bool = False) -> FinetuneRecipe:
+    """VIT_RECIPE for "vit" (either start: MoCo v3 fine-tunes its ViTs with DeiT's recipe);
+    for "resnet", PRETRAINED_RESNET_RECIPE from a pretrained start, else RESNET_RECIPE."""
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
-    return RESNET_RECIPE if family == "resnet" else VIT_RECIPE
+    if family == "vit":
+        return VIT_RECIPE
+    return PRETRAINED_RESNET_RECIPE if pretrained else RESNET_RECIPE
+
+
+def recipe_reason(family: str, pretrained: bool) -> str:
+    """Why recipe_for(family, pretrained) is the default, for the start-up summary."""
+    if family == "vit":
+        return "a ViT: DeiT's recipe from either start, as MoCo v3 fine-tunes its ViTs"
+    if pretrained:
+        return ("a pretrained ResNet: the semi-supervised fine-tuning of SimCLR and BYOL (small lr, no weight "
+                "decay, no warm-up, crop + flip); --random-init gets torchvision's from-scratch recipe")
+    return ("a random-init ResNet: torchvision's from-scratch recipe; a --pretrained start gets "
+            f"{PRETRAINED_RESNET_RECIPE.name}")
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float, min_lr: float) -> float:

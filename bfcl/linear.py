@@ -14,6 +14,7 @@ from accelerate.utils import set_seed
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
+from bfcl.bf_head import BatchFormerClassifier, targets_for
 from bfcl.cli import fail
 from bfcl.evaluation import Backbone, ProbeData, check_failed_reads, evaluate, features, summed
 from bfcl.knn import knn_scores, topk_accuracy
@@ -91,14 +92,20 @@ def linear_epochs(args) -> int:
 
 def linear_probe(args, backbone: Backbone, data: ProbeData, image_size: int, peak_lr: float,
                  accelerator: Accelerator) -> dict:
-    """The linear classification protocol of MoCo v3 (method.md §3); returns best/last/history."""
+    """The linear classification protocol of MoCo v3 (method.md §3); returns best/last/history.
+
+    --add_bf 1: a trainable BatchFormer before the head (bfcl/bf_head.py) trains with it on
+    [x ; BF(x)], the labels twice; the backbone stays frozen, and evaluation uses the head alone."""
     world, device = accelerator.num_processes, accelerator.device
     local_batch = args.batch_size // world
     set_seed(args.seed)  # the same head on every process
     model = backbone.model(len(data.classes), args.bn_head, image_size)
     reference = backbone_tensors(model)
-    head = getattr(model, head_name(model))
-    optimizer = torch.optim.SGD(head.parameters(), lr=peak_lr, momentum=0.9, weight_decay=0.0)
+    if args.add_bf:
+        model = BatchFormerClassifier(model)
+    trained = (model.head, model.batchformer) if args.add_bf else (getattr(model, head_name(model)),)
+    optimizer = torch.optim.SGD([p for m in trained for p in m.parameters()], lr=peak_lr, momentum=0.9,
+                                weight_decay=0.0)
     train_loader = DataLoader(data.train_aug, batch_size=local_batch, shuffle=True, num_workers=args.workers,
                               pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
     ddp_model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
@@ -108,10 +115,12 @@ def linear_probe(args, backbone: Backbone, data: ProbeData, image_size: int, pea
         lr = learning_rate(epoch, epochs, 0, peak_lr)  # per epoch, no warmup
         optimizer.param_groups[0]["lr"] = lr
         ddp_model.eval()  # the backbone's BN statistics must never move ...
-        head.train()      # ... only the head (and --bn-head's statistics) learns
+        for module in trained:  # ... only the head (and --bn-head's statistics, and BatchFormer) learns
+            module.train()
         loss_sum, steps = torch.zeros((), device=device), 0
         for images, labels, failed_reads in train_loader:
-            loss = F.cross_entropy(ddp_model(images), labels)
+            logits = ddp_model(images)  # [N, K], or [2N, K] with BatchFormer: the labels twice
+            loss = F.cross_entropy(logits, targets_for(logits, labels))
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             optimizer.step()
@@ -127,7 +136,7 @@ def linear_probe(args, backbone: Backbone, data: ProbeData, image_size: int, pea
         history.append({"epoch": epoch + 1, "lr": lr, "loss": loss, **top})
         accelerator.print(f"linear epoch {epoch + 1}/{epochs} | lr {lr:.4g} | loss {loss:.4f} | "
                           f"top1 {top['top1']:.2f} | top5 {top['top5']:.2f}")
-    assert_backbone_unchanged(model, reference)
+    assert_backbone_unchanged(model.backbone if args.add_bf else model, reference)
     best = max(history, key=lambda h: h["top1"])
     return {"protocol": True, "bn_head": args.bn_head, "epochs": epochs, "batch_size": args.batch_size,
             "lr": peak_lr, "best": best, "last": history[-1], "history": history}
