@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import torchvision
 from torchvision.models.vision_transformer import VisionTransformer
 
-from bfcl.bf_head import BatchFormerClassifier, duplicate_targets, targets_for
+from bfcl.bf_head import BatchFormerClassifier, duplicate_targets, param_groups_with_bf, targets_for
 from bfcl.model import build_backbone
 from bfcl.pretrained import linear_head, set_head
 
@@ -101,3 +101,27 @@ def test_it_trains_batchformer_head_and_backbone_move():
         optimizer.step()
     for name, tensor in watched.items():
         assert not torch.equal(tensor, before[name]), f"{name} did not move"
+
+
+def test_param_groups_with_bf_follow_the_plain_classifiers_rules():
+    torch.manual_seed(0)
+    vit = build_backbone("vit_tiny", image_size=32, patch_size=8, stop_grad_conv1=False)
+    set_head(vit, linear_head(vit.feature_dim, K))
+    model = BatchFormerClassifier(vit)
+    groups, names = param_groups_with_bf(model, "vit", weight_decay=0.05, layer_decay=0.75)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    grouped = [p for g in groups for p in g["params"]]
+    assert len(grouped) == len(trainable) == len(names) == len(set(names))
+    assert {id(p) for p in grouped} == {id(p) for p in trainable}  # every tensor exactly once
+    setting, position = {}, 0  # names[i] is the i-th tensor over the groups in order
+    for g in groups:
+        for _ in g["params"]:
+            setting[names[position]] = (g["weight_decay"], g["lr_scale"])
+            position += 1
+    assert setting["heads.head.weight"] == (0.05, 1.0)  # torchvision names: the ViT rules apply
+    assert setting["conv_proj.weight"] == (0.05, pytest.approx(0.75 ** 13))
+    assert setting["batchformer.encoder_layer.linear1.weight"] == (0.05, 1.0)
+    assert setting["batchformer.encoder_layer.norm1.weight"] == (0.0, 1.0)  # norms and biases: no decay
+    assert setting["batchformer.encoder_layer.linear1.bias"] == (0.0, 1.0)
+    assert isinstance(model.backbone.heads, torch.nn.Identity)  # the head went back to the wrapper
+    assert model.backbone(torch.randn(2, 3, 32, 32)).shape == (2, vit.feature_dim)
