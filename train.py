@@ -256,7 +256,7 @@ def training_images(config, accelerator) -> tuple[ImageIndex, str]:
     if outcome[0] == "error":
         raise DataError(outcome[1])
     if not accelerator.is_main_process:
-        index = ImageIndex.load(file)
+        index = ImageIndex.load(file, find_layout(config.data, config.train_list)[1])
     left_out = os.path.join(config.data, "val")
     if index.layout == "folder" and os.path.isdir(left_out):
         return index, f"{outcome[1]}; {left_out} left out (the kNN monitor's labelled images)"

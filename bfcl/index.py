@@ -133,8 +133,9 @@ class ImageIndex:
         save_file_atomic(tensors, file, meta)
 
     @staticmethod
-    def load(file: str) -> "ImageIndex":
-        """The index saved in `file`, or DataError in one line."""
+    def load(file: str, root: str | None = None) -> "ImageIndex":
+        """The index saved in `file`, or DataError in one line. `root`: the data root as this run
+        names it (the same folder; another working directory may name it differently)."""
         try:
             with safe_open(file, framework="pt") as f:
                 meta, t = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
@@ -143,8 +144,8 @@ class ImageIndex:
             skipped = json.loads(meta["skipped"])
             skipped += [f"... {int(meta['skipped_count']) - len(skipped)} more"] * (int(meta["skipped_count"]) > 100)
             labels = array("q", _bytes_view(t["labels"]).tobytes())
-            return ImageIndex(meta["root"], meta["layout"], PackedStrings(t["path_bytes"], t["path_ends"]), labels,
-                              json.loads(meta["classes"]), skipped, json.loads(meta["source"]),
+            return ImageIndex(root or meta["root"], meta["layout"], PackedStrings(t["path_bytes"], t["path_ends"]),
+                              labels, json.loads(meta["classes"]), skipped, json.loads(meta["source"]),
                               PackedStrings(t["folder_bytes"], t["folder_ends"]), t["folder_mtimes"])
         except (SafetensorError, OSError, ValueError, KeyError) as e:
             raise DataError(f"image index {file} cannot be read ({type(e).__name__}: {str(e)[:200]}); delete it "
@@ -157,7 +158,8 @@ class ImageIndex:
         for key in ("layout", "root_real", "list_file"):
             if now.get(key) != self.source.get(key):
                 return f"it was built from {key.replace('_', ' ')} {self.source.get(key)}, this run has {now.get(key)}"
-        if list_file is not None and _sha256(list_file) != self.source["list_sha256"]:
+        if list_file is not None and not (os.path.isfile(list_file) and
+                                          _sha256(list_file) == self.source["list_sha256"]):
             return f"{list_file} changed since it was built"
         mtimes = self.folder_mtimes.tolist()
         for i in range(len(self.folders)):
@@ -303,7 +305,7 @@ def saved_or_built(data: str, train_list: str | None, file: str, rebuild_ok: boo
     note = f"built, saved to {file}"
     if os.path.exists(file):
         try:
-            index = ImageIndex.load(file)
+            index = ImageIndex.load(file, root)
             why = index.stale(layout, root, train_list)
         except DataError as e:
             index, why = None, str(e)

@@ -102,6 +102,9 @@ def test_saved_index_is_reused_and_rebuilt_or_refused_when_the_data_changed(tmp_
     assert note == f"built, saved to {file}"
     again, note = saved_or_built(str(data), None, file, rebuild_ok=False)
     assert note == f"read from {file}" and relative(again) == relative(first) == ["2024/01/a.png", "2024/02/b.png"]
+    alias = os.path.relpath(data)  # the same folder, named another way: paths follow this run's name
+    aliased, note = saved_or_built(alias, None, file, rebuild_ok=False)
+    assert note.startswith("read from") and aliased.path(0) == os.path.join(alias, "2024", "01", "a.png")
 
     time.sleep(0.05)  # a later mtime than the index's, on file systems with coarse timestamps
     image(data / "2024" / "02" / "c.png")  # two levels down: only that folder's mtime changes
