@@ -102,7 +102,7 @@ def check(args) -> None:
         fail(f"--fractions {args.fractions}: distinct values in (0, 1], e.g. 0.01,0.1,1")
     if len(args.ft_min) != len(args.fractions):
         fail(f"--ft-min has {len(args.ft_min)} values for {len(args.fractions)} --fractions; give one per fraction")
-    if not set(args.bf_fractions) <= set(args.fractions):
+    if not args.sweep_lr and not set(args.bf_fractions) <= set(args.fractions):
         fail(f"--bf-fractions {args.bf_fractions} must be among --fractions {args.fractions}")
     if not set(args.bf_starts) <= set(STARTS):
         fail(f"--bf-starts {','.join(args.bf_starts)}: choose among {','.join(STARTS)}")
@@ -112,11 +112,16 @@ def check(args) -> None:
         fail("--seeds must be at least 1")
 
 
+def sweep_minutes(args) -> float:
+    """--ft-min of the sweep's fraction if it is among --fractions, else the first --ft-min."""
+    return dict(zip(args.fractions, args.ft_min)).get(args.sweep_fraction, args.ft_min[0])
+
+
 def estimate_min(args) -> float:
     """Wall-clock minutes the benchmark should take (quick checks: about 5 minutes in all)."""
     pretrain = 0 if args.pretrained else args.pretrain_min
     if args.sweep_lr:
-        return pretrain + 2 + len(args.sweep_lr) * args.seeds * args.ft_min[args.fractions.index(args.sweep_fraction)]
+        return pretrain + 2 + len(args.sweep_lr) * args.seeds * sweep_minutes(args)
     runs = sum(m * args.seeds * (len(STARTS) + (len(args.bf_starts) if f in args.bf_fractions else 0))
                for f, m in zip(args.fractions, args.ft_min))
     return pretrain + 5 + 1 + runs
@@ -329,7 +334,7 @@ def main(argv=None) -> int:
 
     if args.sweep_lr:
         f = args.sweep_fraction
-        steps = steps_for(args, cal, minutes.get(f, args.ft_min[0]))
+        steps = steps_for(args, cal, sweep_minutes(args))
         records = [finetune(args, env, "pretrained", f, seed, steps, samples[f], lr=lr, name=f"sweep-lr{lr:g}")
                    for lr in args.sweep_lr for seed in range(args.seeds)]
         info["date_end"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
