@@ -138,7 +138,9 @@ class ImageIndex:
         names it (the same folder; another working directory may name it differently)."""
         try:
             with safe_open(file, framework="pt") as f:
-                meta, t = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+                # cloned: into this process's memory now, which forked workers share, not pages of a
+                # file mapping that each worker would fault in (from a network file system, perhaps)
+                meta, t = f.metadata() or {}, {k: f.get_tensor(k).clone() for k in f.keys()}  # noqa: SIM118
             if meta.get("format") != INDEX_FORMAT:
                 raise ValueError(f"format {meta.get('format')!r}, expected {INDEX_FORMAT}")
             skipped = json.loads(meta["skipped"])
