@@ -33,14 +33,17 @@ Measured on 2 shared CPU cores, on `make smoke-test`'s data (4 classes, 384 / 12
 32 px) with a random-init resnet18/small, the baseline a pretrained backbone must beat:
 kNN k200 top-1 21.1, fast-linear top-1 41.4 (chance 25), about 20 s per mode with start-up.
 
-Several processes split every feature pass into whole batches without padding, so each image
-is counted exactly once and the features equal a one-process run with the same per-process
-batch (-b divided by the process count).
+Few labels, in every mode: --labels-per-class N or --label-fraction F train on a class-balanced
+subset of train/ drawn from --subset-seed alone (N of each class, or all of a smaller one; F of
+each class rounded half up, at least 1), --train-list FILE on the images a list names. The subset
+used is written to OUTPUT/train_list.txt, which --train-list reads back (bfcl/subsets.py).
 
 results.json in --output-dir (only the modes that ran appear under "results"):
   {"pretrained": PATH or "random-init", "source": layout read, "arch": "resnet50",
    "stem": "imagenet", "step": int or null, "image_size": 224, "num_classes": 1000,
    "train_samples": int, "val_samples": int, "processes": int, "config": {parsed options},
+   "subset": null, or {"rule": "--label-fraction 0.01", "seed": 0 (null for a list), "size": int,
+              "available": int, "per_class": {class: int}, "sha256": of train_list.txt, "list": "train_list.txt"},
    "results": {
      "knn":         {"temperature": 0.07, "k20": {"top1": %, "top5": %}, "k200": {...}},
      "fast_linear": {"protocol": false, "epochs": 100, "top1": %, "top5": %},
@@ -65,18 +68,18 @@ import torch
 from accelerate import Accelerator
 from rich.console import Console
 
-from bfcl.checkpoint import CheckpointError
 from bfcl.cli import EXIT_PREEMPTED, HelpFormatter, check_output_dir, check_ranges, fail, format_summary
 from bfcl.evaluation import ProbeData, backbone_source, default_image_size, results_table
 from bfcl.finetune import finetune, finetune_recipe, run_lock
 from bfcl.folders import check_train_val
-from bfcl.images import DEFAULT_MAX_PIXELS, DataError, image_folder
+from bfcl.images import DEFAULT_MAX_PIXELS, image_folder
 from bfcl.linear import FAST_LINEAR_BATCH, FAST_LINEAR_LR, LINEAR_LR, linear_epochs, linear_probe, quick_checks
 from bfcl.model import ARCHS, STEMS, is_vit
 from bfcl.precision import CHOICES as PRECISIONS
 from bfcl.precision import emulated_bf16_warning, launch_device_type
 from bfcl.precision import resolve as resolve_precision
 from bfcl.pretrained import describe
+from bfcl.subsets import describe_subset, label_subset, random_subset
 from bfcl.views import eval_transform, probe_train_transform
 
 MODES = ("linear", "knn", "fast-linear", "quick", "all", "finetune")
@@ -92,6 +95,8 @@ FLAG_RANGES = {  # (low, high, low inclusive, high inclusive), checked before an
     "cutmix": (0, INF, True, True), "reprob": (0, 1, True, True), "drop_path": (0, 1, True, False),
     "layer_decay": (0, 1, False, True), "save_every": (1, INF, True, True), "keep": (0, INF, True, True),
     "log_every": (1, INF, True, True), "max_steps": (0, INF, True, True), "eval_every": (0, INF, True, True),
+    "labels_per_class": (1, INF, True, True), "label_fraction": (0, 1, False, True),
+    "subset_seed": (0, INF, True, True),
 }
 
 
@@ -120,8 +125,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="crop side; default: the pretraining size if recorded (a ViT's is fixed by its position "
                         "embedding), else the data's image side with the small stem, else 224 (val: Resize 256 + "
                         "CenterCrop 224, no resize below 96 px)")
-    a.add_argument("--max-train-samples", type=int, default=0,
-                   help="use a seeded random subset of train/ this large (0: all)")
+    labels = a.add_mutually_exclusive_group()
+    labels.add_argument("--max-train-samples", type=int, default=0,
+                        help="use a seeded (--seed) random subset of train/ this large (0: all)")
+    labels.add_argument("--labels-per-class", type=int, default=None,
+                        help="train on N images of each class (all of a class with fewer), drawn from --subset-seed")
+    labels.add_argument("--label-fraction", type=float, default=None,
+                        help="train on this share of each class's images (rounded half up, at least 1), drawn from "
+                             "--subset-seed: 0.01 and 0.1 are the few-labels settings of SimCLR and BYOL")
+    labels.add_argument("--train-list", default=None,
+                        help="train on the images this file lists, one a line relative to train/ ('class/file.jpg', "
+                             "or bare names as in SimCLR's ImageNet 1 %% / 10 %% lists), e.g. a run's train_list.txt")
+    a.add_argument("--subset-seed", type=int, default=0,
+                   help="which images --labels-per-class / --label-fraction draw, in every mode, process and start")
     a.add_argument("--workers", type=int, default=8, help="data-loading processes per process")
     a.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help="images with more pixels are treated as unreadable (decompression-bomb guard)")
@@ -193,14 +209,16 @@ def datasets(args, image_size: int) -> ProbeData:
     train_root, val_root = os.path.join(args.data, "train"), os.path.join(args.data, "val")
     train_classes = check_train_val(args.data)
     train = image_folder(train_root, eval_transform(image_size), max_pixels=args.max_image_pixels)
-    if args.max_train_samples and args.max_train_samples < len(train):
-        g = torch.Generator().manual_seed(args.seed)
-        keep = torch.randperm(len(train), generator=g)[:args.max_train_samples].sort().values.tolist()
-        train = train.subset(keep)
+    subset = label_subset(train, train_root, args.subset_seed, args.labels_per_class, args.label_fraction,
+                          args.train_list)
+    if subset is not None:
+        train = train.subset(subset.indices)
+    elif args.max_train_samples and args.max_train_samples < len(train):
+        train = train.subset(random_subset(len(train), args.max_train_samples, args.seed))
     train_aug = copy.copy(train)  # shares the file list: ImageNet's is scanned once
     train_aug.transform = probe_train_transform(image_size)
     val = image_folder(val_root, eval_transform(image_size), max_pixels=args.max_image_pixels)
-    return ProbeData(train_aug, train, val, train_classes)
+    return ProbeData(train_aug, train, val, train_classes, subset)
 
 
 def main(argv=None) -> int:
@@ -222,10 +240,11 @@ def main(argv=None) -> int:
         image_size, size_reason = default_image_size(args, backbone, os.path.join(args.data, "train"))
         data = datasets(args, image_size)
         backbone.model(len(data.classes), image_size=image_size)  # fail now, in one line, if it does not fit
-    except (CheckpointError, DataError) as e:
+    except ValueError as e:  # CheckpointError, DataError, or a ViT image size that is no multiple of its patch
         fail(str(e))
-    except ValueError as e:  # a ViT whose image size is not a multiple of its patch
-        fail(str(e))
+    subset = data.subset.record if data.subset is not None else None
+    if subset is not None and accelerator.is_main_process:  # the labels used, as a list --train-list reads
+        data.subset.write(args.output_dir)
     modes = {"quick": ("knn", "fast-linear"), "all": ("knn", "fast-linear", "linear")}.get(args.mode, (args.mode,))
     if "finetune" in modes:
         recipe, warmup_note = finetune_recipe(args, backbone.arch)
@@ -239,6 +258,7 @@ def main(argv=None) -> int:
         "processes": world, "device": str(accelerator.device),
         "precision": f"{accelerator.mixed_precision} ({precision_reason})",
         "batch per process": args.batch_size // world, "global batch": args.batch_size,
+        "labels": describe_subset(subset),
     }
     if "linear" in modes:
         summary.update({"linear lr (scaled)": peak_lr, "linear epochs": linear_epochs(args), "BN head": args.bn_head,
@@ -262,11 +282,10 @@ def main(argv=None) -> int:
 
     if accelerator.is_main_process:
         record = {"pretrained": args.pretrained or "random-init", "source": backbone.info["source"],
-                  "arch": backbone.arch, "stem": backbone.stem,
-                  "patch_size": backbone.patch_size if is_vit(backbone.arch)
-                  else None, "step": backbone.info.get("step"), "image_size": image_size,
+                  "arch": backbone.arch, "stem": backbone.stem, "patch_size": backbone.patch_size
+                  if is_vit(backbone.arch) else None, "step": backbone.info.get("step"), "image_size": image_size,
                   "num_classes": len(data.classes), "train_samples": len(data.train), "val_samples": len(data.val),
-                  "processes": world, "config": vars(args), "results": results}
+                  "subset": subset, "processes": world, "config": vars(args), "results": results}
         path = os.path.join(args.output_dir, "results.json")
         with open(path, "w") as f:
             json.dump(record, f, indent=1)

@@ -21,6 +21,7 @@ from bfcl.images import LabelledImages, read_image, scan_image_folder
 from bfcl.knn import extract_features, topk_accuracy
 from bfcl.model import ARCHS, build_backbone, is_vit
 from bfcl.pretrained import guess_architecture, head_name, load_backbone_state, probe_model
+from bfcl.subsets import LabelSubset
 
 
 @dataclass(frozen=True)
@@ -75,12 +76,14 @@ def default_image_size(args, backbone: Backbone, train_root: str) -> tuple[int, 
 
 @dataclass(frozen=True)
 class ProbeData:
-    """train/ with the probe's augmentation and with the centre crop, val/ with the centre crop."""
+    """train/ (or its labelled subset) with the probe's augmentation and with the centre crop, val/
+    with the centre crop."""
 
     train_aug: LabelledImages
     train: LabelledImages
     val: LabelledImages
     classes: list[str]
+    subset: LabelSubset | None = None  # the labelled subset of train/ in use, if any (bfcl/subsets.py)
 
 
 def shard(num_samples: int, batch: int, rank: int, world: int) -> list[int]:

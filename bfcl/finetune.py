@@ -117,9 +117,11 @@ def finetune(args, backbone: Backbone, data: ProbeData, image_size: int, recipe:
     peak_lr, min_lr = recipe.scaled_lr(args.batch_size), recipe.min_lr  # DeiT scales the peak, not the floor
 
     config = {**vars(args), "recipe": dataclasses.asdict(recipe), "image_size": image_size}
+    if data.subset is not None:  # a --train-list file may change under the same name
+        config["subset_sha256"] = data.subset.record["sha256"]
     try:
         path, resumed = resume_checkpoint(args.output_dir, args.resume, config, FINETUNE_RESUMABLE,
-                                          args.force_resume, total_steps)
+                                          args.force_resume, total_steps, added={"subset_seed": 0})
         if resumed is not None:
             load_model_state(model, resumed["model"], path)
             load_optimizer_state(optimizer, param_names, resumed["optimizer"])

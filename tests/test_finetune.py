@@ -35,9 +35,9 @@ def test_recipes():
         recipe_for("convnext")
 
 
-def recipe_flags(**given) -> argparse.Namespace:
-    """probe.py's recipe flags, all unset except `given`."""
-    return argparse.Namespace(**{flag: given.get(flag) for flag in RECIPE_FLAGS})
+def recipe_flags(random_init: bool = True, **given) -> argparse.Namespace:
+    """probe.py's recipe flags, all unset except `given`; a --random-init start unless told otherwise."""
+    return argparse.Namespace(random_init=random_init, **{flag: given.get(flag) for flag in RECIPE_FLAGS})
 
 
 def test_shortened_schedule_scales_the_recipe_warmup():
@@ -53,6 +53,8 @@ def test_shortened_schedule_scales_the_recipe_warmup():
         assert note is None and recipe.warmup_epochs == (flags.warmup_epochs or 5)
     with pytest.raises(SystemExit, match="--warmup-epochs 4 must be shorter than --epochs 3"):
         finetune_recipe(recipe_flags(epochs=3.0, warmup_epochs=4.0), "resnet18")
+    recipe, note = finetune_recipe(recipe_flags(random_init=False, epochs=3.0), "resnet18")
+    assert recipe.warmup_epochs == 0 and note is None  # a pretrained ResNet's recipe has no warm-up to scale
 
 
 # ---- lr_at ----

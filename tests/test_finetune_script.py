@@ -63,7 +63,7 @@ def test_resnet_backbone_moves_and_the_classifier_loads_into_torchvision(data, t
     out = tmp_path / "ft"
     result = run("--pretrained", export, "--data", data, "--output-dir", str(out), *COMMON)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "torchvision-resnet" in result.stdout and "finetune, last step" in result.stdout
+    assert "simclr-semi-supervised" in result.stdout and "finetune, last step" in result.stdout  # a pretrained start
 
     model = torchvision.models.resnet18(num_classes=4)
     model.load_state_dict(load_file(out / "finetuned.safetensors"))  # strict: no missing, no unexpected keys
@@ -73,7 +73,8 @@ def test_resnet_backbone_moves_and_the_classifier_loads_into_torchvision(data, t
     results = json.load(open(out / "results.json"))["results"]["finetune"]
     assert results["steps"] == STEPS and results["last"]["step"] == STEPS
     assert [h["step"] for h in results["history"]] == [4, 8]  # evaluated at each epoch end
-    assert results["recipe"]["optimizer"] == "sgd" and results["recipe"]["label_smoothing"] == 0.1
+    assert results["recipe"]["optimizer"] == "sgd" and results["recipe"]["nesterov"] is True
+    assert results["recipe"]["label_smoothing"] == 0.0 and results["recipe"]["warmup_epochs"] == 1  # the flag's
 
 
 def test_vit_classifier_loads_into_torchvision(vit_straight):

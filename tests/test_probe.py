@@ -143,6 +143,30 @@ def test_bn_head_probe_runs(tmp_path):
     assert linear["bn_head"] is True and linear["best"]["top1"] >= 90  # the BN head makes lr 0.1 enough
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU's choice")
+def test_auto_precision_is_fp32_on_a_cpu_without_bf16_and_says_why(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("BFCL_CPU_BF16", "0")  # as on an AVX2-only CPU, whatever this one is
+    data = colour_folder(str(tmp_path / "data"), train_per_class=4, val_per_class=2, size=8)
+    assert probe.main([*TINY, "--data", data, "--mode", "knn", "--mixed-precision", "auto",
+                       "--output-dir", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "precision: no (auto: fp32, this CPU" in out and "warning" not in out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU's warning")
+def test_bf16_on_a_cpu_without_it_warns(tmp_path):
+    """An explicit bf16 where it is emulated still runs, with one warning line (a subprocess:
+    Accelerate fixes the precision once per process)."""
+    data = colour_folder(str(tmp_path / "data"), train_per_class=4, val_per_class=2, size=8)
+    result = subprocess.run([sys.executable, "probe.py", *TINY, "--data", data, "--mode", "knn", "--mixed-precision",
+                             "bf16", "--output-dir", str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "BFCL_CPU_BF16": "0"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "warning: --mixed-precision bf16 on a CPU without native bf16" in result.stdout
+    assert "precision: bf16 (asked for; this CPU" in result.stdout
+
+
 def error_of(argv) -> str:
     with pytest.raises(SystemExit) as e:
         probe.main(argv)
