@@ -180,11 +180,11 @@ def with_recipe(args: argparse.Namespace) -> tuple[argparse.Namespace, list[str]
     """The config: args with every unset recipe flag filled from the backbone family's recipe
     (a new Namespace; args is not mutated), and the ViT values that differ from ResNet's.
 
-    A shortened schedule (--epochs given, --warmup-epochs not) that the recipe's warm-up would
-    fill keeps the recipe's warm-up share instead (10 % for ResNets, 13.3 % for ViTs)."""
+    A shortened schedule (--epochs below the recipe's, --warmup-epochs not given) keeps the
+    recipe's warm-up share (10 % for ResNets, 13.3 % for ViTs), as probe.py's fine-tuning does."""
     recipe = VIT_RECIPE if is_vit(args.arch) else RESNET_RECIPE
     filled = {k: v for k, v in recipe.items() if getattr(args, k) is None}
-    scaled = "warmup_epochs" in filled and "epochs" not in filled and filled["warmup_epochs"] >= args.epochs
+    scaled = "warmup_epochs" in filled and "epochs" not in filled and args.epochs < recipe["epochs"]
     if scaled:
         filled["warmup_epochs"] = args.epochs * recipe["warmup_epochs"] / recipe["epochs"]
     switched = [f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
@@ -299,8 +299,8 @@ def knn_monitor(config, images: LabelledImages) -> KnnMonitor | None:
 def scaled_warmup(config) -> bool:
     """Whether with_recipe shortened the recipe's warm-up to fit --epochs."""
     recipe = VIT_RECIPE if is_vit(config.arch) else RESNET_RECIPE
-    return config.warmup_epochs == config.epochs * recipe["warmup_epochs"] / recipe["epochs"] \
-        and recipe["warmup_epochs"] >= config.epochs
+    return config.epochs < recipe["epochs"] and config.warmup_epochs == config.epochs * recipe["warmup_epochs"] / \
+        recipe["epochs"]
 
 
 @dataclass(frozen=True)

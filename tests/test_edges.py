@@ -21,7 +21,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.parametrize("argv, warmup, scaled", [
     (["--epochs", "3"], 0.3, True),  # ResNet recipe: 10 of 100 epochs -> 10 % of 3
-    (["--epochs", "30"], 10.0, False),  # the recipe's 10 still fits: kept, as MoCo v3's scripts do
+    (["--epochs", "30"], 3.0, True),
+    (["--epochs", "300"], 10.0, False),  # a longer schedule keeps the recipe's 10 epochs, as MoCo v3's scripts
     (["--epochs", "3", "--warmup-epochs", "1"], 1.0, False),  # the user's own value is never touched
     (["-a", "vit_small", "--epochs", "30"], 4.0, True),  # ViT recipe: 40 of 300 epochs
     ([], 10.0, False),
