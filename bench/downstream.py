@@ -25,8 +25,10 @@
 
 Cost with the defaults (2 cores): pretraining 15 min + quick checks ~5 min + calibration ~1 min +
 fine-tuning 2 seeds x 2 starts x (2 + 4 + 8 min) + BatchFormer 2 seeds x 2 starts x (2 + 4 min)
-= about 1 h 45 min (the script prints its estimate at start). --ft-min, --fractions,
---bf-fractions, --bf-starts and --seeds trade cost for precision; --pretrained saves the 15 minutes.
+= about 1 h 45 min by this arithmetic (the script prints its estimate at start; not yet run at full
+size: the budgets include each run's start-up and final evaluation, the quick checks are a guess).
+--ft-min, --fractions, --bf-fractions, --bf-starts and --seeds trade cost for precision; --pretrained
+saves the 15 minutes.
 
 --sweep-lr runs only steps 1-3 and fine-tunes the pretrained start at --sweep-fraction once per
 base lr and seed, writing sweep.md and sweep.json (5 lrs x 1 seed x 4 min: about 25 minutes).
