@@ -3,8 +3,6 @@ global context, a late switch-on, a trainable BatchFormer. Mechanics only; bench
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,16 +10,10 @@ from safetensors.torch import load_file
 
 from bfcl.batchformer import BatchFormer
 from bfcl.checkpoint import list_checkpoints
-from bfcl.synthetic import make_image_folder
+from scripts import PARAM_HASHES, TORCHRUN, TINY, final_weights, metrics, run, train_cmd
 from test_batchformer import deterministic_batchformer, reference_layer
-from test_train import PARAM_HASHES
 
 N, C = 5, 8
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
-TINY = ["-a", "resnet18", "--stem", "small", "--image-size", "16", "-b", "8", "--moco-mlp-dim", "64",
-        "--moco-dim", "32", "--workers", "0", "--log-every", "1", "--epochs", "2", "--warmup-epochs", "1",
-        "--add_bf", "1"]
 
 
 def test_global_context_on_one_process_is_the_local_batch():
@@ -53,33 +45,14 @@ def test_global_context_attends_to_every_process_and_sends_gradients_back():
         assert (changed[N:] - out[N:].detach()).abs().sum(dim=1).min() > 0
 
 
-def run(cmd, **env):
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **env})
-
-
-def metrics(out):
-    return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_image_folder(str(tmp_path_factory.mktemp("data")), classes=4, train_per_class=8,
-                             val_per_class=2, size=16)
-
-
-def train(data, out, *extra):
-    return [sys.executable, "train.py", "--data", data, "--output-dir", str(out), *TINY, *extra]
-
-
 @pytest.mark.slow
-def test_late_switch_on_is_plain_moco_before_and_batchformer_after(data, tmp_path):
+def test_late_switch_on_is_plain_moco_before_and_batchformer_after(tiny_data, tmp_path):
     """--bf-start-epoch 1 (step 4 of 8): steps 1-4 are the --add_bf 0 run's, loss for loss; from
     step 5 the pairs-sum loss (8 terms, about 4x) takes over."""
-    late = run(train(data, tmp_path / "late", "--bf-start-epoch", "1"))
+    late = run(train_cmd(tiny_data, tmp_path / "late", "--bf-start-epoch", "1"))
     assert late.returncode == 0, late.stdout + late.stderr
     assert "on from step 4" in late.stdout
-    plain = run(train(data, tmp_path / "plain", "--add_bf", "0"))
+    plain = run(train_cmd(tiny_data, tmp_path / "plain", "--add_bf", "0"))
     assert plain.returncode == 0, plain.stdout + plain.stderr
     a, b = metrics(tmp_path / "late"), metrics(tmp_path / "plain")
     assert [r["loss"] for r in a[:4]] == [r["loss"] for r in b[:4]]
@@ -87,15 +60,14 @@ def test_late_switch_on_is_plain_moco_before_and_batchformer_after(data, tmp_pat
 
 
 @pytest.mark.slow
-def test_trainable_batchformer_moves_is_saved_and_resumes_exactly(data, tmp_path):
+def test_trainable_batchformer_moves_is_saved_and_resumes_exactly(tiny_data, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     args = ("--bf-trainable", "--bf-lr-scale", "1")
-    assert run(train(data, straight, *args)).returncode == 0
-    first = run(train(data, resumed, *args, "--max-steps", "3"))
+    assert run(train_cmd(tiny_data, straight, *args)).returncode == 0
+    first = run(train_cmd(tiny_data, resumed, *args, "--max-steps", "3"))
     assert first.returncode == 0, first.stdout + first.stderr
-    assert run(train(data, resumed, *args)).returncode == 0
-    final = load_file(os.path.join(list_checkpoints(str(resumed))[-1], "model.safetensors"))
-    expected = load_file(os.path.join(list_checkpoints(str(straight))[-1], "model.safetensors"))
+    assert run(train_cmd(tiny_data, resumed, *args)).returncode == 0
+    final, expected = final_weights(resumed), final_weights(straight)
     bf_keys = [k for k in expected if k.startswith("batchformer.")]
     assert bf_keys and all(torch.equal(final[k], expected[k]) for k in expected)
     torch.manual_seed(0)
@@ -107,26 +79,22 @@ def test_trainable_batchformer_moves_is_saved_and_resumes_exactly(data, tmp_path
 
 
 @pytest.mark.slow
-def test_global_context_on_two_processes_keeps_replicas_identical(data, tmp_path):
+def test_global_context_on_two_processes_keeps_replicas_identical(tiny_data, two_process_run, tmp_path):
     """--bf-context global under torchrun: every process sees the 8-sample global batch, the
     gradients through the gather keep both replicas identical step after step, and the losses
-    differ from the local context's (4 samples per process)."""
-    wrapper = tmp_path / "train_with_hashes.py"
+    differ from the local context's (4 samples per process; the shared two-process run)."""
+    wrapper, out, hashes = tmp_path / "train_with_hashes.py", tmp_path / "global", tmp_path / "hashes"
     wrapper.write_text(PARAM_HASHES)
-    runs = {}
-    for context in ("global", "local"):
-        out, hashes = tmp_path / context, tmp_path / f"hashes-{context}"
-        hashes.mkdir()
-        cmd = [TORCHRUN, "--standalone", "--nproc_per_node", "2", str(wrapper), "--data", data, "--output-dir",
-               str(out), *TINY, "--bf-context", context, "--max-steps", "3"]
-        result = run(cmd, HASH_DIR=str(hashes))
-        assert result.returncode == 0, result.stdout + result.stderr
-        runs[context] = (result.stdout, out, hashes)
-    stdout, out, hashes = runs["global"]
-    assert "context the global batch of 8" in stdout
+    hashes.mkdir()
+    cmd = [TORCHRUN, "--standalone", "--nproc_per_node", "2", str(wrapper), "--data", tiny_data, "--output-dir",
+           str(out), *TINY, "--bf-context", "global", "--max-steps", "3"]
+    result = run(cmd, HASH_DIR=str(hashes))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "context the global batch of 8" in result.stdout
     rank0 = [json.loads(line)["sha256"] for line in open(hashes / "rank0.jsonl")]
     rank1 = [json.loads(line)["sha256"] for line in open(hashes / "rank1.jsonl")]
     assert len(rank0) == 3 and rank0 == rank1 and len(set(rank0)) == 3
     global_losses = [r["loss"] for r in metrics(out)]
-    local_losses = [r["loss"] for r in metrics(runs["local"][1])]
+    local_losses = [r["loss"] for r in metrics(two_process_run["out"])][:3]
     assert all(g == g for g in global_losses) and global_losses != local_losses
+    assert rank0 != two_process_run["hashes"][0][:3]  # other weights than the local context's after each step

@@ -1,10 +1,12 @@
 """train.py and probe.py against hostile input, one test per class of failure a tester found
 (issue "never lose a run, round two"). The units (reader, meta schema, lock) are tested in
 tests/test_hostile.py; here the scripts themselves run, in-process where an error is expected
-(`fail` raises SystemExit with the one-line message) and as subprocesses for whole runs."""
+(`fail` raises SystemExit with the one-line message) and as subprocesses for whole runs. A finished
+run is the session's shared one (conftest.straight_run, 8 steps); an export to probe is made in-process."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -17,7 +19,10 @@ from safetensors.torch import load_file, save_file
 import probe
 import train
 from bfcl.checkpoint import list_checkpoints
+from bfcl.export import export_backbone
+from bfcl.model import MoCo
 from bfcl.synthetic import make_image_folder
+from scripts import TINY as SCRIPT_TINY
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["-a", "resnet18", "--stem", "imagenet", "--image-size", "16", "-b", "8", "--moco-mlp-dim", "64",
@@ -32,12 +37,13 @@ def data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def finished(data, tmp_path_factory):
-    """A complete 4-step run (32 images, batch 8, one epoch)."""
-    out = tmp_path_factory.mktemp("finished")
-    result = run_script("train.py", "--data", data, "--output-dir", str(out), *TINY)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return out
+def export(tmp_path_factory) -> str:
+    """A resnet18 backbone export (imagenet stem, 16 px, step 4), as train.py writes one."""
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp("export") / "backbone.safetensors")
+    export_backbone(MoCo("resnet18", "imagenet", 32, 64).state_dict(), path, arch="resnet18", stem="imagenet",
+                    image_size=16, step=4)
+    return path
 
 
 def run_script(script, *args):
@@ -55,27 +61,30 @@ def error_of(main, argv) -> str:
 # ---- 1. done must mean done ------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_resumed_finished_run_rewrites_a_stale_export(data, finished, tmp_path):
+def test_resumed_finished_run_rewrites_a_stale_export(tiny_data, straight_run, tmp_path):
     """Killed after the last checkpoint was renamed into place but before the export: the resume
     has nothing to train, and still leaves the export of the newest checkpoint, naming its step."""
+    finished = tmp_path / "run"
+    shutil.copytree(straight_run, finished)
     export = finished / "backbone.safetensors"
     newest = load_file(os.path.join(list_checkpoints(str(finished))[-1], "model.safetensors"))
     stale = {k: torch.zeros_like(v) for k, v in load_file(export).items()}
-    save_file(stale, str(export), {"format": "bfcl-backbone-1", "arch": "resnet18", "stem": "imagenet",
+    save_file(stale, str(export), {"format": "bfcl-backbone-1", "arch": "resnet18", "stem": "small",
                                    "image_size": "16", "step": "2"})
-    again = run_script("train.py", "--data", data, "--output-dir", str(finished), *TINY)
+    again = run_script("train.py", "--data", tiny_data, "--output-dir", str(finished), *SCRIPT_TINY)
     assert again.returncode == 0, again.stdout + again.stderr
-    assert f"done: 4 steps; backbone (step 4) in {export}" in again.stdout
+    assert f"done: 8 steps; backbone (step 8) in {export}" in again.stdout
     with safe_open(str(export), "pt") as f:
-        assert f.metadata()["step"] == "4"
+        assert f.metadata()["step"] == "8"
     for key, value in load_file(export).items():
         assert torch.equal(value, newest["base_encoder.backbone." + key]), key
 
 
-def test_checkpoint_past_the_run_is_refused(data, finished, tmp_path):
+@pytest.mark.slow
+def test_checkpoint_past_the_run_is_refused(tiny_data, straight_run, tmp_path):
     """A checkpoint whose step lies beyond this run's schedule cannot be 'done' without training."""
     out = tmp_path / "run"
-    source = list_checkpoints(str(finished))[-1]
+    source = list_checkpoints(str(straight_run))[-1]
     target = out / "checkpoints" / "step-01000000"
     os.makedirs(target)
     for name in ("model.safetensors", "optimizer.safetensors", "meta.json"):
@@ -84,12 +93,14 @@ def test_checkpoint_past_the_run_is_refused(data, finished, tmp_path):
     meta = json.load(open(target / "meta.json"))
     meta["step"] = 1_000_000
     json.dump(meta, open(target / "meta.json", "w"))
-    message = error_of(train.main, ["--data", data, "--output-dir", str(out), *TINY])
-    assert "is at step 1000000, past this run's 4 steps" in message
+    message = error_of(train.main, ["--data", tiny_data, "--output-dir", str(out), *SCRIPT_TINY])
+    assert "is at step 1000000, past this run's 8 steps" in message
 
 
-def test_resume_none_in_a_folder_with_checkpoints_is_refused(data, finished):
-    message = error_of(train.main, ["--data", data, "--output-dir", str(finished), *TINY, "--resume", "none"])
+@pytest.mark.slow
+def test_resume_none_in_a_folder_with_checkpoints_is_refused(tiny_data, straight_run):
+    message = error_of(train.main, ["--data", tiny_data, "--output-dir", str(straight_run), *SCRIPT_TINY, "--resume",
+                                    "none"])
     assert "already holds checkpoints" in message and "--resume auto" in message
 
 
@@ -120,8 +131,8 @@ def test_oversized_image_is_replaced_in_pretraining_and_in_the_probe(tmp_path):
 
 # ---- 3. and 4. metadata and weights are input too --------------------------------------------
 
-def export_file(finished, tmp_path, metadata: dict | None = None, edit=None) -> str:
-    tensors = load_file(finished / "backbone.safetensors")
+def export_file(export, tmp_path, metadata: dict | None = None, edit=None) -> str:
+    tensors = load_file(export)
     if edit is not None:
         edit(tensors)
     path = str(tmp_path / "backbone.safetensors")
@@ -136,8 +147,8 @@ def export_file(finished, tmp_path, metadata: dict | None = None, edit=None) -> 
     ({"arch": "resnet1000"}, "metadata arch='resnet1000' is not one of"),
     ({"stem": "huge"}, "metadata stem='huge' is not one of"),
 ])
-def test_export_metadata_is_validated(data, finished, tmp_path, metadata, expected):
-    path = export_file(finished, tmp_path, metadata)
+def test_export_metadata_is_validated(data, export, tmp_path, metadata, expected):
+    path = export_file(export, tmp_path, metadata)
     message = error_of(probe.main, ["--pretrained", path, "--data", data, "--mode", "knn", "--workers", "0",
                                     "--output-dir", str(tmp_path / "out")])
     assert expected in message
@@ -158,8 +169,8 @@ def negative_variance(t):
 
 @pytest.mark.parametrize("edit, expected", [(nan_weight, "non-finite"), (int_weight, "not floating"),
                                             (negative_variance, "negative")])
-def test_impossible_weights_are_refused_by_the_probe(data, finished, tmp_path, edit, expected):
-    path = export_file(finished, tmp_path, edit=edit)
+def test_impossible_weights_are_refused_by_the_probe(data, export, tmp_path, edit, expected):
+    path = export_file(export, tmp_path, edit=edit)
     message = error_of(probe.main, ["--pretrained", path, "--data", data, "--mode", "knn", "--workers", "0",
                                     "--output-dir", str(tmp_path / "out")])
     assert expected in message
@@ -214,9 +225,9 @@ def test_train_flag_domains(data, tmp_path, flag, value, expected):
     ("--knn-k", "0", "--knn-k 0 is outside its range [1, inf)"),
     ("--lr", "-1", "--lr -1.0 is outside its range (0, inf)"),
 ])
-def test_probe_flag_domains(data, finished, tmp_path, flag, value, expected):
+def test_probe_flag_domains(data, export, tmp_path, flag, value, expected):
     out = tmp_path / "out"
-    message = error_of(probe.main, ["--pretrained", str(finished), "--data", data, "--output-dir", str(out),
+    message = error_of(probe.main, ["--pretrained", export, "--data", data, "--output-dir", str(out),
                                     "--mode", "knn", flag, value])
     assert expected in message
     assert not os.path.exists(out)
@@ -250,11 +261,12 @@ def test_refused_lock_stops_every_process(data, tmp_path):
         holder.wait()
 
 
-def test_checkpoint_of_bfcl_0_1_resumes(data, finished, tmp_path):
+@pytest.mark.slow
+def test_checkpoint_of_bfcl_0_1_resumes(tiny_data, straight_run, tmp_path):
     """A checkpoint whose config predates the ViT options (patch_size, stop_grad_conv1) resumes:
     those options had one value then."""
     out = tmp_path / "run"
-    source = list_checkpoints(str(finished))[-1]
+    source = list_checkpoints(str(straight_run))[-1]
     target = out / "checkpoints" / os.path.basename(source)
     os.makedirs(target)
     for name in ("model.safetensors", "optimizer.safetensors", "meta.json"):
@@ -264,8 +276,8 @@ def test_checkpoint_of_bfcl_0_1_resumes(data, finished, tmp_path):
     for key in ("patch_size", "stop_grad_conv1", "max_image_pixels"):
         del meta["config"][key]
     json.dump(meta, open(target / "meta.json", "w"))
-    assert train.main(["--data", data, "--output-dir", str(out), *TINY]) == 0
-    assert error_of(train.main, ["--data", data, "--output-dir", str(out), *TINY, "--patch-size", "4"]) \
+    assert train.main(["--data", tiny_data, "--output-dir", str(out), *SCRIPT_TINY]) == 0
+    assert error_of(train.main, ["--data", tiny_data, "--output-dir", str(out), *SCRIPT_TINY, "--patch-size", "4"]) \
         .endswith("restore them or pass --force-resume")
 
 

@@ -6,6 +6,7 @@ call train.main() in-process, where `fail` raises SystemExit with the one-line m
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,14 +15,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import train
 from bfcl.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
 from bfcl.views import PretrainDataset, pretrain_views
 from bfcl.synthetic import make_image_folder
+from scripts import REPO, STEPS, assert_same_weights, checkpoint_steps, final_weights, metrics, run, start, train_cmd
+from scripts import TINY as SCRIPT_TINY
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["-a", "resnet18", "--stem", "imagenet", "--image-size", "16", "-b", "8", "--moco-mlp-dim", "64",
         "--moco-dim", "32", "--workers", "0", "--log-every", "1", "--add_bf", "1", "--lr", "0.3"]
 
@@ -32,51 +33,53 @@ def data(tmp_path_factory):
                              val_per_class=4, size=16)
 
 
-def run_train(data, out, *extra, wait=True):
-    cmd = [sys.executable, "train.py", "--data", data, "--output-dir", str(out), *TINY, *extra]
-    if not wait:
-        return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+def run_train(data, out, *extra):
+    return run(train_cmd(data, out, *extra, settings=TINY))
 
 
-def losses(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [(r["step"], r["loss"]) for r in map(json.loads, f)]
+def logged_steps(out) -> int:
+    """Complete lines in metrics.jsonl so far (a run may be writing the next one)."""
+    path = os.path.join(out, "metrics.jsonl")
+    return open(path).read().count("\n") if os.path.exists(path) else 0
 
 
-def final_weights(out):
-    return load_file(os.path.join(list_checkpoints(str(out))[-1], "model.safetensors"))
-
-
-def assert_same_weights(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+def wait_for(condition, timeout=120):
+    deadline = time.time() + timeout
+    while not condition() and time.time() < deadline:
+        time.sleep(0.02)
 
 
 @pytest.mark.slow
-def test_sigterm_mid_epoch_then_resume_matches_uninterrupted_run(data, tmp_path):
-    # 48 images / batch 8 = 6 steps per epoch; 2 epochs = 12 steps.
-    straight = run_train(data, tmp_path / "straight", "--epochs", "2", "--warmup-epochs", "1")
-    assert straight.returncode == 0, straight.stdout + straight.stderr
+def test_sigterm_then_sigkill_mid_run_then_resume_match_the_uninterrupted_run(tiny_data, straight_run, tmp_path):
+    """SIGTERM mid-epoch: a checkpoint, exit 75, and the losses so far are the uninterrupted run's.
+    The resumed run is then killed (SIGKILL) after its next checkpoint; the last resume ends with the
+    uninterrupted run's losses and weights (scripts.TINY: 8 steps)."""
+    cmd = train_cmd(tiny_data, tmp_path, "--save-every", "2")
+    reference = {r["step"]: r["loss"] for r in metrics(straight_run)}
 
-    proc = run_train(data, tmp_path / "stopped", "--epochs", "2", "--warmup-epochs", "1", wait=False)
-    metrics = tmp_path / "stopped" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while not (metrics.exists() and metrics.read_text().count("\n") >= 2) and time.time() < deadline:
-        time.sleep(0.05)
+    proc = start(cmd)
+    wait_for(lambda: logged_steps(tmp_path) >= 2)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == train.EXIT_PREEMPTED, out
-    stopped_at = losses(tmp_path / "stopped")[-1][0]
-    assert 0 < stopped_at < 12, "the signal should land mid-run"
     assert "stopped by a signal" in out
+    stopped_at = metrics(tmp_path)[-1]["step"]
+    assert 0 < stopped_at < STEPS - 2, "the signal should land mid-run"
+    assert checkpoint_steps(tmp_path)[-1] == stopped_at
+    assert [(r["step"], r["loss"]) for r in metrics(tmp_path)] == [(s, reference[s]) for s in range(1, stopped_at + 1)]
 
-    resumed = run_train(data, tmp_path / "stopped", "--epochs", "2", "--warmup-epochs", "1")
+    proc = start(cmd)
+    wait_for(lambda: checkpoint_steps(tmp_path)[-1] > stopped_at)
+    proc.kill()
+    out, _ = proc.communicate(timeout=120)
+    assert f"(step {stopped_at})" in out
+    assert proc.returncode == -signal.SIGKILL, "the kill should land before the end of the run"
+
+    resumed = run(cmd)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert f"(step {stopped_at})" in resumed.stdout
-    assert losses(tmp_path / "stopped") == losses(tmp_path / "straight")  # appended, step for step
-    assert_same_weights(final_weights(tmp_path / "stopped"), final_weights(tmp_path / "straight"))
+    assert "resumed from" in resumed.stdout and "scratch" not in resumed.stdout
+    assert {r["step"]: r["loss"] for r in metrics(tmp_path)} == reference  # the last record of each step
+    assert_same_weights(final_weights(tmp_path), final_weights(straight_run))
 
 
 KILLER = r"""
@@ -111,34 +114,21 @@ def test_sigkill_while_writing_checkpoints_leaves_a_loadable_one(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkill_during_training_then_resume(data, tmp_path):
-    proc = run_train(data, tmp_path, "--epochs", "2", "--warmup-epochs", "1", "--save-every", "2", wait=False)
-    deadline = time.time() + 120
-    while len(list_checkpoints(str(tmp_path))) < 2 and time.time() < deadline:
-        time.sleep(0.02)
-    proc.kill()
-    proc.wait()
-    resumed = run_train(data, tmp_path, "--epochs", "2", "--warmup-epochs", "1", "--save-every", "2")
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert "resumed from" in resumed.stdout and "scratch" not in resumed.stdout
-    assert losses(tmp_path)[-1][0] == 12
-
-
-@pytest.mark.slow
-def test_corrupt_newest_checkpoint_is_skipped_in_auto_mode_and_an_error_when_named(data, tmp_path):
-    assert run_train(data, tmp_path, "--epochs", "2", "--warmup-epochs", "1", "--max-steps", "4",
-                     "--save-every", "2").returncode == 0
+def test_corrupt_newest_checkpoint_is_skipped_in_auto_mode_and_an_error_when_named(tiny_data, straight_run,
+                                                                                   tmp_path):
+    shutil.copytree(straight_run / "checkpoints", tmp_path / "checkpoints")  # steps 4 and 8
     older, newest = list_checkpoints(str(tmp_path))[-2:]
     with open(os.path.join(newest, "model.safetensors"), "r+b") as f:
         f.seek(-100, os.SEEK_END)
         f.write(b"\x00" * 100)
-    auto = run_train(data, tmp_path, "--epochs", "2", "--warmup-epochs", "1", "--max-steps", "6")
-    assert auto.returncode == 0, auto.stdout + auto.stderr
-    assert "SHA-256" in auto.stderr and f"{older} (step 2)" in auto.stdout
+    named = error_of(["--data", tiny_data, "--output-dir", str(tmp_path / "other"), *SCRIPT_TINY, "--resume", newest])
+    assert named.startswith("error: ") and "SHA-256" in named
 
-    named = run_train(data, tmp_path / "other", "--epochs", "2", "--warmup-epochs", "1", "--resume", newest)
-    assert named.returncode == 1
-    assert named.stderr.strip().splitlines()[-1].startswith("error: ") and "SHA-256" in named.stderr
+    auto = run(train_cmd(tiny_data, tmp_path))
+    assert auto.returncode == 0, auto.stdout + auto.stderr
+    assert "SHA-256" in auto.stderr and f"{older} (step 4)" in auto.stdout
+    assert metrics(tmp_path) and [(r["step"], r["loss"]) for r in metrics(tmp_path)] == \
+        [(r["step"], r["loss"]) for r in metrics(straight_run)][4:]  # steps 5-8 again, as they were
 
 
 def test_corrupt_jpeg_is_replaced_and_counted(tmp_path):
@@ -234,13 +224,12 @@ def test_bad_data_folders(tmp_path, layout, expected):
 
 
 @pytest.mark.slow
-def test_resume_refuses_changed_settings_unless_forced(data, tmp_path):
-    assert run_train(data, tmp_path, "--epochs", "2", "--warmup-epochs", "1", "--max-steps", "2").returncode == 0
-    changed = run_train(data, tmp_path, "--epochs", "2", "--warmup-epochs", "1", "--max-steps", "3", "--lr", "0.5",
-                        "-a", "resnet34")
-    assert changed.returncode == 1
-    assert "--lr 0.3 -> 0.5" in changed.stderr and "--arch 'resnet18' -> 'resnet34'" in changed.stderr
-    forced = run_train(data, tmp_path, "--epochs", "2", "--warmup-epochs", "1", "--max-steps", "3", "--lr", "0.5",
-                       "--force-resume")
+def test_resume_refuses_changed_settings_unless_forced(tiny_data, straight_run, tmp_path):
+    shutil.copytree(straight_run / "checkpoints" / "step-00000004", tmp_path / "checkpoints" / "step-00000004")
+    changed = error_of(["--data", tiny_data, "--output-dir", str(tmp_path), *SCRIPT_TINY, "--max-steps", "5", "--lr",
+                        "0.5", "-a", "resnet34"])
+    assert "--lr 0.6 -> 0.5" in changed and "--arch 'resnet18' -> 'resnet34'" in changed
+    assert checkpoint_steps(tmp_path) == [4]
+    forced = run(train_cmd(tiny_data, tmp_path, "--max-steps", "5", "--lr", "0.5", "--force-resume"))
     assert forced.returncode == 0, forced.stderr
-    assert "(step 2)" in forced.stdout
+    assert "(step 4)" in forced.stdout and checkpoint_steps(tmp_path)[-1] == 5

@@ -1,6 +1,7 @@
 """The smoke test itself: `make smoke-test` end to end (generate data, pretrain a ResNet and a ViT
 with BatchFormer on the CPU, kNN-probe each exported backbone), as a user would run it from a
-fresh clone."""
+fresh clone. It is also the suite's train -> probe pipeline test (the probe reads what train.py
+exported: its arch, stem and step)."""
 
 import json
 import os
@@ -28,7 +29,8 @@ def test_make_smoke_test(tmp_path):
     assert [r["step"] for r in records if "knn_top1" in r] == [0, 12, 24, 36, 48]
 
     results = json.load(open(out / "probe" / "results.json"))
-    assert results["step"] == 48 and results["num_classes"] == 4 and results["val_samples"] == 128
+    assert (results["arch"], results["stem"], results["step"]) == ("resnet18", "imagenet", 48)
+    assert (results["num_classes"], results["train_samples"], results["val_samples"]) == (4, 384, 128)
     knn = results["results"]["knn"]["k200"]
     assert 0 <= knn["top1"] <= 100 and knn["top5"] == 100.0  # 4 classes: top-5 covers them all
     assert "kNN 200-NN" in run.stdout

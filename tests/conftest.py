@@ -1,0 +1,48 @@
+"""Reference runs shared by the whole-script tests, made once per session (each is what an
+uninterrupted run of the tiny setting in scripts.py gives; tests compare their own runs against it).
+Fixtures that launch train.py are only requested by tests marked slow, so `make test-fast` runs none."""
+
+import json
+
+import pytest
+
+from bfcl.synthetic import make_image_folder
+from scripts import PARAM_HASHES, STEPS, TINY, TORCHRUN, checkpoint_steps, run, train_cmd
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> str:
+    """4 classes x 8 train and 8 val images, 16 px: 4 steps an epoch at batch 8. Tests read it only."""
+    return make_image_folder(str(tmp_path_factory.mktemp("tiny-data")), classes=4, train_per_class=8,
+                             val_per_class=8, size=16)
+
+
+@pytest.fixture(scope="session")
+def straight_run(tiny_data, tmp_path_factory):
+    """TINY for all 8 steps in one go: checkpoints at steps 4 and 8, the export, metrics.jsonl.
+    Tests read it; one that changes a run copies it first."""
+    out = tmp_path_factory.mktemp("straight")
+    result = run(train_cmd(tiny_data, out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert checkpoint_steps(out) == [4, STEPS]
+    return out
+
+
+@pytest.fixture(scope="session")
+def two_process_run(tiny_data, tmp_path_factory):
+    """TINY on two CPU processes under torchrun, stopped at step 2 and resumed to the end, every
+    process recording a hash of its parameters after each step (scripts.PARAM_HASHES).
+    Returns {"out", "hashes": [rank0, rank1] lists of hex digests, "first", "second": the two runs}."""
+    root = tmp_path_factory.mktemp("two-processes")
+    wrapper, out, hashes = root / "train_with_hashes.py", root / "run", root / "hashes"
+    wrapper.write_text(PARAM_HASHES)
+    hashes.mkdir()
+    cmd = [TORCHRUN, "--standalone", "--nproc_per_node", "2", str(wrapper), "--data", tiny_data, "--output-dir",
+           str(out), *TINY]
+    first = run(cmd + ["--max-steps", "2"], HASH_DIR=str(hashes))
+    assert first.returncode == 0, first.stdout + first.stderr
+    steps_after_first = checkpoint_steps(out)
+    second = run(cmd, HASH_DIR=str(hashes))
+    assert second.returncode == 0, second.stdout + second.stderr
+    ranks = [[json.loads(line)["sha256"] for line in open(hashes / f"rank{r}.jsonl")] for r in range(2)]
+    return {"out": out, "hashes": ranks, "first": first, "second": second, "steps_after_first": steps_after_first}
