@@ -10,9 +10,10 @@
 2. Calibration: a short timed `probe.py --mode finetune` run gives the seconds per step, the
    start-up and the final evaluation, and the budget becomes a step count (as --epochs).
 3. For each seed: fine-tune from (a) the pretrained backbone and (b) a random init, the same
-   number of steps, with the ResNet recipe (torchvision's reference: SGD momentum 0.9, lr 0.1 x
-   batch/256, wd 1e-4, cosine with a linear warm-up over the first 5/90 of the run, label
-   smoothing 0.1, RandomResizedCrop + flip; a ViT backbone gets DeiT's recipe, warm-up 5/150),
+   number of steps, each with its start's recipe as probe.py chooses it, the warm-up keeping the
+   recipe's share of the shortened run (ResNets: the pretrained start SimCLR's semi-supervised
+   recipe, no warm-up; the random init torchvision's reference, SGD momentum 0.9, lr 0.1 x
+   batch/256, wd 1e-4, warm-up 5/90, label smoothing 0.1; a ViT gets DeiT's recipe, warm-up 5/150),
    batch 256, precision auto; evaluated once, at the end, on val/. The random init is the same backbone's.
 4. Report: top-1/top-5 of the final model, mean +- std over seeds, and the paired difference.
 
@@ -33,7 +34,6 @@ import sys
 import quality
 from quality import REPO, count_images, fail, git_commit, hardware, launcher, run
 
-WARMUP_SHARE = {"resnet": 5 / 90, "vit": 5 / 150}  # torchvision's reference: 5 of 90; DeiT as MoCo v3's ViT-B: 5 of 150
 BATCH = 256
 
 
@@ -99,7 +99,7 @@ def backbone_of(path: str) -> tuple[str, list[str]]:
 def finetune_cmd(args, start: str, out_dir: str, seed: int, epochs: float, extra=()) -> list[str]:
     what = ["--pretrained", start] if start != "random-init" else args.random_init
     return [*launcher(args), "probe.py", *what, "--data", args.data, "--mode", "finetune", "--image-size", "32",
-            "-b", str(BATCH), "--epochs", repr(epochs), "--warmup-epochs", repr(epochs * WARMUP_SHARE[args.family]),
+            "-b", str(BATCH), "--epochs", repr(epochs),
             "--mixed-precision", "auto", "--workers", "0", "--seed", str(seed), "--output-dir", out_dir,
             "--no-eval-epoch-ends", "--log-every", "10", "--save-every", "1000000", "--keep", "1", *extra]
 
