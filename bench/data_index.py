@@ -7,6 +7,9 @@ sample's path and label. Prints a markdown table; deletes its trees.
     python bench/data_index.py                       # 100 k and 1.28 M files, both shapes (make bench-data-index)
     python bench/data_index.py --sizes 20000 --workers 2
 
+Measured (docs/data.md; AMD EPYC, 2 shared cores, 2026-12-01): at 1.28 M files 11.6 s cold, 0.27 s
+warm, 60 MB on disk, 62 MB in the main process, and 8 workers add 4.9 % to it.
+
 "Cold" walks a tree the page cache still holds (it was just written): on a network file system
 or after a reboot the walk waits for metadata reads too. Memory: "dataset" is the main process's
 RSS growth from loading the index; "worker private" is the most any worker's private (unshared)
