@@ -19,7 +19,6 @@ since only names are indexed.
 """
 
 import ctypes
-import hashlib
 import json
 import os
 import warnings
@@ -28,7 +27,7 @@ from array import array
 import torch
 from safetensors import SafetensorError, safe_open
 
-from bfcl.checkpoint import save_file_atomic
+from bfcl.checkpoint import _sha256, save_file_atomic  # the checkpoints' own file hash
 from bfcl.folders import DataError, DataWarning, class_walks, folder_walk, refuse_empty
 
 INDEX_FORMAT = "bfcl-image-index-1"
@@ -172,14 +171,6 @@ class ImageIndex:
             except OSError:
                 return f"{folder} is gone"
         return None
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def source_of(layout: str, root: str, list_file: str | None, hash_list: bool = True) -> dict:
