@@ -1,5 +1,6 @@
 """bench/finetune.py end to end at toy size: calibration, the budget as a step count, the
-pretrained and the random-init start fine-tuned for the same steps, table and results.json."""
+pretrained and the random-init start fine-tuned for the same steps, table and results.json; the two
+arms start from different weights (the export, and a random draw of the same backbone)."""
 
 import json
 import os
@@ -8,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from bfcl.export import export_backbone
 from bfcl.model import MoCo
@@ -35,4 +37,16 @@ def test_finetune_bench_small(tmp_path):
     assert records["pretrained"]["steps"] == records["random-init"]["steps"] == results["steps"] >= 10
     assert all(0 <= rec["top1"] <= 100 and rec["wall_s"] > 0 for rec in records.values())
     assert results["paired_top1_difference"] == [records["pretrained"]["top1"] - records["random-init"]["top1"]]
-    assert os.path.exists(os.path.join(out, "runs", "seed0", "pretrained", "finetuned.safetensors"))
+
+    # The arms load different weights: probe.py was told the export for one and a random init for the
+    # other, and after the same few steps only the pretrained arm is still close to the export.
+    arms = {start: os.path.join(out, "runs", "seed0", start) for start in ("pretrained", "random-init")}
+    told = {start: json.load(open(os.path.join(arm, "results.json")))["pretrained"] for start, arm in arms.items()}
+    assert told == {"pretrained": export, "random-init": "random-init"}
+    start = load_file(export)
+    tuned = {s: load_file(os.path.join(arm, "finetuned.safetensors")) for s, arm in arms.items()}
+    assert tuned["pretrained"].keys() == tuned["random-init"].keys() == start.keys() | {"fc.weight", "fc.bias"}
+    for name in ("conv1.weight", "layer3.0.conv1.weight", "layer4.1.conv2.weight"):
+        cosine = {s: torch.cosine_similarity(t[name].flatten(), start[name].flatten(), dim=0).item()
+                  for s, t in tuned.items()}
+        assert cosine["pretrained"] > 0.5 and abs(cosine["random-init"]) < 0.1, (name, cosine)
