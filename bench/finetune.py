@@ -121,7 +121,9 @@ def calibrate(args, env, start: str, steps_per_epoch: int) -> dict:
             "command": shlex.join(cmd)}
 
 
-def finetune(args, env, start: str, path: str, seed: int, epochs: float) -> dict:
+def finetune(args, env, start: str, path: str, seed: int, epochs: float, expected_s: float) -> dict:
+    """One fine-tuning run, stopped at OVERRUN_STOP x its expected time: the budget, or longer where
+    the minimum of 10 steps does not fit it (a tiny budget on a slow machine)."""
     run_dir = os.path.join(args.out, "runs", f"seed{seed}", start)
     cmd = finetune_cmd(args, path, run_dir, seed, epochs)
     record_path = os.path.join(run_dir, "record.json")
@@ -133,7 +135,7 @@ def finetune(args, env, start: str, path: str, seed: int, epochs: float) -> dict
     quality.shutil.rmtree(run_dir, ignore_errors=True)
     os.makedirs(run_dir)
     print(f"  {start}, seed {seed}: fine-tuning", flush=True)
-    t = run(cmd, os.path.join(run_dir, "probe.log"), env, args.budget_min * 60 * quality.OVERRUN_STOP)
+    t = run(cmd, os.path.join(run_dir, "probe.log"), env, max(args.budget_min * 60, expected_s) * quality.OVERRUN_STOP)
     results_path = os.path.join(run_dir, "results.json")
     if not os.path.exists(results_path):
         fail(f"{start}, seed {seed}: no results.json; see {run_dir}/probe.log")
@@ -197,6 +199,7 @@ def main(argv=None) -> int:
     cal = calibrate(args, env, path, steps_per_epoch)
     steps = max(10, int((args.budget_min * 60 - cal["startup_s"] - cal["final_eval_exit_s"]) / cal["step_s"]))
     epochs = steps / steps_per_epoch
+    expected_s = cal["startup_s"] + steps * cal["step_s"] + cal["final_eval_exit_s"]
     info.update(calibration=cal, steps=steps)
     print(f"calibration: {cal['step_s']:.3f} s/step, start-up {cal['startup_s']:.0f} s, final evaluation + exit "
           f"{cal['final_eval_exit_s']:.0f} s -> {steps} steps ({epochs:.2f} epochs) in {args.budget_min:g} min",
@@ -204,7 +207,8 @@ def main(argv=None) -> int:
     records = []
     for seed in range(args.seeds):
         for start in ("pretrained", "random-init"):
-            records.append(finetune(args, env, start, path if start == "pretrained" else "random-init", seed, epochs))
+            records.append(finetune(args, env, start, path if start == "pretrained" else "random-init", seed, epochs,
+                                    expected_s))
     info["date_end"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     print(report(args, info, records))
     return 0

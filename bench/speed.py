@@ -16,6 +16,10 @@ paths, and the memory of the ImageNet recipe. It prints figures; nothing here as
    tensor path (bfcl/augment.py) at 32, 96 and 224 px, from decoded images.
 4. Peak memory of the ImageNet recipe (ResNet-50, 224 px, BatchFormer on, LARS) at small batches
    on this CPU, extrapolated to 256 per process (see memory_estimate for how).
+5. torch.compile (inductor) and NHWC in fp32: bare steps of the CIFAR-10 recipe's model
+   (ResNet-18, ImageNet stem, 32 px, MLP 2048, LARS, batch --compile-batch, --threads threads), eager
+   against compiled and against channels-last, in alternating blocks of 3 steps, in a child process
+   with an empty inductor cache: the first two compiled steps are the cold compile time.
 
 Measured 2026-11-27 with `make bench-speed` (263 s) on an AMD EPYC KVM guest, 2 cores, torch
 2.14.1, shared with other jobs (load average 2.5-3), defaults above:
@@ -47,7 +51,7 @@ from reference_step import PHASES, build, make_views, run_steps
 from trainer_log import trainer_throughput
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SECTIONS = ("trainer", "bf", "augment", "memory")
+SECTIONS = ("trainer", "bf", "augment", "memory", "compile")
 # --arch: the small-image models of sections 1 and 2, as train.py flags and as reference_step.build arguments.
 ARCH_FLAGS = {"resnet18": ["-a", "resnet18", "--stem", "small"],
               "vit_tiny": ["-a", "vit_tiny", "--patch-size", "8", "--optimizer", "adamw", "--lr", "5e-4",
@@ -327,6 +331,46 @@ def fit_line(xs, ys) -> tuple[float, float]:
     return slope, my - slope * mx
 
 
+def compile_probe(args) -> None:
+    """Child process: eager, compiled and channels-last fp32 bare steps on the same views; prints JSON."""
+    device = torch.device("cpu")
+    build_fp32 = lambda: build("resnet18", "imagenet", 2048, None, device, image_size=32)
+    (eager, opt_e), (compiled, opt_c), (nhwc, opt_n) = build_fp32(), build_fp32(), build_fp32()
+    nhwc = nhwc.to(memory_format=torch.channels_last)
+    views = make_views(args.compile_batch, 32, device)
+    views_nhwc = tuple(v.contiguous(memory_format=torch.channels_last) for v in views)
+    compiled_model = torch.compile(compiled)
+    first = run_steps(compiled_model, opt_c, views, 2, None)["step"]
+    run_steps(eager, opt_e, views, 2, None), run_steps(nhwc, opt_n, views_nhwc, 2, None)
+    times = {"eager": [], "compiled": [], "channels_last": [], "compile_first_steps": first}
+    for block in range(args.compile_blocks):
+        step = 2 + 3 * block
+        times["eager"] += run_steps(eager, opt_e, views, 3, None, first_step=step)["step"]
+        times["compiled"] += run_steps(compiled_model, opt_c, views, 3, None, first_step=step)["step"]
+        times["channels_last"] += run_steps(nhwc, opt_n, views_nhwc, 3, None, first_step=step)["step"]
+    print(json.dumps(times))
+
+
+def compile_speed(args) -> None:
+    print(f"\n## 5. torch.compile and channels-last, fp32 bare steps (resnet18 ImageNet stem, 32 px, batch "
+          f"{args.compile_batch}, {args.threads} thread(s), cold inductor cache)")
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    with tempfile.TemporaryDirectory() as cache:
+        env["TORCHINDUCTOR_CACHE_DIR"] = cache
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--compile-probe", "--threads",
+                              str(args.threads), "--compile-batch", str(args.compile_batch), "--compile-blocks",
+                              str(args.compile_blocks)], env=env, check=True, capture_output=True, text=True).stdout
+    t = json.loads(out.strip().splitlines()[-1])
+    ips = {k: args.compile_batch / median(t[k]) for k in ("eager", "compiled", "channels_last")}
+    compile_s = sum(t["compile_first_steps"]) - 2 * median(t["compiled"])
+    budget = 15 * 60
+    gain = (budget - compile_s) * ips["compiled"] / (budget * ips["eager"])
+    print(f"eager {ips['eager']:.1f} img/s, compiled {ips['compiled']:.1f} img/s (x{ips['compiled'] / ips['eager']:.2f}"
+          f" warm), channels-last {ips['channels_last']:.1f} img/s (x{ips['channels_last'] / ips['eager']:.2f})")
+    print(f"compile time (first two compiled steps less two warm ones): {compile_s:.0f} s; images in a 15-minute "
+          f"run, compiled / eager: {gain:.2f}")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {SECTIONS}")
@@ -342,6 +386,9 @@ def parse_args(argv=None):
     p.add_argument("--aug-images", type=int, default=16, help="images per augmentation batch")
     p.add_argument("--repeats", type=int, default=3, help="augmentation timings per path and size")
     p.add_argument("--memory-batches", type=int, nargs="+", default=[2, 4], help="batches of the memory probes")
+    p.add_argument("--compile-batch", type=int, default=128, help="batch of section 5 (the CIFAR recipe's per process)")
+    p.add_argument("--compile-blocks", type=int, default=4, help="alternating blocks of 3 steps in section 5")
+    p.add_argument("--compile-probe", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--memory-probe", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--reference-probe", type=int, default=0, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -353,6 +400,9 @@ def main(argv=None) -> None:
         return memory_probe(args.memory_probe)
     if args.reference_probe:
         return reference_probe(args)
+    if args.compile_probe:
+        torch.set_num_threads(args.threads)
+        return compile_probe(args)
     only = args.only.split(",")
     unknown = set(only) - set(SECTIONS)
     if unknown:
@@ -367,6 +417,8 @@ def main(argv=None) -> None:
         augmentation_speed(args)
     if "memory" in only:
         memory_estimate(args)
+    if "compile" in only:
+        compile_speed(args)
     print(f"\n(total {time.time() - start:.0f} s; load average now {', '.join(f'{x:.1f}' for x in os.getloadavg())})")
 
 
