@@ -42,7 +42,6 @@ import argparse
 import datetime
 import hashlib
 import json
-import math
 import os
 import shlex
 import shutil
@@ -51,8 +50,8 @@ import sys
 
 import quality
 from downstream_report import write_report, write_sweep
-from finetune import backbone_of
-from quality import REPO, count_images, fail, git_commit, hardware, launcher, run
+from finetune import backbone_of, pretrain
+from quality import REPO, fail, git_commit, hardware, launcher, run
 
 STARTS = ("pretrained", "random-init")
 # Warm-up as a share of the run: torchvision's 5 of 90 epochs from scratch; none from a pretrained
@@ -127,36 +126,6 @@ def estimate_min(args) -> float:
     runs = sum(m * args.seeds * (len(STARTS) + (len(args.bf_starts) if f in args.bf_fractions else 0))
                for f, m in zip(args.fractions, args.ft_min))
     return pretrain + 5 + 1 + runs
-
-
-def pretrain(args, env) -> str:
-    """train.py with bench/quality.py's CIFAR-10 recipe at --precision for --pretrain-min; its backbone export."""
-    q = quality.parse_args(["--data", args.data, "--out", os.path.join(args.out, "pretrain"), "--budget-min",
-                            str(args.pretrain_min), "--seeds", "1", "--procs", str(args.procs), "--threads",
-                            str(args.threads), "--train-args", f"--mixed-precision {args.precision}"])
-    os.makedirs(q.out, exist_ok=True)
-    steps_per_epoch = count_images(os.path.join(args.data, "train")) // int(quality.recipe_value(q, "-b"))
-    cal_path = os.path.join(q.out, "calibration.json")
-    earlier = json.load(open(cal_path)) if os.path.exists(cal_path) else None
-    cal = quality.calibrate(q, env, steps_per_epoch, False, earlier)
-    with open(cal_path, "w") as f:
-        json.dump(cal, f, indent=1)
-    steps = quality.steps_for_budget(cal, q.budget_min * 60, steps_per_epoch, q.knn_points)
-    run_dir = os.path.join(q.out, "run")
-    cmd = quality.train_cmd(q, run_dir, 0, False, steps, steps_per_epoch, max(1, math.ceil(steps / q.knn_points)))
-    export, record_path = os.path.join(run_dir, "backbone.safetensors"), os.path.join(run_dir, "record.json")
-    if reusable(record_path, cmd) is not None and os.path.exists(export):
-        print(f"pretraining: reusing {export}", flush=True)
-        return export
-    print(f"pretraining: {steps} steps ({steps / steps_per_epoch:.2f} epochs) in {args.pretrain_min:g} min", flush=True)
-    shutil.rmtree(run_dir, ignore_errors=True)
-    os.makedirs(run_dir)
-    t = run(cmd, os.path.join(run_dir, "train.log"), env, q.budget_min * 60 * quality.OVERRUN_STOP)
-    if not os.path.exists(export):
-        fail(f"pretraining left no {export}; see {run_dir}/train.log")
-    with open(record_path, "w") as f:
-        json.dump({"command": shlex.join(cmd), "steps": steps, "wall_s": t["wall_s"]}, f, indent=1)
-    return export
 
 
 # ---- probe.py commands -----------------------------------------------------------------------
@@ -316,7 +285,8 @@ def main(argv=None) -> int:
             "estimate_min": round(estimate_min(args))}
     print(f"{info['date']} | {info['hardware']['cpu']}, {info['hardware']['cores']} cores | fractions "
           f"{', '.join(f'{f:g}' for f in args.fractions)} | about {info['estimate_min']} min", flush=True)
-    args.backbone = os.path.abspath(args.pretrained) if args.pretrained else pretrain(args, env)
+    args.backbone = os.path.abspath(args.pretrained) if args.pretrained else \
+        pretrain(args, env, f"--mixed-precision {args.precision}")
     info["pretrained"] = args.backbone if args.pretrained else \
         f"train.py, CIFAR-10 recipe, {args.pretrain_min:g} min ({args.backbone})"
     family, args.random_init = backbone_of(args.backbone)

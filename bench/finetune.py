@@ -52,11 +52,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def pretrain(args, env) -> str:
-    """train.py with the CIFAR-10 recipe for --pretrain-min; returns its backbone.safetensors."""
+def pretrain(args, env, train_args: str = "") -> str:
+    """train.py with the CIFAR-10 recipe (plus train_args) for --pretrain-min; returns its backbone.safetensors.
+    Also bench/downstream.py's pretraining."""
     q = quality.parse_args(["--data", args.data, "--out", os.path.join(args.out, "pretrain"), "--budget-min",
                             str(args.pretrain_min), "--seeds", "1", "--procs", str(args.procs), "--threads",
-                            str(args.threads)])
+                            str(args.threads)] + (["--train-args", train_args] if train_args else []))
     os.makedirs(q.out, exist_ok=True)
     batch = int(quality.recipe_value(q, "-b"))
     steps_per_epoch = count_images(os.path.join(args.data, "train")) // batch
