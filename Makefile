@@ -15,7 +15,7 @@ OUT_FT ?= bench-results/finetune
 VIT_ARGS ?= -a vit_tiny --patch-size 8 --optimizer adamw --lr 5e-4 --wd 0.1 --moco-t 0.2 --moco-m 0.8 \
 	--moco-mlp-dim 1024 --crop-min 0.2
 
-.PHONY: venv lint test test-fast smoke-test bench-speed bench-quality bench-quality-vit bench-finetune bench-bf \
+.PHONY: venv lint test test-e2e test-fast smoke-test bench-speed bench-quality bench-quality-vit bench-finetune bench-bf \
 	bench-downstream bench-data-index clean
 
 venv: $(VENV)/.installed
@@ -29,11 +29,16 @@ $(VENV)/.installed: pyproject.toml
 lint: venv
 	$(BIN)/ruff check .
 
+# Two pytest workers, one thread each. The end-to-end runs (make smoke-test, the benchmark scripts at
+# toy size) are their own target: minutes each, and run one at a time since benchmarks time themselves.
 test: venv lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 -m "not e2e"
+
+test-e2e: venv
+	$(BIN)/python -m pytest -q -m e2e
 
 test-fast: venv
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n 2 -m "not slow"
 
 # Whole pipeline on a generated JPEG ImageFolder, on the CPU: pretrain a ResNet-18 and a ViT-Tiny with
 # BatchFormer, then kNN-probe each; then pretrain on an unlabelled folder nested by date (docs/data.md).

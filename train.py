@@ -316,6 +316,7 @@ class Plan:
     peak_lr: float  # --lr x global batch / 256
     bf_loss: str | None  # None: BatchFormer off
     bf_start_step: int  # BatchFormer on from this step (--bf-start-epoch)
+    knn_every: int  # --knn-every, or 0 where the monitor has no labelled images (no sync for it)
 
 
 def make_plan(config, num_images: int, processes: int, bf_loss: str | None) -> Plan:
@@ -327,10 +328,11 @@ def make_plan(config, num_images: int, processes: int, bf_loss: str | None) -> P
                 total_steps=total_steps, warmup_steps=round(steps_per_epoch * config.warmup_epochs),
                 last_step=min(total_steps, config.max_steps) if config.max_steps else total_steps,
                 peak_lr=config.lr * config.batch_size / 256, bf_loss=bf_loss,
-                bf_start_step=round(steps_per_epoch * config.bf_start_epoch))
+                bf_start_step=round(steps_per_epoch * config.bf_start_epoch),
+                knn_every=config.knn_every if knn_source(config)[0] != "off" else 0)
 
 
-def build_model_and_optimizer(config, plan: Plan, device: torch.device, precision: str):
+def build_model_and_optimizer(config, plan: Plan, device: torch.device):
     """MoCo model and optimizer, plus the parameter names in optimizer order (for checkpoints).
     Called with the same seed on every process, so all start identical, BatchFormer included."""
     set_seed(config.seed)
@@ -339,7 +341,7 @@ def build_model_and_optimizer(config, plan: Plan, device: torch.device, precisio
                  stop_grad_conv1=config.stop_grad_conv1)
     if plan.processes > 1 and device.type == "cuda":  # gloo (CPU) rejects SyncBatchNorm
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if uses_channels_last(config.arch, device.type, precision):
+    if uses_channels_last(config.arch):
         model = model.to(memory_format=torch.channels_last)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
@@ -399,8 +401,7 @@ def run(config, switched: list[str], accelerator, bf_loss: str | None, precision
     except DataError as e:
         fail(str(e))
     plan = make_plan(config, len(dataset), accelerator.num_processes, bf_loss)
-    model, optimizer, param_names = build_model_and_optimizer(config, plan, accelerator.device,
-                                                              accelerator.mixed_precision)
+    model, optimizer, param_names = build_model_and_optimizer(config, plan, accelerator.device)
     check_free_disk(config, model)
 
     start_step = 0
@@ -480,8 +481,7 @@ def train(config, plan: Plan, accelerator, model, optimizer, param_names, datase
     log = ProgressLog(os.path.join(config.output_dir, "metrics.jsonl"), plan.last_step, start_step) \
         if accelerator.is_main_process else None
     knn = knn_monitor(config, dataset.folder) if accelerator.is_main_process else None
-    memory_format = torch.channels_last if uses_channels_last(config.arch, device.type, accelerator.mixed_precision) \
-        else torch.contiguous_format
+    memory_format = torch.channels_last if uses_channels_last(config.arch) else torch.contiguous_format
     window, totals = Window(device), {"nonfinite": 0, "bad": 0, "images": 0}
     check = StopCheck(start_step)
     if knn is not None and start_step == 0:  # the curve starts at the random init
@@ -543,7 +543,7 @@ def sync_point(config, plan: Plan, accelerator, moco, optimizer, param_names, lo
     end_of_epoch = done % plan.steps_per_epoch == 0
     save_now = done % config.save_every == 0 or end_of_epoch or done == plan.last_step
     # the same on every process (only the main one holds the monitor): all of them must reach the sync
-    knn_now = config.knn_every > 0 and (done % config.knn_every == 0 or done == plan.last_step)
+    knn_now = plan.knn_every > 0 and (done % plan.knn_every == 0 or done == plan.last_step)
     reduce_sum = lambda t: accelerator.reduce(t, reduction="sum")
     stop_heard = False
     if done % config.log_every and not (save_now or knn_now):

@@ -26,7 +26,7 @@ def build(arch: str, stem: str, mlp_dim: int, bf_loss: str | None, device: torch
     set_seed(seed)
     model = MoCo(arch, stem, 256, mlp_dim, batchformer=bf_loss is not None, image_size=image_size,
                  patch_size=patch_size).to(device)
-    if uses_channels_last(arch, device.type, precision):
+    if uses_channels_last(arch):
         model = model.to(memory_format=torch.channels_last)
     groups, _ = param_groups(model)
     optimizer = build_optimizer("adamw" if is_vit(arch) else "lars", groups, 0.1 if is_vit(arch) else 1e-6)
@@ -37,7 +37,7 @@ def make_views(batch: int, size: int, device: torch.device, seed: int = 0, arch:
                precision: str = "no"):
     """Two random normalised views [batch, 3, size, size], in train.py's memory format."""
     g = torch.Generator().manual_seed(seed)
-    fmt = torch.channels_last if uses_channels_last(arch, device.type, precision) else torch.contiguous_format
+    fmt = torch.channels_last if uses_channels_last(arch) else torch.contiguous_format
     return tuple(torch.randn(batch, 3, size, size, generator=g).to(device, memory_format=fmt) for _ in range(2))
 
 

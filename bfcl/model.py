@@ -24,11 +24,11 @@ def is_vit(arch: str) -> bool:
     return arch in VIT_ARCHS
 
 
-def uses_channels_last(arch: str, device_type: str, precision: str) -> bool:
+def uses_channels_last(arch: str) -> bool:
     """NHWC activations for ResNets in every precision and on every device: cuDNN's and oneDNN's
     convolutions are fastest in it (ResNet-18, 32 px: bf16 on a CPU core 12 % faster; fp32 on 2
     AVX2 cores 22 % faster, bench/speed.py --only compile). A ViT has one convolution, the patch
-    projection: nothing to gain. The arguments stay for callers that name the setting."""
+    projection: nothing to gain."""
     return not is_vit(arch)
 
 

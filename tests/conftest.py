@@ -3,11 +3,17 @@ uninterrupted run of the tiny setting in scripts.py gives; tests compare their o
 Fixtures that launch train.py are only requested by tests marked slow, so `make test-fast` runs none."""
 
 import json
+import os
 
 import pytest
+import torch
 
 from bfcl.synthetic import make_image_folder
 from scripts import PARAM_HASHES, STEPS, TINY, TORCHRUN, checkpoint_steps, run, train_cmd
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two pytest workers on two cores: one thread each
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ def test_batchformer_group_holds_exactly_its_weights_at_the_default_scale(tmp_pa
     assert args.bf_lr_scale == 0.1  # the documented default
     config, _ = train.with_recipe(args)
     plan = train.make_plan(config, 32, 1, "pairs-sum")
-    model, optimizer, names = train.build_model_and_optimizer(config, plan, torch.device("cpu"), "no")
+    model, optimizer, names = train.build_model_and_optimizer(config, plan, torch.device("cpu"))
     assert [g["lr_scale"] for g in optimizer.param_groups] == [1.0, 0.1]
     bf = {id(p) for p in model.batchformer.parameters()}
     assert {id(p) for p in optimizer.param_groups[1]["params"]} == bf and len(bf) > 0

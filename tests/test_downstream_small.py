@@ -30,6 +30,7 @@ def markdown_rows(text: str, header_start: str) -> list[list[str]]:
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_downstream_small(tmp_path):
     """Half the labels of a 4-class toy set (five probe.py processes, about a minute on 2 idle cores)."""
     data = make_image_folder(str(tmp_path / "data"), classes=4, train_per_class=40, val_per_class=8, size=32)

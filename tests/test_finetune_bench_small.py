@@ -18,6 +18,7 @@ from test_quality_small import REPO, table_rows
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_finetune_bench_small(tmp_path):
     data = make_image_folder(str(tmp_path / "data"), classes=4, train_per_class=160, val_per_class=16, size=32)
     torch.manual_seed(1)

@@ -18,6 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 def test_make_smoke_test(tmp_path):
     out = tmp_path / "smoke"
