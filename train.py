@@ -176,9 +176,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def with_recipe(args: argparse.Namespace) -> tuple[argparse.Namespace, list[str]]:
+def with_recipe(args: argparse.Namespace) -> tuple[argparse.Namespace, dict[str, str | None]]:
     """The config: args with every unset recipe flag filled from the backbone family's recipe
-    (a new Namespace; args is not mutated), and the ViT values that differ from ResNet's.
+    (a new Namespace; args is not mutated); and the start-up summary's notes on what was filled:
+    the ViT values that differ from ResNet's, and a warm-up scaled to a shortened schedule.
 
     A shortened schedule (--epochs below the recipe's, --warmup-epochs not given) keeps the
     recipe's warm-up share (10 % for ResNets, 13.3 % for ViTs), as probe.py's fine-tuning does."""
@@ -189,7 +190,10 @@ def with_recipe(args: argparse.Namespace) -> tuple[argparse.Namespace, list[str]
         filled["warmup_epochs"] = args.epochs * recipe["warmup_epochs"] / recipe["epochs"]
     switched = [f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
                 for k, v in filled.items() if v != RESNET_RECIPE[k] and not (scaled and k == "warmup_epochs")]
-    return argparse.Namespace(**{**vars(args), **filled}), switched
+    notes = {"ViT recipe defaults": ", ".join(switched) or None,
+             "warm-up": f"{filled['warmup_epochs']:g} epochs: the recipe's share of the shortened --epochs "
+                        f"{args.epochs:g}" if scaled else None}
+    return argparse.Namespace(**{**vars(args), **filled}), notes
 
 
 def validate(config, num_processes: int, bf_loss: str | None) -> None:
@@ -296,13 +300,6 @@ def knn_monitor(config, images: LabelledImages) -> KnnMonitor | None:
     return KnnMonitor(bank, queries, config.image_size, config.knn_samples, config.seed, min(config.workers, 2))
 
 
-def scaled_warmup(config) -> bool:
-    """Whether with_recipe shortened the recipe's warm-up to fit --epochs."""
-    recipe = VIT_RECIPE if is_vit(config.arch) else RESNET_RECIPE
-    return config.epochs < recipe["epochs"] and config.warmup_epochs == config.epochs * recipe["warmup_epochs"] / \
-        recipe["epochs"]
-
-
 @dataclass(frozen=True)
 class Plan:
     """Quantities derived once from the config and the launch; printed at start, never mutated."""
@@ -360,7 +357,7 @@ def check_free_disk(config, model) -> None:
 def main(argv=None) -> int:
     stop = StopSignal()  # first: a signal during start-up is honoured at the first step, not fatal
     args = parse_args(argv)
-    config, switched = with_recipe(args)
+    config, notes = with_recipe(args)
     # torchrun without GPUs: Accelerate starts gloo only when told the processes are CPU ones.
     # A trainable BatchFormer switched on late has no gradient before: DDP must be told.
     unused = [DistributedDataParallelKwargs(find_unused_parameters=True)] \
@@ -382,13 +379,13 @@ def main(argv=None) -> int:
     try:
         if lock is not None and lock.message:
             accelerator.print(lock.message)
-        return run(config, switched, accelerator, bf_loss, why, stop)
+        return run(config, notes, accelerator, bf_loss, why, stop)
     finally:
         if lock is not None:
             lock.release()
 
 
-def run(config, switched: list[str], accelerator, bf_loss: str | None, precision_reason: str,
+def run(config, notes: dict[str, str | None], accelerator, bf_loss: str | None, precision_reason: str,
         stop: StopSignal) -> int:
     """Build everything, print the summary, resume if asked, train."""
     try:
@@ -424,9 +421,7 @@ def run(config, switched: list[str], accelerator, bf_loss: str | None, precision
     summary = {
         "data": f"{index.describe()}; index {data_note}", "kNN monitor": knn_source(config)[1],
         "backbone": config.arch + (f", patch {config.patch_size}" if is_vit(config.arch) else f", {config.stem} stem"),
-        "ViT recipe defaults": ", ".join(switched) or None,
-        "warm-up": f"{config.warmup_epochs:g} epochs: the recipe's share of the shortened --epochs {config.epochs:g}"
-        if scaled_warmup(config) else None,
+        **notes,
         "processes": plan.processes, "device": str(accelerator.device),
         "precision": f"{accelerator.mixed_precision} ({precision_reason})",
         "batch per process": plan.local_batch, "global batch": config.batch_size,

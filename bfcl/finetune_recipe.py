@@ -86,18 +86,19 @@ VIT_RECIPE = FinetuneRecipe(
 # A pretrained ResNet with few labels (docs/finetune-recipes.md): SimCLR appendix B.5 fine-tunes
 # its 1 % / 10 % subsets with SGD, Nesterov momentum 0.9, lr 0.05 x batch/256, no warm-up, no
 # weight decay or other regulariser, random crop + flip only; SimCLRv2 §3 also drops warm-up and
-# weight decay and uses 30 epochs at 10 % and 100 % (60 at 1 %); BYOL appendix C.2 likewise uses
+# weight decay and uses 30 epochs at 10 % and 100 % (60 at 1 %); BYOL appendix C.1 likewise uses
 # Nesterov SGD and sweeps lr in 0.005-0.1 at batch 1024. The from-scratch recipe's lr 0.1, wd 1e-4
-# and smoothing erase what pretraining learnt on a small subset. base_lr 0.05 is SimCLR's rule,
-# to be confirmed for bfcl backbones by `bench/downstream.py --sweep-lr` (10 % of CIFAR-10).
+# and smoothing erase what pretraining learnt on a small subset. base_lr 0.1, not SimCLR's 0.05: the
+# best of 0.01, 0.03, 0.1 and 0.3 on 10 % of CIFAR-10 from a 15-minute bfcl backbone
+# (`bench/downstream.py --sweep-lr`, docs/results.md#fine-tuning-lr-for-a-pretrained-start).
 PRETRAINED_RESNET_RECIPE = FinetuneRecipe(
-    name="simclr-semi-supervised", optimizer="sgd", base_lr=0.05, lr_batch=256, weight_decay=0.0,
+    name="simclr-semi-supervised", optimizer="sgd", base_lr=0.1, lr_batch=256, weight_decay=0.0,
     momentum=0.9, epochs=30, warmup_epochs=0, min_lr=0.0, label_smoothing=0.0, mixup=0.0,
     cutmix=0.0, mix_switch_prob=0.5, randaugment=False, random_erasing=0.0, drop_path=0.0,
     layer_decay=None, interpolation="bilinear", nesterov=True,
-    source="SimCLR appendix B.5 / SimCLRv2 / BYOL appendix C.2 semi-supervised fine-tuning: sgd nesterov "
-           "momentum 0.9, lr 0.05 (batch 256), no warm-up, no weight decay, crop + flip, 30 epochs "
-           "(docs/finetune-recipes.md)",
+    source="SimCLR appendix B.5 / SimCLRv2 / BYOL appendix C.1 semi-supervised fine-tuning: sgd nesterov "
+           "momentum 0.9, no warm-up, no weight decay, crop + flip, 30 epochs; lr 0.1 (batch 256) by bfcl's "
+           "sweep (docs/finetune-recipes.md)",
 )
 
 

@@ -24,14 +24,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     (["--epochs", "30"], 3.0, True),
     (["--epochs", "300"], 10.0, False),  # a longer schedule keeps the recipe's 10 epochs, as MoCo v3's scripts
     (["--epochs", "3", "--warmup-epochs", "1"], 1.0, False),  # the user's own value is never touched
+    (["--epochs", "3", "--warmup-epochs", "0.3"], 0.3, False),  # the user's, even where it equals the share
     (["-a", "vit_small", "--epochs", "30"], 4.0, True),  # ViT recipe: 40 of 300 epochs
     ([], 10.0, False),
 ])
 def test_warmup_follows_a_shortened_schedule(argv, warmup, scaled):
-    config, switched = train.with_recipe(train.parse_args(["--data", "D", *argv]))
+    config, notes = train.with_recipe(train.parse_args(["--data", "D", *argv]))
     assert config.warmup_epochs == pytest.approx(warmup)
-    assert train.scaled_warmup(config) is scaled
-    assert not any(s.startswith("--warmup-epochs") for s in switched if scaled)
+    assert (notes["warm-up"] is not None) is scaled
+    assert not scaled or "--warmup-epochs" not in (notes["ViT recipe defaults"] or "")
 
 
 def test_random_bytes_are_not_a_checkpoint(tmp_path):
