@@ -48,10 +48,9 @@ def synthetic(args) -> None:
     device = accelerator.device
     if args.cudnn_benchmark:
         torch.backends.cudnn.benchmark = True
-    views = make_views(args.batch, args.size, device, arch=args.arch, precision=accelerator.mixed_precision)
+    views = make_views(args.batch, args.size, device, arch=args.arch)
     for bf_loss in (None, "pairs-sum"):
-        model, optimizer = build(args.arch, args.stem, args.mlp_dim, bf_loss, device,
-                                 precision=accelerator.mixed_precision, image_size=args.size,
+        model, optimizer = build(args.arch, args.stem, args.mlp_dim, bf_loss, device, image_size=args.size,
                                  patch_size=args.patch_size)
         if args.compile:
             model = torch.compile(model)

@@ -20,7 +20,7 @@ PHASES = ("forward", "backward", "optimizer", "momentum update")
 
 
 def build(arch: str, stem: str, mlp_dim: int, bf_loss: str | None, device: torch.device, seed: int = 0,
-          precision: str = "no", image_size: int = 224, patch_size: int = 16):
+          image_size: int = 224, patch_size: int = 16):
     """MoCo + its recipe's optimizer (LARS for ResNets, AdamW for ViTs), built as train.py builds
     them: same seeding, parameter groups and memory format. Returns (model, optimizer)."""
     set_seed(seed)
@@ -33,8 +33,7 @@ def build(arch: str, stem: str, mlp_dim: int, bf_loss: str | None, device: torch
     return model, optimizer
 
 
-def make_views(batch: int, size: int, device: torch.device, seed: int = 0, arch: str = "resnet18",
-               precision: str = "no"):
+def make_views(batch: int, size: int, device: torch.device, seed: int = 0, arch: str = "resnet18"):
     """Two random normalised views [batch, 3, size, size], in train.py's memory format."""
     g = torch.Generator().manual_seed(seed)
     fmt = torch.channels_last if uses_channels_last(arch) else torch.contiguous_format
