@@ -35,6 +35,7 @@ from bfcl.checkpoint import (CheckpointError, list_checkpoints, load_model_state
                              optimizer_state_tensors, resume_checkpoint, save_checkpoint)
 from bfcl.cli import (EXIT_PREEMPTED, HelpFormatter, StopSignal, check_output_dir, check_ranges, code_version, fail,
                       format_summary)
+from bfcl.compiling import CompileOrEager
 from bfcl.folders import check_image_folder, check_train_val
 from bfcl.images import DEFAULT_MAX_PIXELS, DataError, LabelledImages, image_folder
 from bfcl.index import ImageIndex, find_layout, saved_or_built
@@ -411,13 +412,13 @@ def run(config, notes: dict[str, str | None], accelerator, bf_loss: str | None, 
             start_step = resumed["meta"]["step"]
     except CheckpointError as e:
         fail(str(e))
-    if config.compile:
-        model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
     if resumed is not None and accelerator.scaler is not None and resumed["meta"].get("scaler"):
         accelerator.scaler.load_state_dict(resumed["meta"]["scaler"])
 
-    moco = accelerator.unwrap_model(model, keep_torch_compile=False)
+    moco = accelerator.unwrap_model(model)
+    if config.compile:  # after DDP's wrapping, as Accelerate compiles; eager if compiling fails
+        model = CompileOrEager(model, "the model", accelerator.print)
     summary = {
         "data": f"{index.describe()}; index {data_note}", "kNN monitor": knn_source(config)[1],
         "backbone": config.arch + (f", patch {config.patch_size}" if is_vit(config.arch) else f", {config.stem} stem"),
@@ -441,7 +442,7 @@ def run(config, notes: dict[str, str | None], accelerator, bf_loss: str | None, 
     if accelerator.is_main_process:
         with open(os.path.join(config.output_dir, "config.json"), "w") as f:
             json.dump({"config": vars(config), "derived": summary}, f, indent=1)
-    return train(config, plan, accelerator, model, optimizer, param_names, dataset, augment, start_step, stop)
+    return train(config, plan, accelerator, model, moco, optimizer, param_names, dataset, augment, start_step, stop)
 
 
 def save(config, plan: Plan, accelerator, moco: MoCo, optimizer, param_names, step: int) -> None:
@@ -466,13 +467,12 @@ def export(config, model_state: dict, step: int) -> str:
     return path
 
 
-def train(config, plan: Plan, accelerator, model, optimizer, param_names, dataset, augment, start_step: int,
-          stop: StopSignal) -> int:
+def train(config, plan: Plan, accelerator, model, moco: MoCo, optimizer, param_names, dataset, augment,
+          start_step: int, stop: StopSignal) -> int:
     """The pretraining loop. Per step: set lr and m -> forward -> gather keys -> loss ->
     backward -> optimizer step -> momentum update; then, at sync points only, read the
     device-side sums, log, check for trouble and checkpoint (sync_point)."""
     device, rank = accelerator.device, accelerator.process_index
-    moco = accelerator.unwrap_model(model, keep_torch_compile=False)
     log = ProgressLog(os.path.join(config.output_dir, "metrics.jsonl"), plan.last_step, start_step) \
         if accelerator.is_main_process else None
     knn = knn_monitor(config, dataset.folder) if accelerator.is_main_process else None

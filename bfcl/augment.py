@@ -33,6 +33,7 @@ import torchvision.transforms.v2.functional as F
 from PIL import Image
 from torchvision.ops import roi_align
 
+from bfcl.compiling import CompileOrEager
 from bfcl.views import IMAGENET_MEAN, IMAGENET_STD, eval_resize
 
 # ColorJitter(0.4, 0.4, 0.2, 0.1): factor ranges in the op order brightness, contrast,
@@ -213,7 +214,7 @@ class BatchedTwoViews:
         self.solarize_p = (0.0, 0.2)
         self.blur_size = min(2 * math.ceil(3 * SIGMA_RANGE[1]) + 1, 2 * (image_size // 2) - 1)  # reflect pad < side
         self.mean, self.std, self.chunk = list(mean), list(std), chunk
-        self.augment_rows = torch.compile(augment_rows) if compile else augment_rows
+        self.augment_rows = CompileOrEager(augment_rows, "the batched views") if compile else augment_rows
 
     def draw(self, sizes: torch.Tensor, generator=None) -> dict:
         """Parameters of both views for images of sizes [n, 2] (height, width): dict of [n, 2, ...]
