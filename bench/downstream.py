@@ -25,8 +25,10 @@
 
 Cost with the defaults (2 cores): pretraining 15 min + quick checks ~5 min + calibration ~1 min +
 fine-tuning 2 seeds x 2 starts x (2 + 4 + 8 min) + BatchFormer 2 seeds x 2 starts x (2 + 4 min)
-= about 1 h 45 min by this arithmetic (the script prints its estimate at start; not yet run at full
-size: the budgets include each run's start-up and final evaluation, the quick checks are a guess).
+= about 1 h 45 min (the script prints its estimate at start; the budgets include each run's start-up
+and final evaluation). Measured with --pretrained on 2 AMD EPYC (AVX2) cores, 2026-12-02: 86 minutes,
+of which the six quick checks took 7.5 and the calibration 1.3
+(docs/results.md#few-labels-pretrained-against-random-init).
 --ft-min, --fractions, --bf-fractions, --bf-starts and --seeds trade cost for precision; --pretrained
 saves the 15 minutes.
 
