@@ -416,7 +416,7 @@ def run(config, notes: dict[str, str | None], accelerator, bf_loss: str | None, 
     if resumed is not None and accelerator.scaler is not None and resumed["meta"].get("scaler"):
         accelerator.scaler.load_state_dict(resumed["meta"]["scaler"])
 
-    moco = accelerator.unwrap_model(model)
+    moco = accelerator.unwrap_model(model, keep_torch_compile=False)
     if config.compile:  # after DDP's wrapping, as Accelerate compiles; eager if compiling fails
         model = CompileOrEager(model, "the model", accelerator.print)
     summary = {

@@ -1,12 +1,15 @@
 """`--compile`: torch.compile (inductor) with a one-line fallback to eager where compiling fails.
 
-torch.compile is lazy: nothing is compiled until the first call, and that is where a machine
-without a working C++ compiler (CPU) or Triton (GPU) fails. `CompileOrEager` compiles, and if
-the first call fails to compile it says so in one line and calls the eager function from then on,
-so a run asked to compile never dies of it. Only compiler failures fall back: an error in the
-model's own code is raised as it would be eagerly. (Where the failing graph follows a graph break,
-the code before the break has run once already on that first call; MoCo's forward has no break:
-torch._dynamo.explain finds one graph for a ResNet-18 with and without BatchFormer.)
+torch.compile is lazy: nothing is compiled until the first call (or a recompile, as when
+BatchFormer switches on at --bf-start-epoch), and that is where a machine without a working C++
+compiler (CPU) or Triton (GPU) fails. `CompileOrEager` compiles, and if a forward call fails to
+compile it says so in one line and calls the eager function from then on. Only compiler failures
+fall back: an error in the model's own code is raised as it would be eagerly. Not covered: a
+backward graph that compiles (lazily, at the first backward) where its forward did not fail, and
+processes that fail differently (the failing one repeats DDP's buffer broadcast: a hang). Where
+the failing graph follows a graph break, the code before the break has run once already on that
+call; MoCo's forward has no break (torch._dynamo.explain: one graph for a ResNet-18 with and
+without BatchFormer).
 
 Measured (bench/speed.py --only compile): on 2 AVX2 cores a compiled ResNet-18 step runs 1.15x
 faster than eager once warm, but a cold compile takes about 2.5 minutes, so --compile is off by
@@ -30,8 +33,8 @@ def reason(e: Exception) -> str:
 
 
 class CompileOrEager:
-    """Calls torch.compile(fn); on a compiler failure at the first call, `say`s one line and calls
-    fn itself for this call and every later one. `compiled` tells which is in use."""
+    """Calls torch.compile(fn); on a compiler failure, `say`s one line and calls fn itself for
+    that call and every later one. `compiled` tells which is in use."""
 
     def __init__(self, fn: Callable, name: str, say: Callable[[str], None] = print, backend="inductor"):
         self.eager, self.name, self.say = fn, name, say
@@ -39,16 +42,14 @@ class CompileOrEager:
         # to use eager's: with it, a compiled run computes what the eager run computes.
         torch._inductor.config.fallback_random = True
         self.compiled_fn = torch.compile(fn, backend=backend)
-        self.compiled, self.tried = True, False
+        self.compiled = True
 
     def __call__(self, *args, **kwargs):
-        if self.tried:
-            return (self.compiled_fn if self.compiled else self.eager)(*args, **kwargs)
+        if not self.compiled:
+            return self.eager(*args, **kwargs)
         try:
-            out = self.compiled_fn(*args, **kwargs)
+            return self.compiled_fn(*args, **kwargs)
         except COMPILER_FAILURES as e:
             self.say(f"warning: --compile: compiling {self.name} failed ({reason(e)}); running it eagerly")
             self.compiled = False
-            out = self.eager(*args, **kwargs)
-        self.tried = True
-        return out
+            return self.eager(*args, **kwargs)

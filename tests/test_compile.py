@@ -31,6 +31,25 @@ def test_a_failing_compiler_falls_back_to_eager_with_one_line():
     assert torch.equal(fn(2 * x), layer(2 * x)) and len(said) == 1  # eager from then on, said once
 
 
+def test_a_compiler_failing_on_a_recompile_falls_back_too():
+    """A later recompile (here a new input shape; in train.py BatchFormer switching on) that fails."""
+    compiles = []
+
+    def fails_the_second_time(graph, example_inputs):
+        compiles.append(1)
+        if len(compiles) > 1:
+            raise RuntimeError("out of memory in the compiler (stand-in)")
+        return graph.forward
+
+    torch.manual_seed(0)
+    layer, said = torch.nn.Linear(4, 3), []
+    fn = CompileOrEager(layer, "the model", said.append, backend=fails_the_second_time)
+    x, wider = torch.randn(2, 4), torch.randn(5, 4)
+    assert torch.equal(fn(x), layer(x)) and fn.compiled and not said
+    assert torch.equal(fn(wider), layer(wider)) and not fn.compiled and len(compiles) == 2
+    assert len(said) == 1 and "out of memory in the compiler" in said[0]
+
+
 def test_a_working_compiler_is_used_and_model_errors_are_not_swallowed():
     torch.manual_seed(0)
     layer, x = torch.nn.Linear(4, 3), torch.randn(2, 4)
@@ -45,6 +64,7 @@ def test_a_working_compiler_is_used_and_model_errors_are_not_swallowed():
 HAS_CXX = any(shutil.which(c) for c in (os.environ.get("CXX") or "g++", "c++", "clang++"))
 
 
+@pytest.mark.slow
 @pytest.mark.e2e
 @pytest.mark.skipif(not HAS_CXX, reason="inductor needs a C++ compiler on a CPU (the fallback test covers its absence)")
 def test_compiled_run_matches_eager_and_resumes_exactly(tiny_data, straight_run, tmp_path):
