@@ -16,7 +16,7 @@ VIT_ARGS ?= -a vit_tiny --patch-size 8 --optimizer adamw --lr 5e-4 --wd 0.1 --mo
 	--moco-mlp-dim 1024 --crop-min 0.2
 
 .PHONY: venv lint test test-e2e test-fast smoke-test bench-speed bench-quality bench-quality-vit bench-finetune bench-bf \
-	bench-downstream bench-data-index clean
+	bench-downstream bench-recipe bench-data-index clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -86,6 +86,14 @@ OUT_DS ?= bench-results/downstream
 DS_ARGS ?=
 bench-downstream: venv
 	$(BIN)/python bench/downstream.py --pretrain-min $(BUDGET) --seeds $(SEEDS) --out $(OUT_DS) $(DS_ARGS)
+
+# Which changes to the small-image recipe learn more per step? Each variant one epoch (195 steps) against the
+# recipe, 1 seed: about 20 min a run on 2 AVX2 cores (bench/recipe_screen.py). Confirm a winner at the target
+# length: RECIPE_ARGS="--steps 1161 --seeds 2 --variants NAME".
+RECIPE_OUT ?= bench-results/recipe-screen
+RECIPE_ARGS ?=
+bench-recipe: venv
+	$(BIN)/python bench/recipe_screen.py --out $(RECIPE_OUT) $(RECIPE_ARGS)
 
 # When does BatchFormer help? Screen every variant (5 min, 2 seeds), confirm the best two and the released
 # default (15 min, 3 seeds, equal wall-clock and equal steps), then the best against MoCo v3 at 45 min
