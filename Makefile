@@ -88,7 +88,7 @@ bench-downstream: venv
 	$(BIN)/python bench/downstream.py --pretrain-min $(BUDGET) --seeds $(SEEDS) --out $(OUT_DS) $(DS_ARGS)
 
 # Which changes to the small-image recipe learn more per step? Each variant one epoch (195 steps) against the
-# recipe, 1 seed: about 20 min a run on 2 AVX2 cores (bench/recipe_screen.py). Confirm a winner at the target
+# recipe, 1 seed: about 15 min a run on 2 AVX2 cores (bench/recipe_screen.py). Confirm a winner at the target
 # length: RECIPE_ARGS="--steps 1161 --seeds 2 --variants NAME".
 RECIPE_OUT ?= bench-results/recipe-screen
 RECIPE_ARGS ?=

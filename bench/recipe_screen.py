@@ -31,6 +31,7 @@ import sys
 
 import quality
 from quality import REPO, WARMUP_SHARE, count_images, fail, git_commit, hardware, pretrain_and_probe
+from quality_report import mean_std
 
 # name -> train.py flags after the recipe; "{warmup}" becomes the run's warm-up in epochs.
 VARIANTS = {
@@ -118,10 +119,6 @@ def report(info: dict, records: list[dict], variants: list[str], seeds: int) -> 
 
 def walls(records: list[dict]) -> str:
     return ", ".join(f"{r['wall_s'] / 60:.1f}" for r in records)
-
-
-def mean_std(values: list[float]) -> str:
-    return f"{statistics.mean(values):.1f} ± {std(values):.1f}" if len(values) > 1 else f"{values[0]:.1f}"
 
 
 def std(values: list[float]) -> float:
