@@ -18,7 +18,9 @@ the README's results) with two seeds.
 
 Outputs in --out: results.md (the table, command, hardware, date), results.json and runs/seed<S>/
 <variant>/ (train.py and probe.py outputs). A rerun reuses every finished run whose command is
-unchanged, so a screen grows a variant or a seed at a time.
+unchanged, so a screen grows a variant or a seed at a time. --no-recipe runs only the named
+variants (a long confirmation whose recipe run already exists, e.g. the README's): the table then
+ranks by kNN and has no paired differences.
 """
 
 import argparse
@@ -59,19 +61,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1, each variant paired with the recipe by seed")
     p.add_argument("--variants", default=SCREEN,
                    help=f"comma-separated, of {', '.join(VARIANTS)}; 'a+b' combines two (the recipe always runs)")
+    p.add_argument("--no-recipe", dest="with_recipe", action="store_false",
+                   help="run only --variants (a long confirmation whose recipe run exists elsewhere); "
+                        "the table then has no paired differences")
     p.add_argument("--quality-args", default="", help="more bench/quality.py options, e.g. '--batch-size 64'")
     p.add_argument("--procs", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     if args.steps < 1:
         fail(f"--steps {args.steps} must be at least 1")
-    args.variant_list = variant_list(args.variants)
+    args.variant_list = variant_list(args.variants, args.with_recipe)
+    if not args.variant_list:
+        fail("--no-recipe with no --variants leaves nothing to run; name a variant with --variants")
     return args
 
 
-def variant_list(spec: str) -> list[str]:
-    """'crop-min-0.08,blur+wd-1e-4' -> ['recipe', 'crop-min-0.08', 'blur+wd-1e-4']: the recipe first."""
-    names = ["recipe"]
+def variant_list(spec: str, with_recipe: bool = True) -> list[str]:
+    """'crop-min-0.08,blur+wd-1e-4' -> ['recipe', 'crop-min-0.08', 'blur+wd-1e-4']: the recipe first
+    (unless with_recipe is False: then only what the spec names)."""
+    names = ["recipe"] if with_recipe else []
     for item in (s.strip() for s in spec.split(",") if s.strip()):
         unknown = [part for part in item.split("+") if part not in VARIANTS]
         if unknown:
@@ -94,26 +102,31 @@ def report(info: dict, records: list[dict], variants: list[str], seeds: int) -> 
     """The markdown table (each variant's kNN and fast-linear, and its paired difference from the
     recipe) and the summary: mean and std of the paired kNN difference, the ranking by it."""
     by = {(r["name"], r["seed"]): r for r in records}
+    paired = "recipe" in variants  # without the recipe (--no-recipe) there is nothing to pair with
     rows = ["| variant | train.py flags | kNN top-1 | − recipe (paired) | fast-linear | − recipe (paired) "
             "| steps | wall-clock (min) |", "|---|---|---|---|---|---|---|---|"]
     summary = {}
     for name in variants:
         rs = [by[(name, s)] for s in range(seeds)]
-        knn_diff = [r["knn_top1"] - by[("recipe", r["seed"])]["knn_top1"] for r in rs]
-        lin_diff = [r["linear_top1"] - by[("recipe", r["seed"])]["linear_top1"] for r in rs]
-        summary[name] = {"knn_mean": statistics.mean(r["knn_top1"] for r in rs),
-                         "knn_diff_mean": statistics.mean(knn_diff), "knn_diff_std": std(knn_diff)}
-        first = name == "recipe"
+        summary[name] = {"knn_mean": statistics.mean(r["knn_top1"] for r in rs)}
+        knn_cell = lin_cell = "–"
+        if paired and name != "recipe":
+            knn_diff = [r["knn_top1"] - by[("recipe", r["seed"])]["knn_top1"] for r in rs]
+            lin_diff = [r["linear_top1"] - by[("recipe", r["seed"])]["linear_top1"] for r in rs]
+            summary[name].update(knn_diff_mean=statistics.mean(knn_diff), knn_diff_std=std(knn_diff))
+            knn_cell, lin_cell = mean_std(knn_diff), mean_std(lin_diff)
         rows.append(f"| {name} | `{shlex.join(flags(name, info['epochs'])) or '–'}` | "
-                    f"{mean_std([r['knn_top1'] for r in rs])} | {'–' if first else mean_std(knn_diff)} | "
-                    f"{mean_std([r['linear_top1'] for r in rs])} | {'–' if first else mean_std(lin_diff)} | "
+                    f"{mean_std([r['knn_top1'] for r in rs])} | {knn_cell} | "
+                    f"{mean_std([r['linear_top1'] for r in rs])} | {lin_cell} | "
                     f"{rs[0]['steps']} | {walls(rs)} |")
-    ranking = sorted(variants[1:], key=lambda v: -summary[v]["knn_diff_mean"])
+    key = "knn_diff_mean" if paired else "knn_mean"
+    ranking = sorted((v for v in variants if v != "recipe"), key=lambda v: -summary[v][key])
     text = (f"# Recipe screen on {info['data_name']}: {info['steps']} steps per run ({info['epochs']:.2f} epochs), "
             f"{seeds} seed(s)\n\n- command: `{info['command']}`\n- hardware: {info['hardware']['cpu']} "
             f"(bf16 {info['hardware']['bf16']}), {info['hardware']['cores']} cores; {info['date']} to "
             f"{info['date_end']}; code {info['git']}\n- recipe: `{info['recipe']}`\n\n" + "\n".join(rows) +
-            f"\n\nRanking by paired kNN difference: {', '.join(ranking) or '–'}.\n")
+            f"\n\nRanking by {'paired kNN difference' if paired else 'kNN (no recipe run here to pair with)'}: "
+            f"{', '.join(ranking) or '–'}.\n")
     return text, {"summary": summary, "ranking": ranking}
 
 

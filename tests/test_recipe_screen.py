@@ -15,6 +15,14 @@ def test_variant_list_puts_the_recipe_first_once_and_keeps_combinations():
     assert names == ["recipe", "blur", "crop-min-0.08+wd-1e-4"]
 
 
+def test_variant_list_without_the_recipe_keeps_only_the_named_runs(capsys):
+    assert recipe_screen.variant_list("momentum-0.9+crop-min-0.08", with_recipe=False) == [
+        "momentum-0.9+crop-min-0.08"]
+    with pytest.raises(SystemExit) as e:
+        recipe_screen.parse_args(["--no-recipe", "--variants", ""])
+    assert "--no-recipe" in str(e.value) and "--variants" in str(e.value)
+
+
 def test_unknown_variant_is_a_one_line_error_naming_it(capsys):
     with pytest.raises(SystemExit) as e:
         recipe_screen.variant_list("blur+crop-min-0.5")
@@ -44,3 +52,15 @@ def test_report_pairs_each_variant_with_the_recipe_of_its_seed():
     assert ranking["ranking"] == ["blur", "wd-1e-4"]
     assert ranking["summary"]["wd-1e-4"]["knn_diff_mean"] == pytest.approx(-1.0)
     assert ranking["summary"]["wd-1e-4"]["knn_diff_std"] == pytest.approx(0.0)
+
+
+def test_report_without_the_recipe_ranks_by_knn_and_pairs_nothing():
+    def run(name, seed, knn, linear):
+        return {"name": name, "seed": seed, "knn_top1": knn, "linear_top1": linear, "steps": 10, "wall_s": 600.0}
+    records = [run("blur", 0, 41.0, 44.0), run("wd-1e-4", 0, 43.5, 45.0)]
+    info = {"data_name": "toy", "steps": 10, "epochs": 0.5, "command": "c", "date": "d", "date_end": "e",
+            "git": "g", "recipe": "r", "hardware": {"cpu": "cpu", "bf16": "native", "cores": 2}}
+    text, ranking = recipe_screen.report(info, records, ["blur", "wd-1e-4"], seeds=1)
+    assert "| wd-1e-4 | `--wd 1e-4` | 43.5 | – | 45.0 | – | 10 | 10.0 |" in text
+    assert "Ranking by kNN (no recipe run here to pair with): wd-1e-4, blur." in text
+    assert ranking["ranking"] == ["wd-1e-4", "blur"] and "knn_diff_mean" not in ranking["summary"]["blur"]
