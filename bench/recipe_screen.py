@@ -60,7 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=195, help="steps per pretraining run (195: one CIFAR-10 epoch)")
     p.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1, each variant paired with the recipe by seed")
     p.add_argument("--variants", default=SCREEN,
-                   help=f"comma-separated, of {', '.join(VARIANTS)}; 'a+b' combines two (the recipe always runs)")
+                   help=f"comma-separated, of {', '.join(VARIANTS)}; 'a+b' combines two "
+                        "(the recipe runs first unless --no-recipe)")
     p.add_argument("--no-recipe", dest="with_recipe", action="store_false",
                    help="run only --variants (a long confirmation whose recipe run exists elsewhere); "
                         "the table then has no paired differences")

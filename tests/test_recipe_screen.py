@@ -15,7 +15,7 @@ def test_variant_list_puts_the_recipe_first_once_and_keeps_combinations():
     assert names == ["recipe", "blur", "crop-min-0.08+wd-1e-4"]
 
 
-def test_variant_list_without_the_recipe_keeps_only_the_named_runs(capsys):
+def test_variant_list_without_the_recipe_keeps_only_the_named_runs():
     assert recipe_screen.variant_list("momentum-0.9+crop-min-0.08", with_recipe=False) == [
         "momentum-0.9+crop-min-0.08"]
     with pytest.raises(SystemExit) as e:
