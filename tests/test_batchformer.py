@@ -1,4 +1,4 @@
-"""BatchFormer against its contract (method.md §2) and a hand-written post-norm attention layer."""
+"""BatchFormer against its contract (docs/method.md#batchformer) and a hand-written post-norm attention layer."""
 
 import math
 

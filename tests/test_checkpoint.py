@@ -1,4 +1,4 @@
-"""Checkpoints by round trip (style.md principles 8 and 10): safetensors + JSON, verified on load."""
+"""Checkpoints by round trip (docs/reliability.md#outputs, #how-it-is-tested): safetensors + JSON, verified on load."""
 
 import json
 import os

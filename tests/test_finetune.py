@@ -1,4 +1,4 @@
-"""Fine-tuning pieces against worked values (method.md §6; style.md principle 10)."""
+"""Fine-tuning pieces against worked values (docs/method.md#fine-tuning)."""
 
 import argparse
 import copy

@@ -1,5 +1,5 @@
-"""The fine-tuning recipes' augmentation settings as documented (README "End-to-end fine-tuning",
-bfcl/finetune_recipe.py, method.md §6): RandAugment 2 ops at m9 of 11 bins (DeiT's strength), bicubic,
+"""The fine-tuning recipes' augmentation settings as documented (docs/recipes.md#fine-tuning-recipes,
+bfcl/finetune_recipe.py, docs/method.md#fine-tuning): RandAugment 2 ops at m9 of 11 bins (DeiT's strength), bicubic,
 the mean colour as fill; RandomErasing p 0.25 with per-pixel normal noise; Mixup 0.8 / CutMix 1.0 with
 switch prob 0.5. Each is checked on what the objects do, not only on the dataclass fields."""
 

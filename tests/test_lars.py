@@ -1,4 +1,4 @@
-"""LARS against two steps worked by hand (method.md §1, Optimisation)."""
+"""LARS against two steps worked by hand (docs/method.md#resnet-recipe)."""
 
 import math
 

@@ -1,4 +1,5 @@
-"""The MoCo v3 loss and the BatchFormer variants against a naive per-row loop (method.md §1-2)."""
+"""The MoCo v3 loss and the BatchFormer variants against a naive per-row loop
+(docs/method.md#moco-v3, #batchformer-losses)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""MoCo + BatchFormer wiring (method.md §1-2): momentum update, frozen/trainable BatchFormer,
+"""MoCo + BatchFormer wiring (docs/method.md#moco-v3, #batchformer): momentum update, frozen/trainable BatchFormer,
 where BatchFormer sits, and torchvision-compatible backbones."""
 
 import pytest

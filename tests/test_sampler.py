@@ -1,5 +1,5 @@
 """The batch order of pretraining and fine-tuning: EpochBatchSampler and loop.batches, against the
-order they promise (style.md principle 10): the processes' shares concatenate to the one-process
+order they promise (docs/reliability.md#how-it-is-tested): the processes' shares concatenate to the one-process
 global batch, a start mid-epoch continues the same order, and each epoch has its own order."""
 
 import pytest

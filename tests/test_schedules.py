@@ -1,4 +1,4 @@
-"""Schedules against their closed forms (method.md §1; style.md principle 4)."""
+"""Schedules against their closed forms (docs/method.md#schedules)."""
 
 import math
 

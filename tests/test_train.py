@@ -1,4 +1,4 @@
-"""train.py as a whole (style.md principle 10): a run stopped with --max-steps and resumed equals
+"""train.py as a whole (docs/reliability.md#how-it-is-tested): a run stopped with --max-steps and resumed equals
 an uninterrupted one; two CPU processes under torchrun keep identical weights and resume; bf16
 autocast computes the fp32 loss. Tiny: resnet18, small stem, 16 px, 32 images (scripts.TINY). The
 uninterrupted references are the session's shared runs (conftest.py)."""

@@ -1,4 +1,4 @@
-"""MoCo v3 ViT on torchvision (method.md §5): sin-cos position embedding worked by hand, init
+"""MoCo v3 ViT on torchvision (docs/method.md#vit-recipe): sin-cos position embedding worked by hand, init
 bounds, frozen patch projection, shapes, and equivalence with timm's ViT after key renaming."""
 
 import math

@@ -1,5 +1,5 @@
 """MoCo v3's ViT half inside bfcl: heads, frozen tensors across real steps, BatchFormer on the cls
-feature, the export and original-checkpoint paths into probe models (method.md §5)."""
+feature, the export and original-checkpoint paths into probe models (docs/method.md#vit-recipe)."""
 
 import re
 
