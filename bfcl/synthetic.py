@@ -20,9 +20,10 @@ from PIL import Image
 FAMILIES = ("horizontal", "vertical", "checkerboard", "rings")
 
 
-def stripes(label: int, num_classes: int, size: int, g: torch.Generator) -> torch.Tensor:
-    """One uint8 image [size, size, 3] of class `label` (num_classes is kept for callers; the
-    class alone fixes the pattern)."""
+def pattern_image(label: int, num_classes: int, size: int, g: torch.Generator) -> torch.Tensor:
+    """One uint8 image [size, size, 3] of class `label`: horizontal stripes, vertical stripes, a
+    checkerboard or concentric rings (FAMILIES[label % 4]) at frequency band label // 4, in two random
+    colours with pixel noise. num_classes is kept for callers; the class alone fixes the pattern."""
     family, band = FAMILIES[label % 4], label // 4
     periods = (2.0 + band * 2.5 + 1.5 * torch.rand((), generator=g).item())  # periods across the image
     phase = 2 * math.pi * torch.rand((), generator=g).item()
@@ -43,6 +44,9 @@ def stripes(label: int, num_classes: int, size: int, g: torch.Generator) -> torc
     return img.clamp(0, 255).to(torch.uint8)
 
 
+stripes = pattern_image  # the former name; bench/speed.py and bench/gpu_throughput.py still import it
+
+
 def make_image_folder(root: str, classes: int = 4, train_per_class: int = 64, val_per_class: int = 16,
                       size: int = 32, seed: int = 0) -> str:
     """Write root/{train,val}/class_<c>/<i>.jpg and return root. Deterministic in `seed`."""
@@ -52,7 +56,7 @@ def make_image_folder(root: str, classes: int = 4, train_per_class: int = 64, va
             folder = os.path.join(root, split, f"class_{c}")
             os.makedirs(folder, exist_ok=True)
             for i in range(count):
-                Image.fromarray(stripes(c, classes, size, g).numpy()).save(os.path.join(folder, f"{i:05d}.jpg"),
+                Image.fromarray(pattern_image(c, classes, size, g).numpy()).save(os.path.join(folder, f"{i:05d}.jpg"),
                                                                            quality=90)
     return root
 
@@ -66,7 +70,7 @@ def make_unlabelled_folder(root: str, classes: int = 4, images: int = 256, size:
         folder = os.path.join(root, str(2020 + i % 2), f"{1 + i % 3:02d}")
         os.makedirs(folder, exist_ok=True)
         label = int(torch.randint(classes, (), generator=g))
-        Image.fromarray(stripes(label, classes, size, g).numpy()).save(os.path.join(folder, f"IMG_{i:05d}.jpg"),
+        Image.fromarray(pattern_image(label, classes, size, g).numpy()).save(os.path.join(folder, f"IMG_{i:05d}.jpg"),
                                                                        quality=90)
     open(os.path.join(root, ".DS_Store"), "w").close()
     with open(os.path.join(root, "README.txt"), "w") as f:
