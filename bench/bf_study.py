@@ -23,16 +23,16 @@ steps: --seeds 1 now, --seeds 2 later into the same --out trains only seed 1.
 """
 
 import argparse
-import datetime
 import json
-import math
 import os
 import shlex
 import statistics
 import sys
 
-import quality
-from quality import REPO, WARMUP_SHARE, count_images, fail, git_commit, hardware, pretrain_and_probe
+import cifar_pretraining
+from cifar_pretraining import (WARMUP_SHARE, monitor_every, pretrain_and_probe, setup_with_options,
+                               steps_for_budget, train_cmd)
+from harness import bench_parser, fail, mean_std, provenance, now, run_info, std, thread_env, write_results
 from quality_report import svg
 
 # name -> train.py flags after the recipe. "{warmup}" becomes the run's warm-up length in epochs.
@@ -49,10 +49,7 @@ COLOURS = ("#d62728", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#b
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
-    p.add_argument("--data", default=quality.DEFAULT_DATA, help="ImageFolder root with train/ and val/")
-    p.add_argument("--out", default=os.path.join(REPO, "bench-results", "bf-study"), help="results folder")
+    p = bench_parser(__doc__, "bf-study")
     p.add_argument("--budget-min", type=float, default=5, help="wall-clock minutes per pretraining run")
     p.add_argument("--seeds", type=int, default=2, help="seeds 0..N-1, each variant paired with MoCo v3 by seed")
     p.add_argument("--variants", default=",".join(VARIANTS),
@@ -65,8 +62,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--overrun-flag", type=float, default=0.05, help="mark runs over budget by more than this share")
     p.add_argument("--quality-args", default="",
                    help="more bench/quality.py options, e.g. '--batch-size 64 --knn-points 2' for small data")
-    p.add_argument("--procs", type=int, default=2)
-    p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     args.variant_list = variant_list(args.variants)
     return args
@@ -90,12 +85,11 @@ def variant_list(spec: str) -> list[str]:
     return names
 
 
-def quality_args(args, out: str) -> argparse.Namespace:
-    """bench/quality.py's options for one stage, so that its calibration and runs can be reused."""
-    return quality.parse_args(["--data", args.data, "--out", out, "--budget-min", str(args.budget_min),
-                               "--seeds", str(args.seeds), "--procs", str(args.procs), "--threads", str(args.threads),
-                               "--calibration-steps", str(args.calibration_steps), "--no-equal-steps",
-                               *shlex.split(args.quality_args)])
+def setup_of(args) -> cifar_pretraining.Setup:
+    """bench/quality.py's recipe and run options for this study (--quality-args on top), so that its
+    calibration and runs can be reused."""
+    return setup_with_options(args.quality_args, args.data, args.out, procs=args.procs,
+                              calibration_steps=args.calibration_steps)
 
 
 def flags(variant: str, epochs: float) -> list[str]:
@@ -106,7 +100,7 @@ def switches_on_late(variant: str) -> bool:
     return any("{warmup}" in f for f in VARIANTS[variant])
 
 
-def calibrate(q, env, steps_per_epoch: int, variants: list[str], rounds_count: int, path: str) -> dict:
+def calibrate(setup, env, steps_per_epoch: int, variants: list[str], rounds_count: int, path: str) -> dict:
     """Step times of MoCo v3 and each variant, measured in interleaved rounds; medians. Every
     calibration run is saved in path as it ends and reused when its command is unchanged, so an
     interrupted or extended study (more seeds) keeps its step counts and its runs.
@@ -120,7 +114,7 @@ def calibrate(q, env, steps_per_epoch: int, variants: list[str], rounds_count: i
         for name in rounds:
             extra = [] if name == "moco" else flags(name, 0.0)
             key = f"{name}-{r}"
-            saved[key] = quality.calibrate(q, env, steps_per_epoch, False, saved.get(key), key, extra)
+            saved[key] = cifar_pretraining.calibrate(setup, env, steps_per_epoch, False, saved.get(key), key, extra)
             rounds[name].append(saved[key])
             with open(path + ".tmp", "w") as f:
                 json.dump(saved, f, indent=1)
@@ -139,35 +133,28 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     args.data, args.out = os.path.abspath(args.data), os.path.abspath(args.out)
     variants = args.variant_list
-    q = quality_args(args, args.out)
-    q.data, q.out = args.data, args.out
+    setup = setup_of(args)
     os.makedirs(args.out, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-    batch = int(quality.recipe_value(q, "-b"))
-    steps_per_epoch = count_images(os.path.join(args.data, "train")) // batch
-    if steps_per_epoch == 0:
-        fail(f"{args.data}/train holds fewer images than one batch of {batch}")
+    env = thread_env(args.threads)
+    steps_per_epoch = setup.steps_per_epoch()
     budget_s = args.budget_min * 60
-    info = {"command": shlex.join([os.path.relpath(sys.executable, REPO), "bench/bf_study.py",
-                                   *(argv or sys.argv[1:])]),
-            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "hardware": hardware(),
-            "git": git_commit(), "data": args.data, "data_name": os.path.basename(os.path.normpath(args.data)),
-            "budget_min": args.budget_min, "seeds": args.seeds, "recipe": shlex.join(quality.recipe(q)),
-            "variants": {v: VARIANTS[v] for v in variants}}
+    info = {**run_info("bench/bf_study.py", argv), "data": args.data,
+            "data_name": os.path.basename(os.path.normpath(args.data)), "budget_min": args.budget_min,
+            "seeds": args.seeds, "recipe": shlex.join(setup.recipe()), "variants": {v: VARIANTS[v] for v in variants}}
     print(f"{info['date']} | {info['hardware']['cpu']} | {info['data_name']}, {args.budget_min:g} min per run, "
           f"{args.seeds} seed(s), variants {', '.join(variants)}", flush=True)
-    cal = calibrate(q, env, steps_per_epoch, variants, args.calibration_rounds,
+    cal = calibrate(setup, env, steps_per_epoch, variants, args.calibration_rounds,
                     os.path.join(args.out, "calibration.json"))
-    plan = {name: quality.steps_for_budget(c, budget_s, steps_per_epoch, q.knn_points) for name, c in cal.items()}
+    plan = {name: steps_for_budget(c, budget_s, steps_per_epoch, setup.knn_points) for name, c in cal.items()}
     for name, c in cal.items():
         print(f"  {name}: {c['step_s']:.2f} s/step (rounds {', '.join(f'{s:.2f}' for s in c['rounds_step_s'])}) "
               f"-> {plan[name]} steps", flush=True)
 
     def train_and_probe(name: str, variant: str, steps: int, seed: int, budget: float | None) -> dict:
         extra = [] if variant == "moco" else flags(variant, steps / steps_per_epoch)
-        cmd = quality.train_cmd(q, os.path.join(args.out, "runs", f"seed{seed}", name), seed, False, steps,
-                                steps_per_epoch, max(1, math.ceil(steps / q.knn_points)), extra=extra)
-        return pretrain_and_probe(q, env, name, seed, cmd, budget)
+        cmd = train_cmd(setup, os.path.join(args.out, "runs", f"seed{seed}", name), seed, False, steps,
+                        steps_per_epoch, monitor_every(setup, steps), extra=extra)
+        return pretrain_and_probe(setup, env, name, seed, cmd, budget)
 
     records = []
     for seed in range(args.seeds):
@@ -177,7 +164,7 @@ def main(argv=None) -> int:
             for name in variants:
                 if plan[name] != plan["moco"]:
                     records.append(train_and_probe(equal_steps_name(name), name, plan["moco"], seed, None))
-    info["date_end"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    info["date_end"] = now()
     print(report(args, info, cal, records, variants))
     return 0
 
@@ -189,36 +176,35 @@ def report(args, info: dict, cal: dict, records: list[dict], variants: list[str]
             "| wall-clock (min) |" + (" kNN − MoCo v3 at equal steps (paired) |" if args.equal_steps else ""),
             "|---|---|---|---|---|---|---|" + ("---|" if args.equal_steps else "")]
     summary = {}
+
+    def cell(values: list[float]) -> str:  # '± 0.0' for one seed, too: a paired column reads the same at any count
+        return mean_std(values, always_std=True)
+
     for name in ["moco", *variants]:
         rs = [by[(name, s)] for s in seeds]
         knn_diff = [by[(name, s)]["knn_top1"] - by[("moco", s)]["knn_top1"] for s in seeds]
         lin_diff = [by[(name, s)]["linear_top1"] - by[("moco", s)]["linear_top1"] for s in seeds]
         over = [r for r in rs if r["wall_s"] > args.budget_min * 60 * (1 + args.overrun_flag)]
         walls = ", ".join(f"{r['wall_s'] / 60:.1f}" for r in rs) + (" (overran)" if over else "")
-        summary[name] = {"knn_diff_mean": statistics.mean(knn_diff),
-                         "knn_diff_std": statistics.stdev(knn_diff) if len(knn_diff) > 1 else 0.0}
-        rows.append(f"| {name} | {quality_mean_std([r['knn_top1'] for r in rs])} | "
-                    f"{'–' if name == 'moco' else quality_mean_std(knn_diff)} | "
-                    f"{quality_mean_std([r['linear_top1'] for r in rs])} | "
-                    f"{'–' if name == 'moco' else quality_mean_std(lin_diff)} | {rs[0]['steps']} | {walls} |")
+        summary[name] = {"knn_diff_mean": statistics.mean(knn_diff), "knn_diff_std": std(knn_diff)}
+        rows.append(f"| {name} | {cell([r['knn_top1'] for r in rs])} | "
+                    f"{'–' if name == 'moco' else cell(knn_diff)} | "
+                    f"{cell([r['linear_top1'] for r in rs])} | "
+                    f"{'–' if name == 'moco' else cell(lin_diff)} | {rs[0]['steps']} | {walls} |")
         if args.equal_steps:
             same = [by.get((equal_steps_name(name), s), by[(name, s)]) for s in seeds]
             steps_diff = [r["knn_top1"] - by[("moco", s)]["knn_top1"] for r, s in zip(same, seeds)]
             summary[name].update(knn_diff_equal_steps_mean=statistics.mean(steps_diff),
-                                 knn_diff_equal_steps_std=statistics.stdev(steps_diff) if len(steps_diff) > 1 else 0.0)
-            rows[-1] += f" {'–' if name == 'moco' else quality_mean_std(steps_diff)} |"
+                                 knn_diff_equal_steps_std=std(steps_diff))
+            rows[-1] += f" {'–' if name == 'moco' else cell(steps_diff)} |"
     best = sorted(variants, key=lambda v: -summary[v]["knn_diff_mean"])
     wins = [v for v in variants if summary[v]["knn_diff_mean"] > 2 * summary[v]["knn_diff_std"] > 0]
     text = (f"# BatchFormer variants on {info['data_name']}, {args.budget_min:g} min per run, "
-            f"{args.seeds} seed(s)\n\n- command: `{info['command']}`\n- hardware: {info['hardware']['cpu']}, "
-            f"{info['hardware']['cores']} cores; {info['date']} to {info['date_end']}; code {info['git']}\n"
-            f"- recipe: `{info['recipe']}`\n\n" + "\n".join(rows) +
+            f"{args.seeds} seed(s)\n\n" + "\n".join(provenance(info)) + f"\n- recipe: `{info['recipe']}`\n\n"
+            + "\n".join(rows) +
             f"\n\nBest by paired kNN difference: {', '.join(best)}. Beating MoCo v3 by more than twice the paired "
             f"std: {', '.join(wins) or 'none'}.\n")
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({**info, "calibration": cal, "runs": records, "summary": summary, "ranking": best}, f, indent=1)
+    write_results(args.out, text, {**info, "calibration": cal, "runs": records, "summary": summary, "ranking": best})
     series = {"moco": ("MoCo v3", "#1f77b4"), **{v: (v, COLOURS[i % len(COLOURS)]) for i, v in enumerate(variants)}}
     with open(os.path.join(args.out, "knn_curve.svg"), "w") as f:
         f.write(svg(records, f"{info['data_name']}, {args.budget_min:g} min per run: BatchFormer variants", series))
@@ -227,10 +213,6 @@ def report(args, info: dict, cal: dict, records: list[dict], variants: list[str]
 
 def equal_steps_name(variant: str) -> str:
     return f"{variant}@moco-steps"
-
-
-def quality_mean_std(values: list[float]) -> str:
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.1f}"
 
 
 if __name__ == "__main__":

@@ -42,19 +42,17 @@ with the same --out reuses finished runs whose command is unchanged.
 """
 
 import argparse
-import datetime
 import hashlib
 import json
 import os
 import shlex
 import shutil
-import statistics
 import sys
 
-import quality
+from cifar_pretraining import Setup, add_pretrain_options, backbone_of, pretrain
 from downstream_report import write_report, write_sweep
-from finetune import backbone_of, pretrain
-from quality import REPO, fail, git_commit, hardware, launcher, run
+from harness import (bench_parser, check_calibration_steps, check_data, fail, fresh_dir, launcher, now, reusable,
+                     run, run_info, steps_in_budget, thread_env, time_short_run)
 
 STARTS = ("pretrained", "random-init")
 # Warm-up as a share of the run: torchvision's 5 of 90 epochs from scratch; none from a pretrained
@@ -68,12 +66,8 @@ def floats(text: str) -> list[float]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
-    p.add_argument("--data", default=quality.DEFAULT_DATA, help="ImageFolder root with train/ and val/")
-    p.add_argument("--out", default=os.path.join(REPO, "bench-results", "downstream"), help="results folder")
-    p.add_argument("--pretrained", default=None, help="a backbone to start from instead of pretraining one")
-    p.add_argument("--pretrain-min", type=float, default=15, help="wall-clock minutes of MoCo v3 pretraining")
+    p = bench_parser(__doc__, "downstream")
+    add_pretrain_options(p)
     p.add_argument("--fractions", type=floats, default=[0.01, 0.1, 1.0], help="label fractions, comma-separated")
     p.add_argument("--ft-min", type=floats, default=[2, 4, 8],
                    help="wall-clock minutes of each fine-tuning run, one per fraction")
@@ -93,8 +87,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sweep-fraction", type=float, default=0.1, help="sweep mode: the label fraction")
     p.add_argument("--fast-epochs", type=int, default=100, help="probe.py --fast-epochs")
     p.add_argument("--precision", default="auto", help="probe.py and train.py --mixed-precision")
-    p.add_argument("--procs", type=int, default=2, help="processes (torchrun) per run")
-    p.add_argument("--threads", type=int, default=1, help="OMP threads per process")
     p.add_argument("--calibration-steps", type=int, default=30, help="timed fine-tuning steps")
     args = p.parse_args(argv)
     check(args)
@@ -110,8 +102,7 @@ def check(args) -> None:
         fail(f"--bf-fractions {args.bf_fractions} must be among --fractions {args.fractions}")
     if not set(args.bf_starts) <= set(STARTS):
         fail(f"--bf-starts {','.join(args.bf_starts)}: choose among {','.join(STARTS)}")
-    if args.calibration_steps < 15 or args.calibration_steps % 5:
-        fail(f"--calibration-steps {args.calibration_steps} must be a multiple of 5, at least 15")
+    check_calibration_steps(args.calibration_steps)
     if args.seeds < 1:
         fail("--seeds must be at least 1")
 
@@ -142,7 +133,8 @@ def subset_flags(args, fraction: float) -> list[str]:
 
 
 def quick_cmd(args, start: str, fraction: float, out_dir: str) -> list[str]:
-    return [*launcher(args), "probe.py", *start_flags(args, start), "--data", args.data, *subset_flags(args, fraction),
+    return [*launcher(args.procs), "probe.py", *start_flags(args, start), "--data", args.data,
+            *subset_flags(args, fraction),
             "--mode", "quick", "--image-size", str(args.image_size), "--batch-size", "512", "--workers", "0",
             "--seed", "0", "--knn-k", str(KNN_K), "--fast-epochs", str(args.fast_epochs), "--save-features",
             "--mixed-precision", args.precision, "--output-dir", out_dir]
@@ -151,7 +143,8 @@ def quick_cmd(args, start: str, fraction: float, out_dir: str) -> list[str]:
 def finetune_cmd(args, start: str, fraction: float, seed: int, epochs: float, out_dir: str, bf: bool = False,
                  lr: float | None = None, extra=()) -> list[str]:
     lr = base_lr(args, start, lr)
-    return [*launcher(args), "probe.py", *start_flags(args, start), "--data", args.data, *subset_flags(args, fraction),
+    return [*launcher(args.procs), "probe.py", *start_flags(args, start), "--data", args.data,
+            *subset_flags(args, fraction),
             "--mode", "finetune", "--image-size", str(args.image_size), "-b", str(args.batch_size),
             "--epochs", repr(epochs), "--warmup-epochs", repr(epochs * WARMUP_SHARE[start]),
             "--mixed-precision", args.precision, "--workers", "0", "--seed", str(seed), "--output-dir", out_dir,
@@ -162,19 +155,6 @@ def finetune_cmd(args, start: str, fraction: float, seed: int, epochs: float, ou
 def base_lr(args, start: str, lr: float | None) -> float | None:
     """The --lr to pass: the sweep's, else --pretrained-lr for the pretrained start, else None (the recipe's)."""
     return lr if lr is not None else args.pretrained_lr if start == "pretrained" else None
-
-
-def reusable(record_path: str, cmd: list[str]) -> dict | None:
-    if os.path.exists(record_path):
-        record = json.load(open(record_path))
-        if record["command"] == shlex.join(cmd):
-            return record
-    return None
-
-
-def fresh_dir(path: str) -> None:
-    shutil.rmtree(path, ignore_errors=True)
-    os.makedirs(path)
 
 
 def subset_record(results: dict) -> dict:
@@ -190,7 +170,7 @@ def quick(args, env, start: str, fraction: float) -> dict:
     out = os.path.join(args.out, "runs", f"{fraction:g}", start, "quick")
     cmd = quick_cmd(args, start, fraction, out)
     record_path = os.path.join(out, "record.json")
-    if (record := reusable(record_path, cmd)) is not None:
+    if (record := reusable(record_path, shlex.join(cmd))) is not None:
         return record
     fresh_dir(out)
     print(f"  {fraction:g} of the labels, {start}: kNN and fast-linear", flush=True)
@@ -215,18 +195,15 @@ def calibrate(args, env, fraction: float) -> dict:
     out = os.path.join(args.out, "calibration")
     fresh_dir(out)
     cmd = finetune_cmd(args, "pretrained", fraction, 0, 1000.0, out, extra=["--max-steps", str(n), "--log-every", "5"])
-    t = run(cmd, os.path.join(out, "probe.log"), env)
-    times = {r["step"]: r["time"] for r in quality.read_metrics(out)}
-    step_s = statistics.median((times[s] - times[s - 5]) / 5 for s in range(10, n, 5))
-    return {"step_s": step_s, "startup_s": max(0.0, times[5] - t["start"] - 5 * step_s),
-            "final_eval_exit_s": max(0.0, t["start"] + t["wall_s"] - times[n - 5] - 5 * step_s),
-            "wall_s": t["wall_s"], "command": shlex.join(cmd)}
+    t = time_short_run(cmd, out, "probe.log", env, n)
+    return {"step_s": t["step_s"], "startup_s": t["startup_s"], "final_eval_exit_s": t["last_window_s"] + t["exit_s"],
+            "wall_s": t["wall_s"], "command": t["command"]}
 
 
 def steps_for(args, cal: dict | None, minutes: float) -> int:
     if args.ft_steps:
         return args.ft_steps
-    return max(10, int((minutes * 60 - cal["startup_s"] - cal["final_eval_exit_s"]) / cal["step_s"]))
+    return steps_in_budget(minutes * 60, cal["step_s"], cal["startup_s"] + cal["final_eval_exit_s"])
 
 
 def finetune(args, env, start: str, fraction: float, seed: int, steps: int, train_samples: int, bf: bool = False,
@@ -239,7 +216,7 @@ def finetune(args, env, start: str, fraction: float, seed: int, steps: int, trai
     out = os.path.join(args.out, "runs", f"{fraction:g}", name or (start + ("-bf" if bf else "")), f"seed{seed}")
     cmd = finetune_cmd(args, start, fraction, seed, epochs, out, bf, lr)
     record_path = os.path.join(out, "record.json")
-    if (record := reusable(record_path, cmd)) is not None:
+    if (record := reusable(record_path, shlex.join(cmd))) is not None:
         return record
     fresh_dir(out)
     t = run(cmd, os.path.join(out, "probe.log"), env)
@@ -275,21 +252,22 @@ def check_arms_differ(quick_records: list[dict], backbone: str) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     args.data, args.out = os.path.abspath(args.data), os.path.abspath(args.out)
-    if not all(os.path.isdir(os.path.join(args.data, part)) for part in ("train", "val")):
-        fail(f"{args.data} needs train/ and val/ ImageFolders (CIFAR-10 as JPEGs, see ../shared/data/README.md)")
+    check_data(args.data)
     os.makedirs(args.out, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-    command = [os.path.relpath(sys.executable, REPO), "bench/downstream.py", *(argv or sys.argv[1:])]
-    info = {"command": shlex.join(command), "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "hardware": hardware(), "git": git_commit(), "fractions": args.fractions, "ft_min": args.ft_min,
+    env = thread_env(args.threads)
+    info = {**run_info("bench/downstream.py", argv), "fractions": args.fractions, "ft_min": args.ft_min,
             "ft_steps": args.ft_steps, "bf_fractions": args.bf_fractions, "bf_starts": args.bf_starts,
             "seeds": args.seeds,
             "subset_seed": args.subset_seed, "batch_size": args.batch_size, "precision": args.precision,
             "estimate_min": round(estimate_min(args))}
     print(f"{info['date']} | {info['hardware']['cpu']}, {info['hardware']['cores']} cores | fractions "
           f"{', '.join(f'{f:g}' for f in args.fractions)} | about {info['estimate_min']} min", flush=True)
-    args.backbone = os.path.abspath(args.pretrained) if args.pretrained else \
-        pretrain(args, env, f"--mixed-precision {args.precision}")
+    if args.pretrained:
+        args.backbone = os.path.abspath(args.pretrained)
+    else:
+        setup = Setup(args.data, os.path.join(args.out, "pretrain"), procs=args.procs,
+                      train_args=f"--mixed-precision {args.precision}")
+        args.backbone = pretrain(setup, env, args.pretrain_min)
     info["pretrained"] = args.backbone if args.pretrained else \
         f"train.py, CIFAR-10 recipe, {args.pretrain_min:g} min ({args.backbone})"
     family, args.random_init = backbone_of(args.backbone)
@@ -312,7 +290,7 @@ def main(argv=None) -> int:
         steps = steps_for(args, cal, sweep_minutes(args))
         records = [finetune(args, env, "pretrained", f, seed, steps, samples[f], lr=lr, name=f"sweep-lr{lr:g}")
                    for lr in args.sweep_lr for seed in range(args.seeds)]
-        info["date_end"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        info["date_end"] = now()
         print(write_sweep(args.out, info, quick_records, records))
         return 0
 
@@ -323,7 +301,7 @@ def main(argv=None) -> int:
             for start in STARTS:
                 for bf in (False, True) if f in args.bf_fractions and start in args.bf_starts else (False,):
                     records.append(finetune(args, env, start, f, seed, steps, samples[f], bf))
-    info["date_end"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    info["date_end"] = now()
     print(write_report(args.out, info, quick_records, records))
     return 0
 

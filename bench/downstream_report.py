@@ -1,13 +1,12 @@
 """bench/downstream.py's outputs: results.md, results.json and downstream.svg (top-1 against the label
 fraction, log x; an SVG written by hand as bench/quality_report.py does), and the lr sweep's sweep.md."""
 
-import json
 import math
 import os
 import statistics
 from xml.sax.saxutils import escape
 
-from quality_report import mean_std
+from harness import mean_std, provenance, write_results
 
 STARTS = ("pretrained", "random-init")
 # (key, label, colour); one line per start (solid: pretrained, dashed: random init) and method
@@ -46,17 +45,13 @@ def signed(diffs: list[float]) -> str:
 
 
 def markdown(info: dict, quick: list[dict], records: list[dict]) -> str:
-    hw = info["hardware"]
     fractions = info["fractions"]
     samples = {r["fraction"]: r["subset"]["train_samples"] for r in quick}
     budget = f"{info['ft_steps']} steps" if info["ft_steps"] else \
         ", ".join(f"{m:g} min at {labels(f)}" for f, m in zip(fractions, info["ft_min"]))
     shares = ", ".join(labels(f) for f in fractions)
     text = [f"# Few labels: bfcl-pretrained vs random init, {shares} of the labels", "",
-            f"- command: `{info['command']}`",
-            f"- hardware: {hw['cpu']}, {hw['cores']} cores, torch {hw['torch']}; load average at start "
-            f"{hw['load_average_at_start']}",
-            f"- date: {info['date']} to {info.get('date_end', '?')}; code {info['git']}",
+            *provenance(info),
             f"- backbone: {info['pretrained']}; random init: `{info['random_init']}`",
             f"- labelled subsets: class-balanced, subset seed {info['subset_seed']}, the same for every run "
             f"(probe.py --label-fraction); fine-tuning seeds 0..{info['seeds'] - 1} on the same subset",
@@ -139,15 +134,12 @@ def svg(info: dict, quick: list[dict], records: list[dict]) -> str:
 def write_report(out: str, info: dict, quick: list[dict], records: list[dict]) -> str:
     """results.md, results.json and downstream.svg in out; returns the markdown."""
     text = markdown(info, quick, records)
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(text)
     paired_diffs = {f"{f:g}": {"pretrained_minus_random": paired(records, f, {"start": "pretrained", "bf": False},
                                                                  {"start": "random-init", "bf": False}),
                                **{f"bf_minus_plain_{s}": paired(records, f, {"start": s, "bf": True},
                                                                 {"start": s, "bf": False}) for s in STARTS}}
                     for f in info["fractions"]}
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({**info, "quick": quick, "finetune": records, "paired_top1_differences": paired_diffs}, f, indent=1)
+    write_results(out, text, {**info, "quick": quick, "finetune": records, "paired_top1_differences": paired_diffs})
     with open(os.path.join(out, "downstream.svg"), "w") as f:
         f.write(svg(info, quick, records))
     return text
@@ -160,8 +152,7 @@ def write_sweep(out: str, info: dict, quick: list[dict], records: list[dict]) ->
     by_lr = {lr: [r for r in records if r["base_lr"] == lr] for lr in lrs}
     best = max(lrs, key=lambda lr: statistics.mean(r["top1"] for r in by_lr[lr]))
     text = [f"# Fine-tuning lr sweep: pretrained start, {labels(fraction)} of the labels", "",
-            f"- command: `{info['command']}`", f"- hardware: {info['hardware']['cpu']}, {info['hardware']['cores']} "
-            f"cores; date {info['date']} to {info.get('date_end', '?')}; code {info['git']}",
+            *provenance(info),
             f"- backbone: {info['pretrained']}; kNN top-1 of the subset: {quick[0]['knn_top1']:.2f}", "",
             "| base lr (per 256) | lr used | recipe | steps | top-1 (mean ± std over seeds) | per seed |",
             "|---|---|---|---|---|---|"]
@@ -171,8 +162,5 @@ def write_sweep(out: str, info: dict, quick: list[dict], records: list[dict]) ->
                     f"{rs[0]['steps']} | {mean_std([r['top1'] for r in rs])} | "
                     f"{', '.join(format(r['top1'], '.2f') for r in rs)} |")
     text = "\n".join(text) + "\n"
-    with open(os.path.join(out, "sweep.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(out, "sweep.json"), "w") as f:
-        json.dump({**info, "quick": quick, "runs": records, "best_base_lr": best}, f, indent=1)
+    write_results(out, text, {**info, "quick": quick, "runs": records, "best_base_lr": best}, name="sweep")
     return text

@@ -1,11 +1,12 @@
 """bench/quality.py's outputs: the markdown tables, results.json and an SVG plot written by hand
 (no plotting library: the project adds no dependency for one figure)."""
 
-import json
 import math
 import os
 import statistics
 from xml.sax.saxutils import escape
+
+from harness import mean_std, provenance, write_results
 
 # (table row name, run name in the records)
 EQUAL_TIME_ROWS = (("random init", "random-init"), ("MoCo v3", "moco"), ("MoCo v3 + BatchFormer", "bf"))
@@ -13,15 +14,6 @@ EQUAL_STEP_ROWS = (("MoCo v3", "moco"), ("MoCo v3 + BatchFormer", "bf-equal-step
 SERIES = {"moco": ("MoCo v3", "#1f77b4"), "bf": ("MoCo v3 + BatchFormer", "#d62728"),
           "bf-equal-steps": ("MoCo v3 + BatchFormer, equal steps", "#2ca02c")}
 DASHES = ("", "7 3", "2 3", "10 3 2 3")
-
-
-def mean_std(values: list[float], digits: int = 1) -> str:
-    """'52.3 ± 0.4' over seeds (sample std); the bare mean for one seed."""
-    if not values:
-        return "–"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def table(records: list[dict], rows) -> str:
@@ -58,7 +50,6 @@ def per_run_table(records: list[dict]) -> str:
 
 def markdown(info: dict, cal: dict, records: list[dict]) -> tuple[str, str]:
     """(the whole results.md, the equal-wall-clock table alone)."""
-    hw = info["hardware"]
     main_table = table(records, EQUAL_TIME_ROWS)
     gains = [f"- BatchFormer − MoCo v3, paired by seed, kNN top-1: {paired_gain(records, 'bf', 'knn_top1')} at equal "
              f"wall-clock"]
@@ -70,10 +61,7 @@ def markdown(info: dict, cal: dict, records: list[dict]) -> tuple[str, str]:
     text = [
         f"# Pretraining quality on {info.get('data_name', 'CIFAR-10')}, {info['budget_min']:g} min per run",
         "",
-        f"- command: `{info['command']}`",
-        f"- hardware: {hw['cpu']}, {hw['cores']} cores, torch {hw['torch']}; load average at start "
-        f"{hw['load_average_at_start']} (other processes may share the machine)",
-        f"- date: {info['date']} to {info.get('date_end', '?')}; code {info['git']}",
+        *provenance(info),
         f"- data: {info['data']} ({info['steps_per_epoch']} steps per epoch)",
         f"- launch: {info['launch']}",
         f"- recipe: `{info['recipe']}`, warmup {info['warmup_share']:.0%} of the run; "
@@ -169,10 +157,7 @@ def svg(records: list[dict], title: str, series: dict = SERIES) -> str:
 def write_report(out: str, info: dict, cal: dict, records: list[dict]) -> str:
     """Write results.md, results.json and knn_curve.svg into out; return the main table."""
     text, main_table = markdown(info, cal, records)
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({**info, "calibration": cal, "runs": records}, f, indent=1)
+    write_results(out, text, {**info, "calibration": cal, "runs": records})
     title = (f"{info.get('data_name', 'CIFAR-10')}, {info['budget_min']:g} min per run: online kNN monitor "
              f"({info['hardware']['cpu']})")
     with open(os.path.join(out, "knn_curve.svg"), "w") as f:

@@ -24,16 +24,13 @@ ranks by kNN and has no paired differences.
 """
 
 import argparse
-import datetime
-import json
 import os
 import shlex
 import statistics
 import sys
 
-import quality
-from quality import REPO, WARMUP_SHARE, count_images, fail, git_commit, hardware, pretrain_and_probe
-from quality_report import mean_std
+from cifar_pretraining import WARMUP_SHARE, monitor_every, pretrain_and_probe, setup_with_options, train_cmd
+from harness import bench_parser, check_data, fail, mean_std, provenance, now, run_info, std, thread_env, write_results
 
 # name -> train.py flags after the recipe; "{warmup}" becomes the run's warm-up in epochs.
 VARIANTS = {
@@ -53,10 +50,7 @@ SCREEN = "crop-min-0.08,wd-1e-4,mlp-4096,momentum-0.9,blur"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
-    p.add_argument("--data", default=quality.DEFAULT_DATA, help="ImageFolder root with train/ and val/")
-    p.add_argument("--out", default=os.path.join(REPO, "bench-results", "recipe-screen"), help="results folder")
+    p = bench_parser(__doc__, "recipe-screen")
     p.add_argument("--steps", type=int, default=195, help="steps per pretraining run (195: one CIFAR-10 epoch)")
     p.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1, each variant paired with the recipe by seed")
     p.add_argument("--variants", default=SCREEN,
@@ -66,8 +60,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="run only --variants (a long confirmation whose recipe run exists elsewhere); "
                         "the table then has no paired differences")
     p.add_argument("--quality-args", default="", help="more bench/quality.py options, e.g. '--batch-size 64'")
-    p.add_argument("--procs", type=int, default=2)
-    p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     if args.steps < 1:
         fail(f"--steps {args.steps} must be at least 1")
@@ -123,9 +115,8 @@ def report(info: dict, records: list[dict], variants: list[str], seeds: int) -> 
     key = "knn_diff_mean" if paired else "knn_mean"
     ranking = sorted((v for v in variants if v != "recipe"), key=lambda v: -summary[v][key])
     text = (f"# Recipe screen on {info['data_name']}: {info['steps']} steps per run ({info['epochs']:.2f} epochs), "
-            f"{seeds} seed(s)\n\n- command: `{info['command']}`\n- hardware: {info['hardware']['cpu']} "
-            f"(bf16 {info['hardware']['bf16']}), {info['hardware']['cores']} cores; {info['date']} to "
-            f"{info['date_end']}; code {info['git']}\n- recipe: `{info['recipe']}`\n\n" + "\n".join(rows) +
+            f"{seeds} seed(s)\n\n" + "\n".join(provenance(info)) + f"\n- recipe: `{info['recipe']}`\n\n"
+            + "\n".join(rows) +
             f"\n\nRanking by {'paired kNN difference' if paired else 'kNN (no recipe run here to pair with)'}: "
             f"{', '.join(ranking) or '–'}.\n")
     return text, {"summary": summary, "ranking": ranking}
@@ -135,46 +126,30 @@ def walls(records: list[dict]) -> str:
     return ", ".join(f"{r['wall_s'] / 60:.1f}" for r in records)
 
 
-def std(values: list[float]) -> float:
-    return statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     args.data, args.out = os.path.abspath(args.data), os.path.abspath(args.out)
-    for part in ("train", "val"):
-        if not os.path.isdir(os.path.join(args.data, part)):
-            fail(f"{os.path.join(args.data, part)} not found; pass --data with train/ and val/ ImageFolders")
-    q = quality.parse_args(["--data", args.data, "--out", args.out, "--procs", str(args.procs),
-                            "--threads", str(args.threads), "--knn-points", "3", *shlex.split(args.quality_args)])
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-    batch = int(quality.recipe_value(q, "-b"))
-    steps_per_epoch = count_images(os.path.join(args.data, "train")) // batch
-    if steps_per_epoch == 0:
-        fail(f"{args.data}/train holds fewer images than one batch of {batch}; pass --quality-args '--batch-size N'")
+    check_data(args.data)
+    setup = setup_with_options(args.quality_args, args.data, args.out, procs=args.procs, knn_points=3)
+    env = thread_env(args.threads)
+    steps_per_epoch = setup.steps_per_epoch()
     os.makedirs(args.out, exist_ok=True)
     epochs = args.steps / steps_per_epoch
-    info = {"command": shlex.join([os.path.relpath(sys.executable, REPO), "bench/recipe_screen.py",
-                                   *(argv if argv is not None else sys.argv[1:])]),
-            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "hardware": hardware(),
-            "git": git_commit(), "data": args.data, "data_name": os.path.basename(os.path.normpath(args.data)),
-            "steps": args.steps, "epochs": epochs, "seeds": args.seeds, "recipe": shlex.join(quality.recipe(q)),
+    info = {**run_info("bench/recipe_screen.py", argv), "data": args.data,
+            "data_name": os.path.basename(os.path.normpath(args.data)), "steps": args.steps, "epochs": epochs,
+            "seeds": args.seeds, "recipe": shlex.join(setup.recipe()),
             "variants": {v: flags(v, epochs) for v in args.variant_list}}
     print(f"{info['date']} | {info['hardware']['cpu']} (bf16 {info['hardware']['bf16']}) | {info['data_name']}, "
           f"{args.steps} steps per run, {args.seeds} seed(s), variants {', '.join(args.variant_list)}", flush=True)
     records = []
     for seed in range(args.seeds):
         for name in args.variant_list:
-            cmd = quality.train_cmd(q, os.path.join(args.out, "runs", f"seed{seed}", name), seed, False, args.steps,
-                                    steps_per_epoch, max(1, -(-args.steps // q.knn_points)),
-                                    extra=flags(name, epochs))
-            records.append(pretrain_and_probe(q, env, name, seed, cmd, None))
-    info["date_end"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+            cmd = train_cmd(setup, os.path.join(args.out, "runs", f"seed{seed}", name), seed, False, args.steps,
+                            steps_per_epoch, monitor_every(setup, args.steps), extra=flags(name, epochs))
+            records.append(pretrain_and_probe(setup, env, name, seed, cmd, None))
+    info["date_end"] = now()
     text, ranking = report(info, records, args.variant_list, args.seeds)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({**info, "runs": records, **ranking}, f, indent=1)
+    write_results(args.out, text, {**info, "runs": records, **ranking})
     print(text)
     return 0
 

@@ -70,14 +70,14 @@ def test_late_switch_is_timed_switched_on_and_blended(tmp_path, monkeypatch):
 
     commands = {}
 
-    def fake_calibrate(q, env, steps_per_epoch, bf, earlier, name, extra):
+    def fake_calibrate(setup, env, steps_per_epoch, bf, earlier, name, extra):
         commands[name] = list(extra)
         step_s = 1.0 if name.startswith("moco") else 1.2
         return {"step_s": step_s, "monitor_s": 2.0, "startup_s": 3.0, "checkpoint_exit_s": 1.0}
 
-    monkeypatch.setattr(bf_study.quality, "calibrate", fake_calibrate)
-    q = bf_study.quality_args(bf_study.parse_args(["--out", str(tmp_path)]), str(tmp_path))
-    cal = bf_study.calibrate(q, {}, 195, ["after-warmup", "released"], 2, str(tmp_path / "calibration.json"))
+    monkeypatch.setattr(bf_study.cifar_pretraining, "calibrate", fake_calibrate)
+    setup = bf_study.setup_of(bf_study.parse_args(["--out", str(tmp_path)]))
+    cal = bf_study.calibrate(setup, {}, 195, ["after-warmup", "released"], 2, str(tmp_path / "calibration.json"))
     assert commands["after-warmup-0"] == ["--bf-loss", "pairs-sum", "--bf-start-epoch", "0.0"]
     assert cal["after-warmup"]["step_s"] == pytest.approx(0.1 * 1.0 + 0.9 * 1.2)
     assert cal["after-warmup"]["rounds_step_s"] == [1.2, 1.2]

@@ -1,4 +1,4 @@
-"""bench/finetune.py end to end at toy size: calibration, the budget as a step count, the
+"""bench/finetune_bench.py end to end at toy size: calibration, the budget as a step count, the
 pretrained and the random-init start fine-tuned for the same steps, table and results.json; the two
 arms start from different weights (the export, and a random draw of the same backbone)."""
 
@@ -26,7 +26,7 @@ def test_finetune_bench_small(tmp_path):
     export_backbone(MoCo("resnet18", "imagenet", 16, 32).state_dict(), export, arch="resnet18", stem="imagenet",
                     image_size=32, step=1)
     out = str(tmp_path / "out")
-    cmd = [sys.executable, "bench/finetune.py", "--data", data, "--out", out, "--pretrained", export,
+    cmd = [sys.executable, "bench/finetune_bench.py", "--data", data, "--out", out, "--pretrained", export,
            "--budget-min", "0.3", "--seeds", "1", "--calibration-steps", "15"]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
