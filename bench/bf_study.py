@@ -4,9 +4,9 @@
     .venv/bin/python bench/bf_study.py --budget-min 5 --seeds 2 --out bench-results/bf-screen
     .venv/bin/python bench/bf_study.py --budget-min 15 --seeds 3 --variants released,pairs-mean --out DIR
 
-Every run is bench/quality.py's recipe (ResNet-18, CIFAR-10, 2 processes x 1 thread, precision auto)
-with the variant's train.py flags (VARIANTS below), for the same wall-clock budget as the
-MoCo v3 run of its seed; probe.py scores each backbone (kNN k 200, fast-linear).
+Every run is bench/quality.py's recipe (RECIPE in bench/cifar_pretraining.py: ResNet-18, CIFAR-10,
+2 processes x 1 thread, precision auto) with the variant's train.py flags (VARIANTS below), for the
+same wall-clock budget as the MoCo v3 run of its seed; probe.py scores each backbone (kNN k 200, fast-linear).
 
 Equal time must be equal. Each variant is calibrated against MoCo v3 in interleaved rounds
 (MoCo, variant, MoCo, variant, ...; --calibration-rounds), and its step time is the median of
@@ -61,7 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also train each variant for its seed's MoCo v3 step count (where the two differ)")
     p.add_argument("--overrun-flag", type=float, default=0.05, help="mark runs over budget by more than this share")
     p.add_argument("--quality-args", default="",
-                   help="more bench/quality.py options, e.g. '--batch-size 64 --knn-points 2' for small data")
+                   help="more bench/quality.py recipe options (--batch-size, --train-args, --knn-points, ...), "
+                        "e.g. '--batch-size 64 --knn-points 2' for small data")
     args = p.parse_args(argv)
     args.variant_list = variant_list(args.variants)
     return args

@@ -6,7 +6,7 @@
 
 For each seed, train.py pretrains on DATA/train (subprocesses of this Python, in the repo root):
 
-  MoCo v3                                  RECIPE below, for the budget
+  MoCo v3                                  RECIPE (bench/cifar_pretraining.py), for the budget
   MoCo v3 + BatchFormer                    the same + BatchFormer (--bf-loss), for the same budget
   MoCo v3 + BatchFormer at equal steps     as many steps as that seed's MoCo v3 run, however long
                                            that takes (its wall-clock is reported)

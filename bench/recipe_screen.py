@@ -5,9 +5,10 @@ equal steps, paired by seed.
     .venv/bin/python bench/recipe_screen.py --steps 195 --variants crop-min-0.08,blur --out DIR
     .venv/bin/python bench/recipe_screen.py --steps 1161 --seeds 2 --variants crop-min-0.08+wd-1e-4 --out DIR
 
-Every run is bench/quality.py's RECIPE (ResNet-18, CIFAR-10 at 32 px, batch 256, 2 processes x
-1 thread, precision auto) with the variant's train.py flags (VARIANTS below; 'a+b' applies both)
-for --steps steps, its schedules (warm-up 10 %, cosine lr and momentum) fitted to that length.
+Every run is bench/quality.py's RECIPE (in bench/cifar_pretraining.py: ResNet-18, CIFAR-10 at 32 px,
+batch 256, 2 processes x 1 thread, precision auto) with the variant's train.py flags (VARIANTS
+below; 'a+b' applies both) for --steps steps, its schedules (warm-up 10 %, cosine lr and momentum)
+fitted to that length.
 probe.py scores each backbone: weighted kNN (k 200, T 0.07, all of train/ as the bank) and
 fast-linear, the figures of `make bench-quality`. Counting steps, not minutes, makes a screen the
 same on every machine; the wall-clock of each run is reported beside it.
@@ -59,7 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-recipe", dest="with_recipe", action="store_false",
                    help="run only --variants (a long confirmation whose recipe run exists elsewhere); "
                         "the table then has no paired differences")
-    p.add_argument("--quality-args", default="", help="more bench/quality.py options, e.g. '--batch-size 64'")
+    p.add_argument("--quality-args", default="", help="more bench/quality.py recipe options, e.g. '--batch-size 64'")
     args = p.parse_args(argv)
     if args.steps < 1:
         fail(f"--steps {args.steps} must be at least 1")
