@@ -14,7 +14,7 @@ trainer:   train.py's main() in this process, on a JPEG folder; images/s after t
   (torch.cuda.set_sync_debug_mode) by train.py line: outside the log/save sync points there
   should be none.
 augment:   views/s of the batched tensor augmentation (bfcl/augment.py) on the device.
-jpegs:     a generated JPEG ImageFolder (bfcl.synthetic stripes), written by all cores.
+jpegs:     a generated JPEG ImageFolder (bfcl.synthetic.pattern_image), written by all cores.
 """
 
 import argparse
@@ -123,12 +123,12 @@ def augment(args) -> None:
 def _write_images(job) -> None:
     from PIL import Image
 
-    from bfcl.synthetic import stripes
+    from bfcl.synthetic import pattern_image
     root, classes, size, start, stop = job
     g = torch.Generator().manual_seed(start)
     for i in range(start, stop):
         c = i % classes
-        Image.fromarray(stripes(c, classes, size, g).numpy()).save(
+        Image.fromarray(pattern_image(c, classes, size, g).numpy()).save(
             os.path.join(root, f"class_{c}", f"{i:06d}.jpg"), quality=90)
 
 

@@ -222,7 +222,7 @@ def augmentation_speed(args) -> None:
 
     from bfcl.augment import BatchedTwoViews
     from bfcl.views import eval_resize, pretrain_views
-    from bfcl.synthetic import stripes
+    from bfcl.synthetic import pattern_image
     print("\n## 3. Two-view augmentation, views per second on one core (1 thread), from decoded images")
     print(f"{'size':>5} {'source':>7} {'PIL per image':>14} {'batched':>9} {'batched+loader':>15} {'speed-up':>9}")
     torch.set_num_threads(1)
@@ -230,7 +230,7 @@ def augmentation_speed(args) -> None:
     for size in (32, 96, 224):
         source = eval_resize(size)
         g = torch.Generator().manual_seed(0)
-        pil_images = [Image.fromarray(stripes(i % 4, 4, source, g).numpy()) for i in range(n)]
+        pil_images = [Image.fromarray(pattern_image(i % 4, 4, source, g).numpy()) for i in range(n)]
         view1, view2 = pretrain_views(size, 0.2, blur=True)
         batched = BatchedTwoViews(size, 0.2, blur=True)
         to_source, draw_params = batched.dataset_transforms()
