@@ -12,7 +12,7 @@ backbone.safetensors, an original MoCo v3 / BatchFormer .pth.tar, or a torchvisi
 (.pth or .safetensors); nothing is unpickled beyond tensors, numbers and strings.
 
 Modes (--mode):
-  linear       the protocol (method.md §3, §5): frozen backbone in eval mode, linear head
+  linear       the protocol (docs/method.md#linear-protocol): frozen backbone in eval mode, linear head
                N(0, 0.01²) on the pooled feature (ResNet) or the cls token (ViT), SGD momentum
                0.9, no weight decay, lr 0.1 (ResNet) or 3 (ViT) x batch/256 on a per-epoch
                cosine, 90 epochs, batch 1024, RandomResizedCrop + flip; val Resize + CenterCrop.
@@ -24,7 +24,7 @@ Modes (--mode):
                statistics, no augmentation. A quick check on a CPU, NOT the protocol.
   quick        knn and fast-linear, sharing one feature pass (what bench/quality.py scores with).
   all          quick, then linear.
-  finetune     end to end: the whole backbone and a new head train (method.md §6), with SimCLR's
+  finetune     end to end: the whole backbone and a new head train (docs/method.md#fine-tuning), with SimCLR's
                semi-supervised recipe (pretrained ResNets), torchvision's from-scratch one
                (--random-init ResNets) or DeiT's (ViTs), each field overridable by its flag
                (docs/finetune-recipes.md); exact resume, SIGTERM checkpoint, OUTPUT/finetuned.safetensors.
@@ -59,28 +59,22 @@ you report.
 """
 
 import argparse
-import copy
 import json
 import os
 import sys
 
-import torch
-from accelerate import Accelerator
 from rich.console import Console
 
-from bfcl.cli import EXIT_PREEMPTED, HelpFormatter, check_output_dir, check_ranges, fail, format_summary
-from bfcl.evaluation import ProbeData, backbone_source, default_image_size, results_table
-from bfcl.finetune import finetune, finetune_recipe, run_lock
-from bfcl.folders import check_train_val
-from bfcl.images import DEFAULT_MAX_PIXELS, image_folder
-from bfcl.linear import FAST_LINEAR_BATCH, FAST_LINEAR_LR, LINEAR_LR, linear_epochs, linear_probe, quick_checks
+from bfcl.errors import BfclError, ConfigError
+from bfcl.evaluation import default_image_size, labelled_data, load_backbone, results_table
+from bfcl.finetune import RECIPE_FLAGS, FinetuneRun, finetune, finetune_recipe
+from bfcl.images import DEFAULT_MAX_PIXELS
+from bfcl.linear import FAST_LINEAR_BATCH, FAST_LINEAR_LR, linear_epochs, linear_peak_lr, linear_probe, quick_checks
 from bfcl.model import ARCHS, STEMS, is_vit
 from bfcl.precision import CHOICES as PRECISIONS
-from bfcl.precision import emulated_bf16_warning, launch_device_type
-from bfcl.precision import resolve as resolve_precision
 from bfcl.pretrained import describe
-from bfcl.subsets import describe_subset, label_subset, random_subset
-from bfcl.views import eval_transform, probe_train_transform
+from bfcl.runs import EXIT_PREEMPTED, check_output_dir, check_ranges, format_summary, make_accelerator, run_lock
+from bfcl.subsets import describe_subset
 
 MODES = ("linear", "knn", "fast-linear", "quick", "all", "finetune")
 
@@ -98,6 +92,19 @@ FLAG_RANGES = {  # (low, high, low inclusive, high inclusive), checked before an
     "labels_per_class": (1, INF, True, True), "label_fraction": (0, 1, False, True),
     "subset_seed": (0, INF, True, True),
 }
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written, and every flag's default after its help."""
+
+
+class DeprecatedAddBf(argparse.Action):
+    """probe.py's old name of --bf-head, still read, with a one-line note."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print("note: probe.py --add_bf is now --bf-head (train.py's --add_bf is a pretraining mode); "
+              "--add_bf still works here", file=sys.stderr)
+        setattr(namespace, self.dest, values)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -157,10 +164,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.add_argument("--bn-head", action="store_true",
                    help="parameter-free BatchNorm before the linear head (MoCo v3 authors: makes the lr less "
                         "sensitive)")
-    a.add_argument("--add_bf", type=int, choices=(0, 1), default=0,
+    # dest add_bf: the name results.json and fine-tuning checkpoints record, so that runs resume
+    a.add_argument("--bf-head", dest="add_bf", type=int, choices=(0, 1), default=0,
                    help="1: a trainable BatchFormer between the feature and a shared head, which sees [x ; BF(x)] "
                         "with the labels twice; removed at evaluation and from the exported classifier "
                         "(bfcl/bf_head.py)")
+    a.add_argument("--add_bf", dest="add_bf", type=int, choices=(0, 1), action=DeprecatedAddBf, help=argparse.SUPPRESS)
     a = p.add_argument_group("fine-tuning (--mode finetune; each flag overrides the recipe: bfcl/finetune_recipe.py)")
     a.add_argument("--wd", type=float, default=None, help="weight decay (1e-4 ResNets, 0.05 ViTs)")
     a.add_argument("--warmup-epochs", type=float, default=None,
@@ -205,51 +214,46 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def datasets(args, image_size: int) -> ProbeData:
-    train_root, val_root = os.path.join(args.data, "train"), os.path.join(args.data, "val")
-    train_classes = check_train_val(args.data)
-    train = image_folder(train_root, eval_transform(image_size), max_pixels=args.max_image_pixels)
-    subset = label_subset(train, train_root, args.subset_seed, args.labels_per_class, args.label_fraction,
-                          args.train_list)
-    if subset is not None:
-        train = train.subset(subset.indices)
-    elif args.max_train_samples and args.max_train_samples < len(train):
-        train = train.subset(random_subset(len(train), args.max_train_samples, args.seed))
-    train_aug = copy.copy(train)  # shares the file list: ImageNet's is scanned once
-    train_aug.transform = probe_train_transform(image_size)
-    val = image_folder(val_root, eval_transform(image_size), max_pixels=args.max_image_pixels)
-    return ProbeData(train_aug, train, val, train_classes, subset)
+def recipe_from_flags(args: argparse.Namespace, arch: str):
+    """(fine-tuning recipe, warm-up note): the backbone family's recipe with every flag given applied."""
+    return finetune_recipe(arch, not args.random_init,
+                           **{field: getattr(args, flag) for flag, field in RECIPE_FLAGS.items()})
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    check_ranges(args, FLAG_RANGES)
-    # torchrun without GPUs: Accelerate starts gloo only when told the processes are CPU ones.
-    cpu = "LOCAL_RANK" in os.environ and not torch.cuda.is_available()
-    precision, precision_reason = resolve_precision(args.mixed_precision, launch_device_type(cpu))
-    accelerator = Accelerator(cpu=cpu, mixed_precision=precision)
-    warning = emulated_bf16_warning(accelerator.mixed_precision, accelerator.device.type)
-    if warning:
-        accelerator.print(warning)
+    try:
+        return probe(args)
+    except BfclError as e:  # one line naming the problem and the fix, exit status 1
+        sys.exit(f"error: {e}")
+
+
+def probe(args: argparse.Namespace) -> int:
+    check_ranges(vars(args), FLAG_RANGES)
+    accelerator, precision_reason = make_accelerator(args.mixed_precision)
     world = accelerator.num_processes
     if args.batch_size % world:
-        fail(f"--batch-size {args.batch_size} is not divisible by the {world} processes; use a multiple of {world}")
+        raise ConfigError(f"--batch-size {args.batch_size} is not divisible by the {world} processes; use a "
+                          f"multiple of {world}")
     check_output_dir(args.output_dir, args.data)
     try:
-        backbone = backbone_source(args)
-        image_size, size_reason = default_image_size(args, backbone, os.path.join(args.data, "train"))
-        data = datasets(args, image_size)
+        backbone = load_backbone(None if args.random_init else args.pretrained, args.arch, args.stem,
+                                 args.patch_size, args.image_size, args.seed)
+        image_size, size_reason = default_image_size(backbone, os.path.join(args.data, "train"), args.image_size,
+                                                     args.max_image_pixels)
+        data = labelled_data(args.data, image_size, labels_per_class=args.labels_per_class,
+                             label_fraction=args.label_fraction, train_list=args.train_list,
+                             subset_seed=args.subset_seed, max_train_samples=args.max_train_samples, seed=args.seed,
+                             max_image_pixels=args.max_image_pixels)
         backbone.model(len(data.classes), image_size=image_size)  # fail now, in one line, if it does not fit
     except ValueError as e:  # CheckpointError, DataError, or a ViT image size that is no multiple of its patch
-        fail(str(e))
+        raise ConfigError(str(e)) from None
     subset = data.subset.record if data.subset is not None else None
     if subset is not None and accelerator.is_main_process:  # the labels used, as a list --train-list reads
         data.subset.write(args.output_dir)
     modes = {"quick": ("knn", "fast-linear"), "all": ("knn", "fast-linear", "linear")}.get(args.mode, (args.mode,))
     if "finetune" in modes:
-        recipe, warmup_note = finetune_recipe(args, backbone.arch)
-    base_lr = args.lr if args.lr is not None else LINEAR_LR["vit" if is_vit(backbone.arch) else "resnet"]
-    peak_lr = base_lr * args.batch_size / 256
+        recipe, warmup_note = recipe_from_flags(args, backbone.arch)
     summary = {
         "pretrained": args.pretrained or "random-init", "source": describe(backbone.info), "arch": backbone.arch,
         "stem / patch": f"patch {backbone.patch_size}" if is_vit(backbone.arch) else backbone.stem,
@@ -261,7 +265,8 @@ def main(argv=None) -> int:
         "labels": describe_subset(subset),
     }
     if "linear" in modes:
-        summary.update({"linear lr (scaled)": peak_lr, "linear epochs": linear_epochs(args), "BN head": args.bn_head,
+        summary.update({"linear lr (scaled)": linear_peak_lr(backbone.arch, args.lr, args.batch_size),
+                        "linear epochs": linear_epochs(args.epochs), "BN head": args.bn_head,
                         "BatchFormer before the head": bool(args.add_bf)})
         if args.batch_size > len(data.train):
             summary["note"] = f"batch {args.batch_size} exceeds the {len(data.train)} train images: one step per epoch"
@@ -269,13 +274,25 @@ def main(argv=None) -> int:
         summary["fine-tuning warm-up"] = warmup_note
     accelerator.print(format_summary(summary))
 
-    results = quick_checks(args, modes, backbone, data, image_size, accelerator) \
-        if {"knn", "fast-linear"} & set(modes) else {}
+    shared = {"seed": args.seed, "batch_size": args.batch_size, "workers": args.workers,
+              "max_bad_image_share": args.max_bad_image_share}
+    results = {}
+    if {"knn", "fast-linear"} & set(modes):
+        results = quick_checks(backbone, data, accelerator, knn_ks=args.knn_k if "knn" in modes else None,
+                               knn_t=args.knn_t, fast_epochs=args.fast_epochs if "fast-linear" in modes else None,
+                               features_file=os.path.join(args.output_dir, "features.safetensors")
+                               if args.save_features else None, **shared)
     if "linear" in modes:
-        results["linear"] = linear_probe(args, backbone, data, image_size, peak_lr, accelerator)
+        results["linear"] = linear_probe(backbone, data, accelerator, epochs=args.epochs, lr=args.lr,
+                                         bn_head=args.bn_head, bf_head=bool(args.add_bf), **shared)
     if "finetune" in modes:
+        run = FinetuneRun(args.output_dir, args.batch_size, pretrained=not args.random_init, bf_head=bool(args.add_bf),
+                          seed=args.seed, workers=args.workers, resume=args.resume, force_resume=args.force_resume,
+                          max_steps=args.max_steps, save_every=args.save_every, keep=args.keep,
+                          log_every=args.log_every, eval_every=args.eval_every, eval_epoch_ends=args.eval_epoch_ends,
+                          max_bad_image_share=args.max_bad_image_share)
         with run_lock(args.output_dir, accelerator):
-            outcome = finetune(args, backbone, data, image_size, recipe, accelerator)
+            outcome = finetune(backbone, data, recipe, run, accelerator, record=vars(args))
         if outcome == EXIT_PREEMPTED:
             return EXIT_PREEMPTED
         results["finetune"] = outcome

@@ -26,18 +26,16 @@ import sys
 from dataclasses import dataclass
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, set_seed
 
 from bfcl.augment import BatchedTwoViews
 from bfcl.batchformer import dropout_seed
-from bfcl.checkpoint import (CheckpointError, list_checkpoints, load_model_state, load_optimizer_state,
-                             optimizer_state_tensors, resume_checkpoint, save_checkpoint)
-from bfcl.cli import (EXIT_PREEMPTED, HelpFormatter, StopSignal, check_output_dir, check_ranges, code_version, fail,
-                      format_summary)
+from bfcl.checkpoint import (list_checkpoints, load_model_state, load_optimizer_state, optimizer_state_tensors,
+                             resume_checkpoint, save_checkpoint)
 from bfcl.compiling import CompileOrEager
+from bfcl.errors import BfclError, ConfigError, DataError, TrainingError
 from bfcl.folders import check_image_folder, check_train_val
-from bfcl.images import DEFAULT_MAX_PIXELS, DataError, LabelledImages, image_folder
+from bfcl.images import DEFAULT_MAX_PIXELS, LabelledImages, image_folder
 from bfcl.index import ImageIndex, find_layout, saved_or_built
 from bfcl.export import export_backbone
 from bfcl.knn import KnnMonitor
@@ -45,11 +43,10 @@ from bfcl.loop import StopCheck, Window, batches
 from bfcl.loss import BF_LOSSES, bf_loss_from_add_bf, moco_loss
 from bfcl.model import ARCHS, STEMS, MoCo, is_vit, uses_channels_last
 from bfcl.precision import CHOICES as PRECISIONS
-from bfcl.precision import emulated_bf16_warning, launch_device_type
-from bfcl.precision import resolve as resolve_precision
 from bfcl.optim import OPTIMIZERS, build_optimizer, param_groups
 from bfcl.progress import ProgressLog
-from bfcl.runlock import RunLockError, take_lock
+from bfcl.runs import (EXIT_PREEMPTED, StopSignal, check_output_dir, check_ranges, code_version, format_summary,
+                       make_accelerator, run_lock, scaled_warmup)
 from bfcl.schedules import learning_rate, momentum
 from bfcl.views import PretrainDataset, pretrain_views
 
@@ -83,6 +80,10 @@ FLAG_RANGES = {
     "max_steps": (0, INF, True, True), "max_nonfinite_steps": (0, INF, True, True),
     "max_bad_image_share": (0, 1, True, True), "knn_every": (0, INF, True, True), "knn_samples": (1, INF, True, True),
 }
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written, and every flag's default after its help."""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -186,9 +187,10 @@ def with_recipe(args: argparse.Namespace) -> tuple[argparse.Namespace, dict[str,
     recipe's warm-up share (10 % for ResNets, 13.3 % for ViTs), as probe.py's fine-tuning does."""
     recipe = VIT_RECIPE if is_vit(args.arch) else RESNET_RECIPE
     filled = {k: v for k, v in recipe.items() if getattr(args, k) is None}
-    scaled = "warmup_epochs" in filled and "epochs" not in filled and args.epochs < recipe["epochs"]
+    warmup = scaled_warmup(recipe["epochs"], recipe["warmup_epochs"], args.epochs, args.warmup_epochs)
+    scaled = warmup is not None
     if scaled:
-        filled["warmup_epochs"] = args.epochs * recipe["warmup_epochs"] / recipe["epochs"]
+        filled["warmup_epochs"] = warmup
     switched = [f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
                 for k, v in filled.items() if v != RESNET_RECIPE[k] and not (scaled and k == "warmup_epochs")]
     notes = {"ViT recipe defaults": ", ".join(switched) or None,
@@ -197,28 +199,26 @@ def with_recipe(args: argparse.Namespace) -> tuple[argparse.Namespace, dict[str,
     return argparse.Namespace(**{**vars(args), **filled}), notes
 
 
-def validate(config, num_processes: int, bf_loss: str | None) -> None:
-    """Refuse, before any work and before anything is written, settings that would fail later
-    or silently misbehave."""
-    check_ranges(config, FLAG_RANGES)
+def validate(config, num_processes: int, bf_loss: str | None, knn: tuple[str, str | None]) -> None:
+    """Refuse (ConfigError, DataError), before any work and before anything is written, settings
+    that would fail later or silently misbehave."""
+    check_ranges(vars(config), FLAG_RANGES)
     if config.batch_size % num_processes:
-        fail(f"--batch-size {config.batch_size} is not divisible by the {num_processes} processes; "
-             f"use a multiple of {num_processes}")
+        raise ConfigError(f"--batch-size {config.batch_size} is not divisible by the {num_processes} processes; "
+                          f"use a multiple of {num_processes}")
     if bf_loss is not None and config.bf_context == "local" and config.batch_size // num_processes < 2:
-        fail(f"BatchFormer needs at least 2 samples per process, got {config.batch_size // num_processes}; "
-             "raise --batch-size")
+        raise ConfigError(f"BatchFormer needs at least 2 samples per process, got "
+                          f"{config.batch_size // num_processes}; raise --batch-size")
     if config.warmup_epochs >= config.epochs:
-        fail(f"--warmup-epochs {config.warmup_epochs:g} must be shorter than --epochs {config.epochs:g}")
+        raise ConfigError(f"--warmup-epochs {config.warmup_epochs:g} must be shorter than --epochs {config.epochs:g}")
     if bf_loss is not None and config.bf_start_epoch >= config.epochs:
-        fail(f"--bf-start-epoch {config.bf_start_epoch:g} must be before the end, --epochs {config.epochs:g}")
+        raise ConfigError(f"--bf-start-epoch {config.bf_start_epoch:g} must be before the end, "
+                          f"--epochs {config.epochs:g}")
     if is_vit(config.arch) and config.image_size % config.patch_size:
-        fail(f"--image-size {config.image_size} is not a multiple of --patch-size {config.patch_size}; "
-             "change one of them")
-    try:
-        find_layout(config.data, config.train_list)
-    except DataError as e:
-        fail(str(e))
-    source, _ = knn_source(config)
+        raise ConfigError(f"--image-size {config.image_size} is not a multiple of --patch-size {config.patch_size}; "
+                          "change one of them")
+    find_layout(config.data, config.train_list)
+    source, _ = knn
     try:
         if source == "knn-data":
             check_train_val(config.knn_data)
@@ -227,12 +227,14 @@ def validate(config, num_processes: int, bf_loss: str | None) -> None:
         elif source == "val-halves":
             check_image_folder(os.path.join(config.data, "val"))
     except DataError as e:
-        fail({"knn-data": f"--knn-data {config.knn_data} is not an ImageFolder with train/ and val/ ({e})",
-              "train+val": f"--knn-every needs the same class folders in train/ and val/ ({e}); or pass --knn-every 0",
-              "val-halves": f"--knn-every takes labels from {config.data}/val/<class>/ ({e}); or pass --knn-every 0"
-              }[source])
+        raise DataError({
+            "knn-data": f"--knn-data {config.knn_data} is not an ImageFolder with train/ and val/ ({e})",
+            "train+val": f"--knn-every needs the same class folders in train/ and val/ ({e}); or pass --knn-every 0",
+            "val-halves": f"--knn-every takes labels from {config.data}/val/<class>/ ({e}); or pass --knn-every 0"
+        }[source]) from None
     if config.resume not in ("auto", "none") and not os.path.isdir(config.resume):
-        fail(f"--resume {config.resume} is not a checkpoint folder; pass checkpoints/step-* of a run, auto or none")
+        raise ConfigError(f"--resume {config.resume} is not a checkpoint folder; pass checkpoints/step-* of a run, "
+                          "auto or none")
     check_output_dir(config.output_dir, config.data)
 
 
@@ -285,10 +287,9 @@ def knn_source(config) -> tuple[str, str]:
     return "val-halves", f"two halves of {val}, one the bank, one the queries"
 
 
-def knn_monitor(config, images: LabelledImages) -> KnnMonitor | None:
-    """The monitor knn_source names, on the main process; the training images are the bank of an
+def knn_monitor(config, source: str, images: LabelledImages) -> KnnMonitor | None:
+    """The monitor knn_source named, on the main process; the training images are the bank of an
     ImageFolder --data (no second walk of train/)."""
-    source, _ = knn_source(config)
     if source == "off":
         return None
     read = lambda folder: image_folder(folder, max_pixels=config.max_image_pixels)  # noqa: E731
@@ -314,20 +315,22 @@ class Plan:
     peak_lr: float  # --lr x global batch / 256
     bf_loss: str | None  # None: BatchFormer off
     bf_start_step: int  # BatchFormer on from this step (--bf-start-epoch)
+    knn_source: str  # where the kNN monitor's labels come from (knn_source), 'off' for none
     knn_every: int  # --knn-every, or 0 where the monitor has no labelled images (no sync for it)
 
 
-def make_plan(config, num_images: int, processes: int, bf_loss: str | None) -> Plan:
+def make_plan(config, num_images: int, processes: int, bf_loss: str | None, knn_source: str) -> Plan:
     steps_per_epoch = num_images // config.batch_size
     if steps_per_epoch == 0:
-        fail(f"{num_images} training images do not fill one global batch of {config.batch_size}; lower --batch-size")
+        raise ConfigError(f"{num_images} training images do not fill one global batch of {config.batch_size}; "
+                          "lower --batch-size")
     total_steps = max(1, round(steps_per_epoch * config.epochs))
     return Plan(processes=processes, local_batch=config.batch_size // processes, steps_per_epoch=steps_per_epoch,
                 total_steps=total_steps, warmup_steps=round(steps_per_epoch * config.warmup_epochs),
                 last_step=min(total_steps, config.max_steps) if config.max_steps else total_steps,
                 peak_lr=config.lr * config.batch_size / 256, bf_loss=bf_loss,
-                bf_start_step=round(steps_per_epoch * config.bf_start_epoch),
-                knn_every=config.knn_every if knn_source(config)[0] != "off" else 0)
+                bf_start_step=round(steps_per_epoch * config.bf_start_epoch), knn_source=knn_source,
+                knn_every=config.knn_every if knn_source != "off" else 0)
 
 
 def build_model_and_optimizer(config, plan: Plan, device: torch.device):
@@ -351,67 +354,72 @@ def check_free_disk(config, model) -> None:
     need = 3 * sum(t.numel() * t.element_size() for t in model.state_dict().values())  # model + optimizer, with room
     free = shutil.disk_usage(config.output_dir).free
     if free < need:
-        fail(f"{free / 2**30:.2f} GiB free in {config.output_dir} but a checkpoint needs about {need / 2**30:.2f} GiB; "
-             "free some space or choose another --output-dir")
+        raise ConfigError(f"{free / 2**30:.2f} GiB free in {config.output_dir} but a checkpoint needs about "
+                          f"{need / 2**30:.2f} GiB; free some space or choose another --output-dir")
 
 
 def main(argv=None) -> int:
     stop = StopSignal()  # first: a signal during start-up is honoured at the first step, not fatal
     args = parse_args(argv)
+    try:
+        return pretrain(args, stop)
+    except BfclError as e:  # one line naming the problem and the fix, exit status 1
+        sys.exit(f"error: {e}")
+
+
+def pretrain(args: argparse.Namespace, stop: StopSignal) -> int:
     config, notes = with_recipe(args)
-    # torchrun without GPUs: Accelerate starts gloo only when told the processes are CPU ones.
     # A trainable BatchFormer switched on late has no gradient before: DDP must be told.
     unused = [DistributedDataParallelKwargs(find_unused_parameters=True)] \
         if config.bf_trainable and config.bf_start_epoch > 0 else []
-    cpu = "LOCAL_RANK" in os.environ and not torch.cuda.is_available()
-    precision, why = resolve_precision(config.mixed_precision, launch_device_type(cpu))
-    accelerator = Accelerator(cpu=cpu, mixed_precision=precision, kwargs_handlers=unused)
-    warning = emulated_bf16_warning(accelerator.mixed_precision, accelerator.device.type)
-    if warning:
-        accelerator.print(warning)
+    accelerator, precision_reason = make_accelerator(config.mixed_precision, unused)
     bf_loss = config.bf_loss or bf_loss_from_add_bf(config.add_bf)
-    validate(config, accelerator.num_processes, bf_loss)
-    # One output folder, one run: the main process holds <output-dir>/.lock until the end, and
-    # every process learns whether it was refused.
-    try:
-        lock = take_lock(config.output_dir, accelerator.is_main_process, lambda m: broadcast_object_list([m])[0])
-    except RunLockError as e:
-        fail(str(e))
-    try:
+    knn = knn_source(config)
+    validate(config, accelerator.num_processes, bf_loss, knn)
+    # One output folder, one run: the main process holds <output-dir>/.lock until the end.
+    with run_lock(config.output_dir, accelerator) as lock:
         if lock is not None and lock.message:
             accelerator.print(lock.message)
-        return run(config, notes, accelerator, bf_loss, why, stop)
-    finally:
-        if lock is not None:
-            lock.release()
+        return build_and_train(config, notes, accelerator, bf_loss, knn, precision_reason, stop)
 
 
-def run(config, notes: dict[str, str | None], accelerator, bf_loss: str | None, precision_reason: str,
-        stop: StopSignal) -> int:
+@dataclass
+class TrainingRun:
+    """What the loop and its sync points share, built once before the first step."""
+
+    config: argparse.Namespace
+    plan: Plan
+    accelerator: object  # accelerate.Accelerator
+    moco: MoCo  # the unwrapped model: momentum update, checkpoints, kNN
+    optimizer: object  # Accelerate's wrapper
+    param_names: list[str]  # in optimizer order, for checkpoints
+    log: ProgressLog | None  # the main process's
+    knn: KnnMonitor | None  # the main process's
+    stop: StopSignal
+    window: Window  # device-side sums since the last sync point
+    check: StopCheck
+    totals: dict  # nonfinite, bad, images: since the start of this invocation
+
+
+def build_and_train(config, notes: dict[str, str | None], accelerator, bf_loss: str | None,
+                    knn: tuple[str, str | None], precision_reason: str, stop: StopSignal) -> int:
     """Build everything, print the summary, resume if asked, train."""
-    try:
-        augment = BatchedTwoViews(config.image_size, config.crop_min, config.blur, compile=config.compile) \
-            if config.augment == "batched" else None
-        views = augment.dataset_transforms() if augment else \
-            pretrain_views(config.image_size, config.crop_min, config.blur)
-        index, data_note = training_images(config, accelerator)
-        dataset = PretrainDataset(index, views, max_pixels=config.max_image_pixels)
-    except DataError as e:
-        fail(str(e))
-    plan = make_plan(config, len(dataset), accelerator.num_processes, bf_loss)
+    augment = BatchedTwoViews(config.image_size, config.crop_min, config.blur, compile=config.compile) \
+        if config.augment == "batched" else None
+    views = augment.dataset_transforms() if augment else pretrain_views(config.image_size, config.crop_min, config.blur)
+    index, data_note = training_images(config, accelerator)
+    dataset = PretrainDataset(index, views, max_pixels=config.max_image_pixels)
+    plan = make_plan(config, len(dataset), accelerator.num_processes, bf_loss, knn[0])
     model, optimizer, param_names = build_model_and_optimizer(config, plan, accelerator.device)
     check_free_disk(config, model)
 
+    path, resumed = resume_checkpoint(config.output_dir, config.resume, vars(config), RESUMABLE_CHANGES,
+                                      config.force_resume, plan.total_steps, ADDED_SINCE_0_1)
     start_step = 0
-    try:
-        path, resumed = resume_checkpoint(config.output_dir, config.resume, vars(config), RESUMABLE_CHANGES,
-                                          config.force_resume, plan.total_steps, ADDED_SINCE_0_1)
-        if resumed is not None:
-            load_model_state(model, resumed["model"], path)
-            load_optimizer_state(optimizer, param_names, resumed["optimizer"])
-            start_step = resumed["meta"]["step"]
-    except CheckpointError as e:
-        fail(str(e))
+    if resumed is not None:
+        load_model_state(model, resumed["model"], path)
+        load_optimizer_state(optimizer, param_names, resumed["optimizer"])
+        start_step = resumed["meta"]["step"]
     model, optimizer = accelerator.prepare(model, optimizer)
     if resumed is not None and accelerator.scaler is not None and resumed["meta"].get("scaler"):
         accelerator.scaler.load_state_dict(resumed["meta"]["scaler"])
@@ -420,7 +428,7 @@ def run(config, notes: dict[str, str | None], accelerator, bf_loss: str | None, 
     if config.compile:  # after DDP's wrapping, as Accelerate compiles; eager if compiling fails
         model = CompileOrEager(model, "the model", accelerator.print)
     summary = {
-        "data": f"{index.describe()}; index {data_note}", "kNN monitor": knn_source(config)[1],
+        "data": f"{index.describe()}; index {data_note}", "kNN monitor": knn[1],
         "backbone": config.arch + (f", patch {config.patch_size}" if is_vit(config.arch) else f", {config.stem} stem"),
         **notes,
         "processes": plan.processes, "device": str(accelerator.device),
@@ -442,20 +450,28 @@ def run(config, notes: dict[str, str | None], accelerator, bf_loss: str | None, 
     if accelerator.is_main_process:
         with open(os.path.join(config.output_dir, "config.json"), "w") as f:
             json.dump({"config": vars(config), "derived": summary}, f, indent=1)
-    return train(config, plan, accelerator, model, moco, optimizer, param_names, dataset, augment, start_step, stop)
+    main_process = accelerator.is_main_process
+    run = TrainingRun(config, plan, accelerator, moco, optimizer, param_names,
+                      log=ProgressLog(os.path.join(config.output_dir, "metrics.jsonl"), plan.last_step, start_step)
+                      if main_process else None,
+                      knn=knn_monitor(config, plan.knn_source, dataset.folder) if main_process else None,
+                      stop=stop, window=Window(accelerator.device), check=StopCheck(start_step),
+                      totals={"nonfinite": 0, "bad": 0, "images": 0})
+    return train(run, model, dataset, augment, start_step)
 
 
-def save(config, plan: Plan, accelerator, moco: MoCo, optimizer, param_names, step: int) -> None:
+def save(run: TrainingRun, step: int) -> None:
     """Training checkpoint, then the backbone export from the same state. The main process
     writes; the others wait so that no process runs ahead of a half-written checkpoint."""
+    config, plan, accelerator = run.config, run.plan, run.accelerator
     if accelerator.is_main_process:
         meta = {"version": code_version(), "config": vars(config),
                 "epoch": step / plan.steps_per_epoch, "steps_per_epoch": plan.steps_per_epoch,
                 "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
                 "rng": "derived from (seed, step, process index): nothing to restore"}
-        state = moco.state_dict()
-        save_checkpoint(config.output_dir, step, state, optimizer_state_tensors(optimizer.optimizer, param_names),
-                        meta, config.keep)
+        state = run.moco.state_dict()
+        save_checkpoint(config.output_dir, step, state,
+                        optimizer_state_tensors(run.optimizer.optimizer, run.param_names), meta, config.keep)
         export(config, state, step)
     accelerator.wait_for_everyone()
 
@@ -467,26 +483,21 @@ def export(config, model_state: dict, step: int) -> str:
     return path
 
 
-def train(config, plan: Plan, accelerator, model, moco: MoCo, optimizer, param_names, dataset, augment,
-          start_step: int, stop: StopSignal) -> int:
+def train(run: TrainingRun, model, dataset, augment, start_step: int) -> int:
     """The pretraining loop. Per step: set lr and m -> forward -> gather keys -> loss ->
     backward -> optimizer step -> momentum update; then, at sync points only, read the
     device-side sums, log, check for trouble and checkpoint (sync_point)."""
+    config, plan, accelerator, optimizer, moco = run.config, run.plan, run.accelerator, run.optimizer, run.moco
     device, rank = accelerator.device, accelerator.process_index
-    log = ProgressLog(os.path.join(config.output_dir, "metrics.jsonl"), plan.last_step, start_step) \
-        if accelerator.is_main_process else None
-    knn = knn_monitor(config, dataset.folder) if accelerator.is_main_process else None
     memory_format = torch.channels_last if uses_channels_last(config.arch) else torch.contiguous_format
-    window, totals = Window(device), {"nonfinite": 0, "bad": 0, "images": 0}
-    check = StopCheck(start_step)
-    if knn is not None and start_step == 0:  # the curve starts at the random init
-        log.log(0, {"epoch": 0.0, "knn_top1": knn.top1(moco.base_encoder.backbone, device)})
+    if run.knn is not None and start_step == 0:  # the curve starts at the random init
+        run.log.log(0, {"epoch": 0.0, "knn_top1": run.knn.top1(moco.base_encoder.backbone, device)})
 
     steps = batches(dataset, config.batch_size, rank, plan.processes, config.seed, start_step, plan.last_step,
                     config.workers, pin_memory=device.type == "cuda")
     context = global_context(accelerator) if config.bf_context == "global" else None
     for step, (x1, x2, _, failed) in steps:
-        window.data_arrived()
+        run.window.data_arrived()
         bf_on = plan.bf_loss is not None and step >= plan.bf_start_step
         lr = learning_rate(step, plan.total_steps, plan.warmup_steps, plan.peak_lr)
         m = momentum(step, plan.total_steps, config.moco_m, config.moco_m_cos)
@@ -506,15 +517,12 @@ def train(config, plan: Plan, accelerator, model, moco: MoCo, optimizer, param_n
         optimizer.step()
         moco.update_momentum_encoder(m)
 
-        window.add(loss, failed, stop.requested)
-        done = step + 1
-        if sync_point(config, plan, accelerator, moco, optimizer, param_names, log, knn, window, totals,
-                      done, lr, m, stop, check) == "stop":
+        run.window.add(loss, failed, run.stop.requested)
+        if sync_point(run, step + 1, lr, m) == "stop":
             return EXIT_PREEMPTED
     # The last step's sync point saved and exported; only a resume with nothing left to train (a
     # run killed between its last checkpoint and the export) must write the export here.
-    return finish(config, accelerator, moco, log, max(start_step, plan.last_step),
-                  export_again=start_step >= plan.last_step)
+    return finish(run, max(start_step, plan.last_step), export_again=start_step >= plan.last_step)
 
 
 def global_context(accelerator):
@@ -529,11 +537,11 @@ def global_context(accelerator):
     return lambda x: (torch.cat(all_gather(x)), start * x.shape[0])
 
 
-def sync_point(config, plan: Plan, accelerator, moco, optimizer, param_names, log, knn, window: Window, totals: dict,
-               done: int, lr: float, m: float, stop: StopSignal, check: StopCheck) -> str | None:
+def sync_point(run: TrainingRun, done: int, lr: float, m: float) -> str | None:
     """After step `done` (counted from 1): at log, save and kNN steps, the only place where the
     host reads values from the device. Checks for trouble, logs, checkpoints; "stop" on a signal.
     Between them, about every 30 s, only the stop flags are read (StopCheck)."""
+    config, plan, accelerator, totals, log = run.config, run.plan, run.accelerator, run.totals, run.log
     totals["images"] += config.batch_size
     end_of_epoch = done % plan.steps_per_epoch == 0
     save_now = done % config.save_every == 0 or end_of_epoch or done == plan.last_step
@@ -542,34 +550,35 @@ def sync_point(config, plan: Plan, accelerator, moco, optimizer, param_names, lo
     reduce_sum = lambda t: accelerator.reduce(t, reduction="sum")
     stop_heard = False
     if done % config.log_every and not (save_now or knn_now):
-        if not check.due(done):
+        if not run.check.due(done):
             return None
-        stop_heard = check.poll(done, stop.requested, reduce_sum, plan.processes, accelerator.device)
+        stop_heard = run.check.poll(done, run.stop.requested, reduce_sum, plan.processes, accelerator.device)
         if not stop_heard:
             return None
-    sums = window.read(reduce_sum, plan.processes)
-    check.synced(done)
+    sums = run.window.read(reduce_sum, plan.processes)
+    run.check.synced(done)
     sums["stop"] = sums["stop"] or stop_heard
     totals["nonfinite"] += sums["nonfinite"]
     totals["bad"] += sums["bad"]
     if totals["nonfinite"] > config.max_nonfinite_steps:
-        fail(f"non-finite loss by step {done} (lr {lr:.4g}, precision {accelerator.mixed_precision}); the last "
-             f"good checkpoint is kept in {config.output_dir}; lower --lr, or use bf16 instead of fp16")
+        raise TrainingError(f"non-finite loss by step {done} (lr {lr:.4g}, precision {accelerator.mixed_precision}); "
+                            f"the last good checkpoint is kept in {config.output_dir}; lower --lr, or use bf16 instead "
+                            "of fp16")
     if totals["bad"] > config.max_bad_image_share * totals["images"]:
-        fail(f"{totals['bad']} of {totals['images']} image reads failed, more than --max-bad-image-share "
-             f"{config.max_bad_image_share}; check the data folder")
+        raise TrainingError(f"{totals['bad']} of {totals['images']} image reads failed, more than "
+                            f"--max-bad-image-share {config.max_bad_image_share}; check the data folder")
     if log is not None:
         metrics = {"epoch": round(done / plan.steps_per_epoch, 3), "loss": sums["loss"], "lr": lr, "m": m,
                    "img_per_s": round(sums["steps"] * config.batch_size / sums["elapsed"], 1),
                    "data_wait": sums["data_wait"], "bad_images": totals["bad"]}
-        if knn_now and knn is not None:
-            metrics["knn_top1"] = knn.top1(moco.base_encoder.backbone, accelerator.device)
+        if knn_now and run.knn is not None:
+            metrics["knn_top1"] = run.knn.top1(run.moco.base_encoder.backbone, accelerator.device)
         log.log(done, metrics)
         if end_of_epoch and totals["bad"]:
             log.print(f"epoch {done // plan.steps_per_epoch}: {totals['bad']} unreadable images so far, "
                       "each replaced by the next readable one")
     if save_now or sums["stop"]:
-        save(config, plan, accelerator, moco, optimizer, param_names, done)
+        save(run, done)
     if not sums["stop"]:
         return None
     if log is not None:
@@ -578,13 +587,14 @@ def sync_point(config, plan: Plan, accelerator, moco, optimizer, param_names, lo
     return "stop"
 
 
-def finish(config, accelerator, moco, log, step: int, export_again: bool) -> int:
+def finish(run: TrainingRun, step: int, export_again: bool) -> int:
     """The final line names the export and its step, which always match the final weights."""
+    config, accelerator = run.config, run.accelerator
     if accelerator.is_main_process:
-        path = export(config, moco.state_dict(), step) if export_again else \
+        path = export(config, run.moco.state_dict(), step) if export_again else \
             os.path.join(config.output_dir, "backbone.safetensors")
-        log.print(f"done: {step} steps; backbone (step {step}) in {path}")
-        log.close()
+        run.log.print(f"done: {step} steps; backbone (step {step}) in {path}")
+        run.log.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0

@@ -23,16 +23,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from bfcl.errors import CheckpointError
+
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_FORMAT = "bfcl-checkpoint-1"
 TENSOR_FILES = ("model.safetensors", "optimizer.safetensors")
 MAX_META_BYTES = 16 << 20  # ours are a few KB; a bigger meta.json is not one of ours
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, truncated, corrupt or of the wrong kind."""
 
 
 def _sha256(path: str) -> str:

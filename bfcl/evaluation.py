@@ -1,12 +1,14 @@
-"""What probe.py's evaluations share: the backbone they evaluate (from the flags) and the data they
-take, passes over a data set split across processes so that each image is counted exactly once,
-and the table of results.
+"""What the evaluations share: the backbone they evaluate and the labelled data they take, passes
+over a data set split across processes so that each image is counted exactly once, and the table
+of results.
 
 Several processes split every pass into whole batches without padding (shard), so the features
 equal a one-process run with the same per-process batch; gather_in_order puts the rows of every
 process back in data-set order.
 """
 
+import copy
+import os
 from dataclasses import dataclass
 
 import torch
@@ -15,13 +17,14 @@ from accelerate.utils import set_seed
 from rich.table import Table
 from torch.utils.data import DataLoader, Subset
 
-from bfcl.checkpoint import CheckpointError
-from bfcl.cli import fail
-from bfcl.images import LabelledImages, read_image, scan_image_folder
+from bfcl.errors import CheckpointError, DataError
+from bfcl.folders import check_train_val
+from bfcl.images import DEFAULT_MAX_PIXELS, LabelledImages, image_folder, read_image, scan_image_folder
 from bfcl.knn import extract_features, topk_accuracy
 from bfcl.model import ARCHS, build_backbone, is_vit
 from bfcl.pretrained import guess_architecture, head_name, load_backbone_state, probe_model
-from bfcl.subsets import LabelSubset
+from bfcl.subsets import LabelSubset, label_subset, random_subset
+from bfcl.views import eval_transform, probe_train_transform
 
 
 @dataclass(frozen=True)
@@ -38,52 +41,84 @@ class Backbone:
         return probe_model(self.arch, self.stem, self.state, num_classes, bn_head, image_size, self.patch_size, freeze)
 
 
-def backbone_source(args) -> Backbone:
-    """The backbone probe.py's flags ask for: --random-init (seeded by --seed) or --pretrained.
-    Flags win over what the file records, which wins over what its tensor shapes say;
-    probe_model then refuses a checkpoint that does not fit."""
-    if args.random_init:
-        arch = args.arch or "resnet50"
-        set_seed(args.seed)
-        size = args.image_size or 224
-        model = build_backbone(arch, args.stem or "imagenet", image_size=size, patch_size=args.patch_size or 16)
+def load_backbone(pretrained: str | None = None, arch: str | None = None, stem: str | None = None,
+                  patch_size: int | None = None, image_size: int | None = None, seed: int = 0) -> Backbone:
+    """The backbone to evaluate: `pretrained` is anything probe.py's --pretrained reads (a run
+    folder, a checkpoint folder, backbone.safetensors, a MoCo v3 .pth.tar, a torchvision state
+    dict); None or "random" is a random init seeded by `seed` (resnet50 unless `arch` says).
+    Arguments given win over what the file records, which wins over what its tensor shapes say;
+    Backbone.model then refuses a checkpoint that does not fit. CheckpointError if unreadable."""
+    if pretrained is None or pretrained == "random":
+        arch = arch or "resnet50"
+        set_seed(seed)
+        size = image_size or 224
+        model = build_backbone(arch, stem or "imagenet", image_size=size, patch_size=patch_size or 16)
         state = {k: v for k, v in model.state_dict().items() if not k.startswith(head_name(model) + ".")}
         info = {"source": "random init", "image_size": size if is_vit(arch) else None}
-        return Backbone(arch, args.stem or "imagenet", args.patch_size or 16, state, info)
-    state, info = load_backbone_state(args.pretrained)
+        return Backbone(arch, stem or "imagenet", patch_size or 16, state, info)
+    state, info = load_backbone_state(pretrained)
     guess = guess_architecture(state)
-    arch = args.arch or info.get("arch") or guess["arch"]
+    arch = arch or info.get("arch") or guess["arch"]
     if arch is None:
-        raise CheckpointError(f"cannot tell the arch of {args.pretrained}; pass --arch ({', '.join(ARCHS)})")
+        raise CheckpointError(f"cannot tell the arch of {pretrained}; pass --arch ({', '.join(ARCHS)})")
     if is_vit(arch) and guess.get("image_size"):  # the position embedding fixes the token grid
         info = {**info, "image_size": guess["image_size"]}
-    stem = args.stem or info.get("stem") or guess.get("stem") or "imagenet"
-    return Backbone(arch, stem, args.patch_size or info.get("patch_size") or guess.get("patch_size") or 16, state, info)
+    stem = stem or info.get("stem") or guess.get("stem") or "imagenet"
+    return Backbone(arch, stem, patch_size or info.get("patch_size") or guess.get("patch_size") or 16, state, info)
 
 
-def default_image_size(args, backbone: Backbone, train_root: str) -> tuple[int, str]:
-    """(crop side, why): --image-size, else the pretraining's, else the data's (small stem), else 224."""
-    if args.image_size:
-        return args.image_size, "--image-size"
+def default_image_size(backbone: Backbone, train_root: str, image_size: int | None = None,
+                       max_image_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, str]:
+    """(crop side, why): image_size (--image-size), else the pretraining's, else the data's
+    (small stem), else 224."""
+    if image_size:
+        return image_size, "--image-size"
     if backbone.info.get("image_size"):
         return int(backbone.info["image_size"]), "recorded in the checkpoint" if not is_vit(backbone.arch) \
             else "the ViT's position embedding"
     if backbone.stem == "small":  # 32-96 px data; probing it at 224 would cost ~50x for nothing
         first = scan_image_folder(train_root).path(0)
-        return min(read_image(first, args.max_image_pixels).size), "side of the first training image (small stem)"
+        return min(read_image(first, max_image_pixels).size), "side of the first training image (small stem)"
     return 224, "ImageNet default"
 
 
 @dataclass(frozen=True)
 class ProbeData:
     """train/ (or its labelled subset) with the probe's augmentation and with the centre crop, val/
-    with the centre crop."""
+    with the centre crop; items are (image [3, S, S], label, failed_reads) with S = image_size."""
 
     train_aug: LabelledImages
     train: LabelledImages
     val: LabelledImages
     classes: list[str]
+    image_size: int
     subset: LabelSubset | None = None  # the labelled subset of train/ in use, if any (bfcl/subsets.py)
+
+
+def labelled_data(root: str, image_size: int | None = None, backbone: Backbone | None = None, *,
+                  labels_per_class: int | None = None, label_fraction: float | None = None,
+                  train_list: str | None = None, subset_seed: int = 0, max_train_samples: int = 0, seed: int = 0,
+                  max_image_pixels: int = DEFAULT_MAX_PIXELS) -> ProbeData:
+    """The labelled ImageFolder `root` (train/<class>/ and val/<class>/, the same classes) as probes
+    and fine-tuning take it. image_size None: default_image_size(backbone, ...) (224 without one).
+
+    Few labels: labels_per_class N or label_fraction F train on a class-balanced subset of train/
+    drawn from subset_seed alone, train_list on the images a file lists (bfcl/subsets.py);
+    otherwise max_train_samples > 0 keeps a random subset of that size drawn from seed."""
+    train_root, val_root = os.path.join(root, "train"), os.path.join(root, "val")
+    classes = check_train_val(root)
+    if image_size is None:
+        image_size = default_image_size(backbone, train_root, None, max_image_pixels)[0] if backbone else 224
+    train = image_folder(train_root, eval_transform(image_size), max_pixels=max_image_pixels)
+    subset = label_subset(train, train_root, subset_seed, labels_per_class, label_fraction, train_list)
+    if subset is not None:
+        train = train.subset(subset.indices)
+    elif max_train_samples and max_train_samples < len(train):
+        train = train.subset(random_subset(len(train), max_train_samples, seed))
+    train_aug = copy.copy(train)  # shares the file list: ImageNet's is scanned once
+    train_aug.transform = probe_train_transform(image_size)
+    val = image_folder(val_root, eval_transform(image_size), max_pixels=max_image_pixels)
+    return ProbeData(train_aug, train, val, classes, image_size, subset)
 
 
 def shard(num_samples: int, batch: int, rank: int, world: int) -> list[int]:
@@ -111,10 +146,10 @@ def gather_in_order(accelerator: Accelerator, indices: list[int], num_samples: i
     return [accelerator.gather(accelerator.pad_across_processes(t.to(device)))[real][order].cpu() for t in tensors]
 
 
-def sharded_loader(dataset, batch: int, args, accelerator: Accelerator) -> tuple[list[int], DataLoader]:
+def sharded_loader(dataset, batch: int, accelerator: Accelerator, workers: int) -> tuple[list[int], DataLoader]:
     """This process's share of `dataset` (shard) in plain order, and a loader over it."""
     indices = shard(len(dataset), batch, accelerator.process_index, accelerator.num_processes)
-    return indices, DataLoader(Subset(dataset, indices), batch_size=batch, num_workers=args.workers)
+    return indices, DataLoader(Subset(dataset, indices), batch_size=batch, num_workers=workers)
 
 
 def summed(accelerator: Accelerator, count: int) -> int:
@@ -122,29 +157,32 @@ def summed(accelerator: Accelerator, count: int) -> int:
     return int(accelerator.reduce(torch.tensor(count, device=accelerator.device), "sum"))
 
 
-def check_failed_reads(failed: int, total: int, args) -> None:
-    """The probe's side of the unreadable-image policy: replaced and counted; too many stop."""
-    if failed > args.max_bad_image_share * total:
-        fail(f"{failed} of {total} image reads failed, more than --max-bad-image-share {args.max_bad_image_share}; "
-             "check the data folder")
+def check_failed_reads(failed: int, total: int, max_bad_image_share: float) -> None:
+    """The probe's side of the unreadable-image policy: replaced and counted; too many raise DataError."""
+    if failed > max_bad_image_share * total:
+        raise DataError(f"{failed} of {total} image reads failed, more than --max-bad-image-share "
+                        f"{max_bad_image_share}; check the data folder")
 
 
-def features(model, dataset, batch: int, args, accelerator: Accelerator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Backbone features of the whole data set, split over the processes: ([M, C] fp32, [M] labels)."""
-    indices, loader = sharded_loader(dataset, batch, args, accelerator)
+def features(model, dataset, batch: int, accelerator: Accelerator, workers: int = 0,
+             max_bad_image_share: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features of `model` on the whole data set, split over the processes (`batch` images per
+    process and step): ([M, C] fp32, [M] labels) on the CPU, in data-set order, on every process."""
+    indices, loader = sharded_loader(dataset, batch, accelerator, workers)
     if indices:
         with accelerator.autocast():
             local, labels, failed = extract_features(model, loader, accelerator.device)
     else:  # more processes than batches
         local, labels, failed = torch.zeros(0, model.feature_dim), torch.zeros(0, dtype=torch.long), 0
-    check_failed_reads(summed(accelerator, failed), len(dataset), args)
+    check_failed_reads(summed(accelerator, failed), len(dataset), max_bad_image_share)
     return gather_in_order(accelerator, indices, len(dataset), local, labels)
 
 
 @torch.no_grad()
-def evaluate(model, dataset, num_classes: int, batch: int, args, accelerator: Accelerator) -> dict:
+def evaluate(model, dataset, num_classes: int, batch: int, accelerator: Accelerator, workers: int = 0,
+             max_bad_image_share: float = 0.01) -> dict:
     """Top-1/top-5 of a classifier on the whole val set, each image counted once."""
-    indices, loader = sharded_loader(dataset, batch, args, accelerator)
+    indices, loader = sharded_loader(dataset, batch, accelerator, workers)
     scores, labels = [torch.zeros(0, num_classes)], [torch.zeros(0, dtype=torch.long)]  # a process may get none
     failed = 0
     with accelerator.autocast():
@@ -152,7 +190,7 @@ def evaluate(model, dataset, num_classes: int, batch: int, args, accelerator: Ac
             scores.append(model(images.to(accelerator.device)).float().cpu())
             labels.append(targets)
             failed += int(failed_reads.sum())
-    check_failed_reads(summed(accelerator, failed), len(dataset), args)
+    check_failed_reads(summed(accelerator, failed), len(dataset), max_bad_image_share)
     scores, labels = gather_in_order(accelerator, indices, len(dataset), torch.cat(scores), torch.cat(labels))
     return topk_accuracy(scores, labels)
 

@@ -1,31 +1,32 @@
-"""End-to-end fine-tuning (method.md §6): the whole backbone and a new head train together, with
-a recipe from bfcl/finetune_recipe.py, exact resume and a SIGTERM checkpoint.
+"""End-to-end fine-tuning (docs/method.md#fine-tuning): the whole backbone and a new head train
+together, with a recipe from bfcl/finetune_recipe.py, exact resume and a SIGTERM checkpoint.
 
-probe.py --mode finetune picks the backbone and the data, then calls finetune_recipe and finetune.
-The result is OUTPUT/finetuned.safetensors, a torchvision classifier (head included).
+probe.py --mode finetune (or bfcl.finetune in a notebook) picks the backbone and the data, then
+calls finetune_recipe and finetune. The result is OUTPUT/finetuned.safetensors, a torchvision
+classifier (head included).
 """
 
-import contextlib
 import copy
 import dataclasses
 import os
+from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import set_seed
 
 from bfcl.batchformer import dropout_seed
 from bfcl.bf_head import BatchFormerClassifier, param_groups_with_bf, targets_for
-from bfcl.checkpoint import (CheckpointError, load_model_state, load_optimizer_state, optimizer_state_tensors,
-                             resume_checkpoint, save_checkpoint, save_file_atomic)
-from bfcl.cli import EXIT_PREEMPTED, StopSignal, code_version, fail, format_summary
+from bfcl.checkpoint import (load_model_state, load_optimizer_state, optimizer_state_tensors, resume_checkpoint,
+                             save_checkpoint, save_file_atomic)
+from bfcl.errors import ConfigError, TrainingError
 from bfcl.evaluation import Backbone, ProbeData, check_failed_reads, evaluate
 from bfcl.finetune_recipe import (FinetuneRecipe, MixupCutmix, add_drop_path, lr_at, param_groups, recipe_for,
                                   recipe_reason, soft_target_cross_entropy, train_transform)
 from bfcl.loop import Window, batches
 from bfcl.model import is_vit
 from bfcl.progress import ProgressLog
-from bfcl.runlock import RunLockError, take_lock
+from bfcl.runs import EXIT_PREEMPTED, StopSignal, code_version, format_summary, scaled_warmup
 from bfcl.views import IMAGENET_MEAN, IMAGENET_STD, SeededImages
 
 # Options that may change when a fine-tuning run resumes; any other difference is refused.
@@ -39,41 +40,54 @@ RECIPE_FLAGS = {"epochs": "epochs", "lr": "base_lr", "wd": "weight_decay", "warm
                 "layer_decay": "layer_decay"}
 
 
-def finetune_recipe(args, arch: str) -> tuple[FinetuneRecipe, str | None]:
-    """The backbone family's recipe (bfcl/finetune_recipe.py) with every flag given applied, and a
-    note for the summary when the warm-up was scaled.
+def finetune_recipe(arch: str, pretrained: bool, **given) -> tuple[FinetuneRecipe, str | None]:
+    """The backbone family's recipe (bfcl/finetune_recipe.py) with every FinetuneRecipe field given
+    (not None) applied, and a note for the summary when the warm-up was scaled. ConfigError for
+    settings that do not fit.
 
-    --epochs shorter than the recipe's without --warmup-epochs keeps the recipe's warm-up share
-    (5 of 90 epochs for ResNets, 5 of 150 for ViTs) instead of its 5 epochs."""
-    recipe = recipe_for("vit" if is_vit(arch) else "resnet", pretrained=not args.random_init)
-    given = {field: getattr(args, flag) for flag, field in RECIPE_FLAGS.items() if getattr(args, flag) is not None}
+    epochs shorter than the recipe's without warmup_epochs keeps the recipe's warm-up share
+    (5 of 90 epochs for ResNets, 5 of 150 for ViTs) instead of its 5 epochs (bfcl.runs.scaled_warmup)."""
+    recipe = recipe_for("vit" if is_vit(arch) else "resnet", pretrained=pretrained)
+    unknown = set(given) - {f.name for f in dataclasses.fields(FinetuneRecipe)}
+    if unknown:
+        raise ConfigError(f"unknown fine-tuning setting(s) {', '.join(sorted(unknown))}; choose among the fields "
+                          "of bfcl.finetune_recipe.FinetuneRecipe")
+    given = {field: value for field, value in given.items() if value is not None}
     if not is_vit(arch) and given.get("layer_decay") is not None:
-        fail("--layer-decay applies to ViTs only; drop it for a ResNet")
+        raise ConfigError("--layer-decay applies to ViTs only; drop it for a ResNet")
     note = None
-    if "epochs" in given and "warmup_epochs" not in given and given["epochs"] < recipe.epochs and recipe.warmup_epochs:
-        given["warmup_epochs"] = recipe.warmup_epochs * given["epochs"] / recipe.epochs
+    warmup = scaled_warmup(recipe.epochs, recipe.warmup_epochs, given.get("epochs"), given.get("warmup_epochs"))
+    if warmup is not None:
+        given["warmup_epochs"] = warmup
         note = (f"{given['warmup_epochs']:g} epochs: the {recipe.name} recipe's {recipe.warmup_epochs:g} of "
                 f"{recipe.epochs:g}, scaled to --epochs {given['epochs']:g} (pass --warmup-epochs to set it)")
     recipe = dataclasses.replace(recipe, **given)
     if recipe.warmup_epochs >= recipe.epochs:
-        fail(f"--warmup-epochs {recipe.warmup_epochs:g} must be shorter than --epochs {recipe.epochs:g} "
-             f"({recipe.name} recipe); pass both")
+        raise ConfigError(f"--warmup-epochs {recipe.warmup_epochs:g} must be shorter than --epochs "
+                          f"{recipe.epochs:g} ({recipe.name} recipe); pass both")
     return recipe, note
 
 
-@contextlib.contextmanager
-def run_lock(output_dir: str, accelerator: Accelerator):
-    """One fine-tuning run per output folder, as it writes checkpoints there: the main process
-    holds OUTPUT/.lock while the body runs; a second run gets a one-line error."""
-    try:
-        lock = take_lock(output_dir, accelerator.is_main_process, lambda m: broadcast_object_list([m])[0])
-    except RunLockError as e:
-        fail(str(e))
-    try:
-        yield
-    finally:
-        if lock is not None:
-            lock.release()
+@dataclass(frozen=True)
+class FinetuneRun:
+    """How a fine-tuning run goes, besides its recipe: where it writes, its batch and seed, when it
+    logs, evaluates and checkpoints (probe.py's flags of the same names)."""
+
+    output_dir: str
+    batch_size: int  # global, over all processes
+    pretrained: bool = True  # only for the summary's "chosen for" line: the recipe is already chosen
+    bf_head: bool = False  # a trainable BatchFormer before the shared head (bfcl/bf_head.py)
+    seed: int = 0
+    workers: int = 0
+    resume: str = "auto"  # 'auto', 'none' or a checkpoint folder
+    force_resume: bool = False
+    max_steps: int = 0  # 0: all epochs
+    save_every: int = 1000
+    keep: int = 2
+    log_every: int = 10
+    eval_every: int = 0
+    eval_epoch_ends: bool = True
+    max_bad_image_share: float = 0.01
 
 
 def finetune_model(backbone: Backbone, recipe: FinetuneRecipe, num_classes: int, image_size: int, world: int,
@@ -91,42 +105,45 @@ def finetune_model(backbone: Backbone, recipe: FinetuneRecipe, num_classes: int,
     return BatchFormerClassifier(model) if add_bf else model
 
 
-def finetune(args, backbone: Backbone, data: ProbeData, image_size: int, recipe: FinetuneRecipe,
-             accelerator: Accelerator):
-    """End-to-end fine-tuning (method.md §6) with exact resume; returns the results, or
-    EXIT_PREEMPTED after a checkpoint when a stop signal came.
+def finetune(backbone: Backbone, data: ProbeData, recipe: FinetuneRecipe, run: FinetuneRun,
+             accelerator: Accelerator, record: dict | None = None):
+    """End-to-end fine-tuning (docs/method.md#fine-tuning) with exact resume; returns the results
+    (results.json's "finetune"), or EXIT_PREEMPTED after a checkpoint when a stop signal came.
+    The caller holds the output folder's run lock (bfcl.runs.run_lock).
 
-    Per step: lr (warm-up, cosine to min_lr) -> Mixup/CutMix -> forward -> soft-target loss ->
-    backward -> optimizer step; at sync points: log, evaluate, checkpoint, stop."""
+    record: the settings stored in every checkpoint and compared on resume (probe.py: its parsed
+    flags; default: `run` itself). Per step: lr (warm-up, cosine to min_lr) -> Mixup/CutMix ->
+    forward -> soft-target loss -> backward -> optimizer step; at sync points: log, evaluate,
+    checkpoint, stop. ConfigError, DataError, CheckpointError or TrainingError when it cannot."""
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     family = "vit" if is_vit(backbone.arch) else "resnet"
-    set_seed(args.seed)  # the same head on every process
-    model = finetune_model(backbone, recipe, len(data.classes), image_size, world, device, bool(args.add_bf))
-    groups_of = param_groups_with_bf if args.add_bf else param_groups
+    image_size = data.image_size
+    set_seed(run.seed)  # the same head on every process
+    model = finetune_model(backbone, recipe, len(data.classes), image_size, world, device, run.bf_head)
+    groups_of = param_groups_with_bf if run.bf_head else param_groups
     groups, param_names = groups_of(model, family, recipe.weight_decay, recipe.layer_decay)
     optimizer = torch.optim.SGD(groups, lr=0.0, momentum=recipe.momentum, nesterov=recipe.nesterov) \
         if recipe.optimizer == "sgd" else torch.optim.AdamW(groups, lr=0.0)
     train_set = SeededImages(copy.copy(data.train))  # fine-tuning's own augmentation, seeded per sample
     train_set.images.transform = train_transform(recipe, image_size, IMAGENET_MEAN, IMAGENET_STD)
-    steps_per_epoch = len(train_set) // args.batch_size
+    steps_per_epoch = len(train_set) // run.batch_size
     if steps_per_epoch == 0:
-        fail(f"{len(train_set)} training images do not fill one global batch of {args.batch_size}; lower -b")
+        raise ConfigError(f"{len(train_set)} training images do not fill one global batch of {run.batch_size}; "
+                          "lower -b")
     total_steps = max(1, round(steps_per_epoch * recipe.epochs))
-    last_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
+    last_step = min(total_steps, run.max_steps) if run.max_steps else total_steps
     warmup_steps = round(steps_per_epoch * recipe.warmup_epochs)
-    peak_lr, min_lr = recipe.scaled_lr(args.batch_size), recipe.min_lr  # DeiT scales the peak, not the floor
+    peak_lr, min_lr = recipe.scaled_lr(run.batch_size), recipe.min_lr  # DeiT scales the peak, not the floor
 
-    config = {**vars(args), "recipe": dataclasses.asdict(recipe), "image_size": image_size}
+    record = dataclasses.asdict(run) if record is None else record
+    config = {**record, "recipe": dataclasses.asdict(recipe), "image_size": image_size}
     if data.subset is not None:  # a --train-list file may change under the same name
         config["subset_sha256"] = data.subset.record["sha256"]
-    try:
-        path, resumed = resume_checkpoint(args.output_dir, args.resume, config, FINETUNE_RESUMABLE,
-                                          args.force_resume, total_steps, added={"subset_seed": 0})
-        if resumed is not None:
-            load_model_state(model, resumed["model"], path)
-            load_optimizer_state(optimizer, param_names, resumed["optimizer"])
-    except CheckpointError as e:
-        fail(str(e))
+    path, resumed = resume_checkpoint(run.output_dir, run.resume, config, FINETUNE_RESUMABLE, run.force_resume,
+                                      total_steps, added={"subset_seed": 0})
+    if resumed is not None:
+        load_model_state(model, resumed["model"], path)
+        load_optimizer_state(optimizer, param_names, resumed["optimizer"])
     start = resumed["meta"]["step"] if resumed else 0
     history = resumed["meta"].get("history", []) if resumed else []
     ddp_model, optimizer = accelerator.prepare(model, optimizer)
@@ -134,7 +151,7 @@ def finetune(args, backbone: Backbone, data: ProbeData, image_size: int, recipe:
         accelerator.scaler.load_state_dict(resumed["meta"]["scaler"])  # fp16: the loss scale goes on
     mix = MixupCutmix(len(data.classes), recipe.mixup, recipe.cutmix, recipe.mix_switch_prob)
     accelerator.print(format_summary({
-        "recipe": recipe.name, "chosen for": recipe_reason(family, not args.random_init), "source": recipe.source,
+        "recipe": recipe.name, "chosen for": recipe_reason(family, run.pretrained), "source": recipe.source,
         "optimizer": f"{recipe.optimizer}{', nesterov' if recipe.nesterov else ''}", "lr (scaled)": peak_lr,
         "min lr (scaled)": min_lr, "weight decay": recipe.weight_decay, "epochs": recipe.epochs,
         "steps": f"{total_steps} ({steps_per_epoch} per epoch, {warmup_steps} warm-up)",
@@ -142,20 +159,25 @@ def finetune(args, backbone: Backbone, data: ProbeData, image_size: int, recipe:
                         f"erasing {recipe.random_erasing}, smoothing {recipe.label_smoothing}",
         "drop path / layer decay": f"{recipe.drop_path if family == 'vit' else '-'} / {recipe.layer_decay}",
         "BatchFormer in the classifier": "[x ; BF(x)] through the shared head, labels twice; removed at evaluation "
-                                         "and in the export" if args.add_bf else "no",
+                                         "and in the export" if run.bf_head else "no",
         "resumed from": f"{path} (step {start})" if resumed else "scratch"}))
 
-    log = ProgressLog(os.path.join(args.output_dir, "metrics.jsonl"), last_step, start) \
+    log = ProgressLog(os.path.join(run.output_dir, "metrics.jsonl"), last_step, start) \
         if accelerator.is_main_process else None
     stop, window, bad = StopSignal(), Window(device), 0
-    steps = batches(train_set, args.batch_size, rank, world, args.seed, start, last_step, args.workers,
+    steps = batches(train_set, run.batch_size, rank, world, run.seed, start, last_step, run.workers,
                     pin_memory=device.type == "cuda")
+
+    def evaluate_val() -> dict:
+        return evaluate(model, data.val, len(data.classes), run.batch_size // world, accelerator, run.workers,
+                        run.max_bad_image_share)
+
     for step, (images, labels, failed) in steps:
         window.data_arrived()
         lr = lr_at(step, total_steps, warmup_steps, peak_lr, min_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
-        torch.manual_seed(dropout_seed(args.seed, step, rank))  # Mixup/CutMix and drop path
+        torch.manual_seed(dropout_seed(run.seed, step, rank))  # Mixup/CutMix and drop path
         images, targets = mix(images.to(device, non_blocking=True), labels.to(device, non_blocking=True))
         logits = ddp_model(images).float()  # [N, K], or [2N, K] with BatchFormer: the targets twice
         loss = soft_target_cross_entropy(logits, targets_for(logits, targets), recipe.label_smoothing)
@@ -166,28 +188,28 @@ def finetune(args, backbone: Backbone, data: ProbeData, image_size: int, recipe:
 
         done = step + 1
         end_of_epoch = done % steps_per_epoch == 0
-        evaluate_now = (end_of_epoch and args.eval_epoch_ends) or done == last_step or \
-            (args.eval_every and done % args.eval_every == 0)
-        save_now = done % args.save_every == 0 or end_of_epoch or done == last_step
-        if done % args.log_every and not (evaluate_now or save_now):
+        evaluate_now = (end_of_epoch and run.eval_epoch_ends) or done == last_step or \
+            (run.eval_every and done % run.eval_every == 0)
+        save_now = done % run.save_every == 0 or end_of_epoch or done == last_step
+        if done % run.log_every and not (evaluate_now or save_now):
             continue
         sums = window.read(lambda t: accelerator.reduce(t, reduction="sum"), world)
         bad += sums["bad"]
         if sums["nonfinite"]:
-            fail(f"non-finite loss by step {done} (lr {lr:.4g}); the last good checkpoint is kept in "
-                 f"{args.output_dir}; lower --lr")
-        check_failed_reads(bad, done * args.batch_size, args)
-        record = {"epoch": round(done / steps_per_epoch, 3), "loss": sums["loss"],
-                  "lr": lr, "img_per_s": round(sums["steps"] * args.batch_size / sums["elapsed"], 1)}
+            raise TrainingError(f"non-finite loss by step {done} (lr {lr:.4g}); the last good checkpoint is kept "
+                                f"in {run.output_dir}; lower --lr")
+        check_failed_reads(bad, done * run.batch_size, run.max_bad_image_share)
+        metrics = {"epoch": round(done / steps_per_epoch, 3), "loss": sums["loss"],
+                   "lr": lr, "img_per_s": round(sums["steps"] * run.batch_size / sums["elapsed"], 1)}
         if evaluate_now:
             model.eval()
-            record.update(evaluate(model, data.val, len(data.classes), args.batch_size // world, args, accelerator))
+            metrics.update(evaluate_val())
             model.train()
-            history.append({"step": done, **record})
+            history.append({"step": done, **metrics})
         if log is not None:
-            log.log(done, record)
+            log.log(done, metrics)
         if save_now or sums["stop"]:
-            save_finetune(args, accelerator, model, optimizer, param_names, done, config, history)
+            save_finetune(run, accelerator, model, optimizer, param_names, done, config, history)
         if sums["stop"]:
             if log is not None:
                 log.print(f"stopped by a signal at step {done}; checkpoint written; run the same command to resume")
@@ -198,15 +220,14 @@ def finetune(args, backbone: Backbone, data: ProbeData, image_size: int, recipe:
     final = max(start, last_step)
     if not history or history[-1]["step"] != final:  # resumed from a checkpoint saved between evaluations
         model.eval()
-        history.append({"step": final, **evaluate(model, data.val, len(data.classes), args.batch_size // world, args,
-                                                  accelerator)})
-    path = os.path.join(args.output_dir, "finetuned.safetensors")
+        history.append({"step": final, **evaluate_val()})
+    path = os.path.join(run.output_dir, "finetuned.safetensors")
     if accelerator.is_main_process:  # the fine-tuned classifier, torchvision keys, head included, no BatchFormer
-        state = model.classifier_state() if args.add_bf else model.state_dict()
+        state = model.classifier_state() if run.bf_head else model.state_dict()
         save_file_atomic(state, path, classifier_metadata(backbone, image_size, len(data.classes), final))
     accelerator.wait_for_everyone()
     best = max(history, key=lambda h: h["top1"])
-    return {"recipe": dataclasses.asdict(recipe), "steps": final, "batch_size": args.batch_size, "lr": peak_lr,
+    return {"recipe": dataclasses.asdict(recipe), "steps": final, "batch_size": run.batch_size, "lr": peak_lr,
             "best": best, "last": history[-1], "history": history, "model": path}
 
 
@@ -217,13 +238,14 @@ def classifier_metadata(backbone: Backbone, image_size: int, num_classes: int, s
     return metadata
 
 
-def save_finetune(args, accelerator, model, optimizer, param_names, step: int, config: dict, history: list) -> None:
+def save_finetune(run: FinetuneRun, accelerator, model, optimizer, param_names, step: int, config: dict,
+                  history: list) -> None:
     """A fine-tuning checkpoint (bfcl/checkpoint.py): model, optimizer, config and the evaluations
     so far. The main process writes; the others wait."""
     if accelerator.is_main_process:
         meta = {"version": code_version(), "config": config, "history": history,
                 "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
                 "rng": "derived from (seed, step, process index): nothing to restore"}
-        save_checkpoint(args.output_dir, step, model.state_dict(), optimizer_state_tensors(optimizer.optimizer,
-                        param_names), meta, args.keep)
+        save_checkpoint(run.output_dir, step, model.state_dict(), optimizer_state_tensors(optimizer.optimizer,
+                        param_names), meta, run.keep)
     accelerator.wait_for_everyone()

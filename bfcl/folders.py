@@ -14,9 +14,7 @@ import os
 
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-
-class DataError(ValueError):
-    """A data folder that cannot be used; the message says what is wrong and how to fix it."""
+from bfcl.errors import DataError
 
 
 class DataWarning(UserWarning):

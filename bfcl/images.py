@@ -16,7 +16,7 @@ import warnings
 from PIL import Image
 from torch.utils.data import Dataset
 
-from bfcl.folders import DataError
+from bfcl.errors import DataError
 from bfcl.index import ImageIndex, index_image_folder
 
 

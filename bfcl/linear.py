@@ -1,11 +1,10 @@
 """The linear and feature-based probes of a frozen backbone: MoCo v3's linear classification
-protocol (method.md §3, §5), weighted kNN and a fast linear head on cached features.
+protocol (docs/method.md#linear-protocol), weighted kNN (docs/method.md#knn) and a fast linear
+head on cached features.
 
-probe.py picks the backbone and the data and calls linear_probe or quick_checks; both split
-their passes over the processes with bfcl/evaluation.py.
+probe.py (or a notebook, through bfcl/api.py) picks the backbone and the data and calls
+linear_probe or quick_checks; both split their passes over the processes with bfcl/evaluation.py.
 """
-
-import os
 
 import torch
 import torch.nn.functional as F
@@ -15,9 +14,10 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
 from bfcl.bf_head import BatchFormerClassifier, targets_for
-from bfcl.cli import fail
+from bfcl.errors import ConfigError
 from bfcl.evaluation import Backbone, ProbeData, check_failed_reads, evaluate, features, summed
 from bfcl.knn import knn_scores, topk_accuracy
+from bfcl.model import is_vit
 from bfcl.pretrained import assert_backbone_unchanged, backbone_tensors, head_name, linear_head, set_head
 from bfcl.schedules import learning_rate
 
@@ -40,12 +40,15 @@ def fast_linear(train_x, train_y, val_x, val_y, num_classes: int, epochs: int, s
     Features are standardised with train statistics, as --bn-head does, so that one lr fits every
     backbone. The variance floor (1 % of the mean variance) keeps near-constant dimensions, common
     in random or collapsed backbones, from being blown up into noise on small sets.
-    N(0, 0.01²) init, SGD momentum 0.9, no weight decay, per-epoch cosine.
+    N(0, 0.01²) init, SGD momentum 0.9, no weight decay, per-epoch cosine; init and batch order
+    drawn from `seed` alone, so the same features and seed give the same result.
     """
     mean, var = train_x.mean(0), train_x.var(0)
     std = (var + 0.01 * var.mean()).sqrt()
     train_x, val_x = (train_x - mean) / std, (val_x - mean) / std
-    head = linear_head(train_x.shape[1], num_classes).to(train_x.device)
+    with torch.random.fork_rng(devices=[]):  # the head's init from `seed` too, leaving the global RNG as it was
+        torch.manual_seed(seed)
+        head = linear_head(train_x.shape[1], num_classes).to(train_x.device)
     optimizer = torch.optim.SGD(head.parameters(), lr=FAST_LINEAR_LR, momentum=0.9, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
     for epoch in range(epochs):
@@ -59,58 +62,76 @@ def fast_linear(train_x, train_y, val_x, val_y, num_classes: int, epochs: int, s
         return {"protocol": False, "epochs": epochs, **topk_accuracy(head(val_x), val_y)}
 
 
-def quick_checks(args, modes, backbone: Backbone, data: ProbeData, image_size: int, accelerator: Accelerator) -> dict:
-    """kNN and/or fast-linear on one centre-crop feature pass over train/ and val/."""
-    model = backbone.model(len(data.classes), image_size=image_size)
+def feature_model(backbone: Backbone, data: ProbeData, accelerator: Accelerator) -> torch.nn.Module:
+    """The backbone without its head, in eval mode on the accelerator's device: images -> [N, C]."""
+    model = backbone.model(len(data.classes), image_size=data.image_size)
     set_head(model, torch.nn.Identity())  # features, not class scores
-    model.to(accelerator.device).eval()
-    local_batch = args.batch_size // accelerator.num_processes
-    train_x, train_y = features(model, data.train, local_batch, args, accelerator)
-    val_x, val_y = features(model, data.val, local_batch, args, accelerator)
+    return model.to(accelerator.device).eval()
+
+
+def quick_checks(backbone: Backbone, data: ProbeData, accelerator: Accelerator, *, knn_ks=(20, 200),
+                 knn_t: float = 0.07, fast_epochs: int | None = 100, seed: int = 0, batch_size: int = 256,
+                 workers: int = 0, max_bad_image_share: float = 0.01, features_file: str | None = None) -> dict:
+    """kNN (knn_ks; None: skip) and/or fast-linear (fast_epochs; None: skip) on one centre-crop
+    feature pass over train/ and val/ (batch_size: global). The results on the main process, {} on
+    the others; features_file: also save the features there (safetensors)."""
+    model = feature_model(backbone, data, accelerator)
+    local_batch = batch_size // accelerator.num_processes
+    train_x, train_y = features(model, data.train, local_batch, accelerator, workers, max_bad_image_share)
+    val_x, val_y = features(model, data.val, local_batch, accelerator, workers, max_bad_image_share)
     results = {}
     if accelerator.is_main_process:  # every process holds all features; one computes on them
         on_device = [t.to(accelerator.device) for t in (train_x, train_y, val_x, val_y)]
-        if "knn" in modes:
-            results["knn"] = knn_eval(*on_device, len(data.classes), args.knn_k, args.knn_t)
-        if "fast-linear" in modes:
-            results["fast_linear"] = fast_linear(*on_device, len(data.classes), args.fast_epochs, args.seed)
-        if args.save_features:
+        if knn_ks is not None:
+            results["knn"] = knn_eval(*on_device, len(data.classes), knn_ks, knn_t)
+        if fast_epochs is not None:
+            results["fast_linear"] = fast_linear(*on_device, len(data.classes), fast_epochs, seed)
+        if features_file is not None:
             save_file({"train_features": train_x, "train_labels": train_y, "val_features": val_x, "val_labels": val_y},
-                      os.path.join(args.output_dir, "features.safetensors"),
-                      {"arch": backbone.arch, "stem": backbone.stem})
+                      features_file, {"arch": backbone.arch, "stem": backbone.stem})
     return results
 
 
-def linear_epochs(args) -> int:
-    """--epochs for the linear protocol: 90 by default, and a whole number."""
-    if args.epochs is None:
+def linear_epochs(epochs: float | None) -> int:
+    """--epochs for the linear protocol: 90 by default, and a whole number (else ConfigError)."""
+    if epochs is None:
         return 90
-    if not float(args.epochs).is_integer():
-        fail(f"--epochs {args.epochs:g}: the linear protocol runs whole epochs; pass an integer")
-    return int(args.epochs)
+    if not float(epochs).is_integer():
+        raise ConfigError(f"--epochs {epochs:g}: the linear protocol runs whole epochs; pass an integer")
+    return int(epochs)
 
 
-def linear_probe(args, backbone: Backbone, data: ProbeData, image_size: int, peak_lr: float,
-                 accelerator: Accelerator) -> dict:
-    """The linear classification protocol of MoCo v3 (method.md §3); returns best/last/history.
+def linear_peak_lr(arch: str, lr: float | None, batch_size: int) -> float:
+    """The lr the linear protocol uses: base lr (default 0.1 ResNets, 3 ViTs) x global batch / 256."""
+    base_lr = lr if lr is not None else LINEAR_LR["vit" if is_vit(arch) else "resnet"]
+    return base_lr * batch_size / 256
 
-    --add_bf 1: a trainable BatchFormer before the head (bfcl/bf_head.py) trains with it on
-    [x ; BF(x)], the labels twice; the backbone stays frozen, and evaluation uses the head alone."""
+
+def linear_probe(backbone: Backbone, data: ProbeData, accelerator: Accelerator, *, epochs: float | None = None,
+                 batch_size: int = 1024, lr: float | None = None, bn_head: bool = False, bf_head: bool = False,
+                 seed: int = 0, workers: int = 0, max_bad_image_share: float = 0.01) -> dict:
+    """The linear classification protocol of MoCo v3 (docs/method.md#linear-protocol) on
+    data.train_aug, evaluated on data.val; returns best/last/history as results.json's "linear".
+
+    epochs: whole epochs (None: 90); batch_size: global; lr: base lr, scaled by batch_size / 256
+    (linear_peak_lr). bf_head: a trainable BatchFormer before the head (bfcl/bf_head.py) trains with
+    it on [x ; BF(x)], the labels twice; the backbone stays frozen, and evaluation uses the head alone."""
     world, device = accelerator.num_processes, accelerator.device
-    local_batch = args.batch_size // world
-    set_seed(args.seed)  # the same head on every process
-    model = backbone.model(len(data.classes), args.bn_head, image_size)
+    local_batch = batch_size // world
+    peak_lr = linear_peak_lr(backbone.arch, lr, batch_size)
+    epochs = linear_epochs(epochs)
+    set_seed(seed)  # the same head on every process
+    model = backbone.model(len(data.classes), bn_head, data.image_size)
     reference = backbone_tensors(model)
-    if args.add_bf:
+    if bf_head:
         model = BatchFormerClassifier(model)
-    trained = (model.head, model.batchformer) if args.add_bf else (getattr(model, head_name(model)),)
+    trained = (model.head, model.batchformer) if bf_head else (getattr(model, head_name(model)),)
     optimizer = torch.optim.SGD([p for m in trained for p in m.parameters()], lr=peak_lr, momentum=0.9,
                                 weight_decay=0.0)
-    train_loader = DataLoader(data.train_aug, batch_size=local_batch, shuffle=True, num_workers=args.workers,
-                              pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
+    train_loader = DataLoader(data.train_aug, batch_size=local_batch, shuffle=True, num_workers=workers,
+                              pin_memory=device.type == "cuda", persistent_workers=workers > 0)
     ddp_model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     history, failed = [], 0
-    epochs = linear_epochs(args)
     for epoch in range(epochs):
         lr = learning_rate(epoch, epochs, 0, peak_lr)  # per epoch, no warmup
         optimizer.param_groups[0]["lr"] = lr
@@ -127,16 +148,16 @@ def linear_probe(args, backbone: Backbone, data: ProbeData, image_size: int, pea
             loss_sum += loss.detach().float()
             failed += int(failed_reads.sum())
             steps += 1
-        check_failed_reads(summed(accelerator, failed), (epoch + 1) * len(data.train_aug), args)
+        check_failed_reads(summed(accelerator, failed), (epoch + 1) * len(data.train_aug), max_bad_image_share)
         model.eval()
         # Evaluate the plain module: DDP syncs buffers on forward, and processes may hold
         # different numbers of val batches.
-        top = evaluate(model, data.val, len(data.classes), local_batch, args, accelerator)
+        top = evaluate(model, data.val, len(data.classes), local_batch, accelerator, workers, max_bad_image_share)
         loss = accelerator.reduce(loss_sum, reduction="mean").item() / max(steps, 1)
         history.append({"epoch": epoch + 1, "lr": lr, "loss": loss, **top})
         accelerator.print(f"linear epoch {epoch + 1}/{epochs} | lr {lr:.4g} | loss {loss:.4f} | "
                           f"top1 {top['top1']:.2f} | top5 {top['top5']:.2f}")
-    assert_backbone_unchanged(model.backbone if args.add_bf else model, reference)
+    assert_backbone_unchanged(model.backbone if bf_head else model, reference)
     best = max(history, key=lambda h: h["top1"])
-    return {"protocol": True, "bn_head": args.bn_head, "epochs": epochs, "batch_size": args.batch_size,
+    return {"protocol": True, "bn_head": bn_head, "epochs": epochs, "batch_size": batch_size,
             "lr": peak_lr, "best": best, "last": history[-1], "history": history}

@@ -7,7 +7,7 @@ import time
 import torch
 from torch.utils.data import DataLoader
 
-from bfcl.cli import ignore_stop_signals
+from bfcl.runs import ignore_stop_signals
 from bfcl.views import EpochBatchSampler
 
 

@@ -26,12 +26,10 @@ import socket
 import sys
 from datetime import datetime
 
+from bfcl.errors import RunLockError
+
 LOCK_NAME = ".lock"
 _HELD = set()  # lock paths held by this process, so that a second RunLock here is refused
-
-
-class RunLockError(RuntimeError):
-    """--output-dir is in use by another run (or its lock cannot be read)."""
 
 
 def _process_start(pid: int) -> str | None:

@@ -1,6 +1,5 @@
 """Fine-tuning pieces against worked values (docs/method.md#fine-tuning)."""
 
-import argparse
 import copy
 import math
 
@@ -13,7 +12,8 @@ from PIL import Image
 from torchvision.models.vision_transformer import VisionTransformer
 from torchvision.ops import StochasticDepth
 
-from bfcl.finetune import RECIPE_FLAGS, finetune_recipe
+from bfcl.errors import ConfigError
+from bfcl.finetune import finetune_recipe
 from bfcl.finetune_recipe import (RESNET_RECIPE, VIT_RECIPE, MixupCutmix, add_drop_path, lr_at, param_groups,
                                   recipe_for, soft_target_cross_entropy, train_transform)
 from bfcl.views import IMAGENET_MEAN, IMAGENET_STD
@@ -35,25 +35,22 @@ def test_recipes():
         recipe_for("convnext")
 
 
-def recipe_flags(random_init: bool = True, **given) -> argparse.Namespace:
-    """probe.py's recipe flags, all unset except `given`; a --random-init start unless told otherwise."""
-    return argparse.Namespace(random_init=random_init, **{flag: given.get(flag) for flag in RECIPE_FLAGS})
-
-
 def test_shortened_schedule_scales_the_recipe_warmup():
     """--epochs 3 without --warmup-epochs: 5 of 90 epochs becomes 5 x 3 / 90 (ResNet), 5 x 3 / 150 (ViT)."""
-    recipe, note = finetune_recipe(recipe_flags(epochs=3.0), "resnet18")
+    recipe, note = finetune_recipe("resnet18", False, epochs=3.0)
     assert (recipe.epochs, recipe.warmup_epochs) == (3.0, pytest.approx(1 / 6))
     assert "0.166667 epochs" in note and "5 of 90" in note and "--epochs 3" in note
-    recipe, note = finetune_recipe(recipe_flags(epochs=30.0), "vit_tiny")
+    recipe, note = finetune_recipe("vit_tiny", False, epochs=30.0)
     assert recipe.warmup_epochs == pytest.approx(1.0) and "5 of 150" in note
     # an explicit warm-up, the default schedule and a longer one keep the recipe's 5 epochs, with no note
-    for flags in (recipe_flags(epochs=3.0, warmup_epochs=1.0), recipe_flags(), recipe_flags(epochs=300.0)):
-        recipe, note = finetune_recipe(flags, "resnet18")
-        assert note is None and recipe.warmup_epochs == (flags.warmup_epochs or 5)
-    with pytest.raises(SystemExit, match="--warmup-epochs 4 must be shorter than --epochs 3"):
-        finetune_recipe(recipe_flags(epochs=3.0, warmup_epochs=4.0), "resnet18")
-    recipe, note = finetune_recipe(recipe_flags(random_init=False, epochs=3.0), "resnet18")
+    for given in ({"epochs": 3.0, "warmup_epochs": 1.0}, {"epochs": None, "warmup_epochs": None}, {"epochs": 300.0}):
+        recipe, note = finetune_recipe("resnet18", False, **given)
+        assert note is None and recipe.warmup_epochs == (given.get("warmup_epochs") or 5)
+    with pytest.raises(ConfigError, match="--warmup-epochs 4 must be shorter than --epochs 3"):
+        finetune_recipe("resnet18", False, epochs=3.0, warmup_epochs=4.0)
+    with pytest.raises(ConfigError, match="unknown fine-tuning setting"):
+        finetune_recipe("resnet18", False, warmup=1.0)
+    recipe, note = finetune_recipe("resnet18", True, epochs=3.0)
     assert recipe.warmup_epochs == 0 and note is None  # a pretrained ResNet's recipe has no warm-up to scale
 
 

@@ -15,7 +15,7 @@ import torchvision
 from safetensors.torch import load_file
 from torchvision.models.vision_transformer import VisionTransformer
 
-from bfcl.cli import EXIT_PREEMPTED
+from bfcl.runs import EXIT_PREEMPTED
 from bfcl.export import export_backbone
 from bfcl.model import MoCo
 from bfcl.synthetic import make_image_folder

@@ -4,7 +4,6 @@ for a pretrained ResNet, torchvision's for a random init, DeiT's for ViTs; flags
 import torchvision.transforms as T
 
 import probe
-from bfcl.finetune import finetune_recipe
 from bfcl.finetune_recipe import (PRETRAINED_RESNET_RECIPE, RESNET_RECIPE, VIT_RECIPE, recipe_for, recipe_reason,
                                   train_transform)
 
@@ -31,12 +30,12 @@ def test_pretrained_recipe_is_simclrs_semi_supervised_one():
 
 def test_probe_flags_choose_and_override_the_recipe():
     finetune = ["--data", "d", "--mode", "finetune"]
-    recipe, note = finetune_recipe(probe.parse_args(["--pretrained", "b.safetensors", *finetune]), "resnet18")
+    recipe, note = probe.recipe_from_flags(probe.parse_args(["--pretrained", "b.safetensors", *finetune]), "resnet18")
     assert recipe.name == "simclr-semi-supervised" and note is None
-    recipe, _ = finetune_recipe(probe.parse_args(["--random-init", *finetune]), "resnet18")
+    recipe, _ = probe.recipe_from_flags(probe.parse_args(["--random-init", *finetune]), "resnet18")
     assert recipe.name == "torchvision-resnet" and recipe.base_lr == 0.1
-    recipe, note = finetune_recipe(probe.parse_args(["--pretrained", "b", *finetune, "--lr", "0.02", "--epochs", "10"]),
-                                   "resnet18")
+    flags = probe.parse_args(["--pretrained", "b", *finetune, "--lr", "0.02", "--epochs", "10"])
+    recipe, note = probe.recipe_from_flags(flags, "resnet18")
     assert (recipe.base_lr, recipe.epochs, recipe.warmup_epochs, note) == (0.02, 10, 0, None)  # no warm-up to scale
-    recipe, _ = finetune_recipe(probe.parse_args(["--pretrained", "b", *finetune]), "vit_tiny")
+    recipe, _ = probe.recipe_from_flags(probe.parse_args(["--pretrained", "b", *finetune]), "vit_tiny")
     assert recipe.name == "deit"

@@ -1,0 +1,29 @@
+"""The errors bfcl raises. str(e) is always one line that names the problem and the fix, so a
+script prints `error: <message>` and exits, and a notebook shows the same line.
+
+Only the scripts (train.py, probe.py, bench/) turn them into exit codes; the library never exits.
+"""
+
+
+class BfclError(Exception):
+    """Every error bfcl raises on purpose: str(e) is one line that names the problem and the fix."""
+
+
+class ConfigError(BfclError, ValueError):
+    """Settings that cannot work together, or a value outside its range."""
+
+
+class DataError(BfclError, ValueError):
+    """Images, data folders or list files that cannot be used."""
+
+
+class CheckpointError(BfclError, ValueError):
+    """A checkpoint that is missing, truncated, corrupt, of the wrong kind or of other settings."""
+
+
+class RunLockError(BfclError):
+    """The output folder is in use by another run (or its lock cannot be read)."""
+
+
+class TrainingError(BfclError):
+    """A run that cannot go on: a non-finite loss, or too many unreadable images."""

@@ -1,0 +1,156 @@
+"""Run plumbing: what the pretraining loop (train.py) and the fine-tuning loop (bfcl/finetune.py)
+share. The Accelerator and its precision, the output folder and its run lock, setting ranges, the
+warm-up of a shortened schedule, stop signals, the start-up summary and the code version.
+
+Nothing here parses flags or exits: bad settings raise bfcl.errors, which the scripts print as one
+line. Nothing here decides who prints either: the callers do.
+"""
+
+import contextlib
+import math
+import os
+import signal
+import subprocess
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+
+from bfcl import __version__
+from bfcl.errors import ConfigError
+from bfcl.precision import emulated_bf16_warning, launch_device_type
+from bfcl.precision import resolve as resolve_precision
+from bfcl.runlock import take_lock
+
+
+# A flag's allowed range: (low, high, low inclusive, high inclusive); None for an open end.
+# Listed once per script (train.FLAG_RANGES, probe.FLAG_RANGES) and checked before any work.
+Range = tuple
+
+
+def check_ranges(values: dict, ranges: dict[str, Range]) -> None:
+    """ConfigError on the first setting outside its range, naming it as its flag and the range.
+
+    NaN and infinities are never in range. Settings set to None (not given, no default) are skipped.
+    """
+    for dest, (low, high, low_in, high_in) in ranges.items():
+        value = values[dest]
+        for v in value if isinstance(value, list) else [value]:
+            if v is None:
+                continue
+            ok = math.isfinite(v)
+            if ok and low is not None:
+                ok = v >= low if low_in else v > low
+            if ok and high is not None:
+                ok = v <= high if high_in else v < high
+            if not ok:
+                raise ConfigError(f"--{dest.replace('_', '-')} {v!r} is outside its range "
+                     f"{describe_range(low, high, low_in, high_in)}; "
+                     "pass a value inside it")
+
+
+def describe_range(low, high, low_in: bool, high_in: bool) -> str:
+    """'[1, inf)', '(0, 1]', ...: the mathematical interval notation."""
+    left = ("[" if low_in else "(") + ("-inf" if low is None else f"{low:g}")
+    right = "inf)" if high is None else f"{high:g}" + ("]" if high_in else ")")
+    return f"{left}, {right}"
+
+
+def check_output_dir(output_dir: str, data_dir: str | None = None) -> None:
+    """Create --output-dir and prove it writable, or raise ConfigError. Refuses a folder inside the data
+    folder BEFORE creating anything: an output folder inside train/ would become a class."""
+    if data_dir is not None:
+        data, out = os.path.realpath(data_dir), os.path.realpath(output_dir)
+        if out == data or out.startswith(data + os.sep):
+            raise ConfigError(f"--output-dir {output_dir} is inside --data {data_dir}; it would be read as images. "
+                 "Choose a folder outside the data")
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        probe = os.path.join(output_dir, f".write-test-{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"--output-dir {output_dir} is not writable ({e.strerror}); choose another folder") \
+            from None
+
+
+@contextlib.contextmanager
+def run_lock(output_dir: str, accelerator: Accelerator):
+    """One run per output folder, as a run writes checkpoints there: the main process holds
+    OUTPUT/.lock while the body runs (yields the lock there, None elsewhere) and every process learns
+    whether it was refused (RunLockError, bfcl/runlock.py)."""
+    lock = take_lock(output_dir, accelerator.is_main_process, lambda m: broadcast_object_list([m])[0])
+    try:
+        yield lock
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def make_accelerator(precision: str | None = None, kwargs_handlers=()) -> tuple[Accelerator, str]:
+    """(the Accelerator, why its precision): the launcher's processes and devices, with precision
+    from --mixed-precision (None: the launcher's setting; 'auto': bf16 where the device computes
+    it, bfcl/precision.py). Prints the one-line warning for bf16 emulated on a CPU."""
+    # torchrun without GPUs: Accelerate starts gloo only when told the processes are CPU ones.
+    cpu = "LOCAL_RANK" in os.environ and not torch.cuda.is_available()
+    mixed_precision, why = resolve_precision(precision, launch_device_type(cpu))
+    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision, kwargs_handlers=list(kwargs_handlers))
+    warning = emulated_bf16_warning(accelerator.mixed_precision, accelerator.device.type)
+    if warning:
+        accelerator.print(warning)
+    return accelerator, why
+
+
+def scaled_warmup(recipe_epochs: float, recipe_warmup: float, epochs: float | None,
+                  warmup: float | None) -> float | None:
+    """The warm-up of a shortened schedule, or None where the recipe's stands or warmup was given.
+
+    A schedule shorter than the recipe's (epochs given below recipe_epochs, warmup not given)
+    keeps the recipe's warm-up share instead of its warm-up epochs (docs/method.md#schedules):
+    5 of 90 epochs over 9 epochs is 0.5, not 5. Used by train.py and by fine-tuning alike."""
+    if warmup is not None or epochs is None or not epochs < recipe_epochs or not recipe_warmup:  # NaN: not shorter
+        return None
+    return recipe_warmup * epochs / recipe_epochs
+
+
+def format_summary(summary: dict, width: int = 20) -> str:
+    """The derived quantities a script prints once at start, one 'name: value' a line."""
+    return "\n".join(f"{k:>{width}}: {v}" for k, v in summary.items())
+
+
+def code_version() -> str:
+    """bfcl's version and, in a git checkout, the commit: '0.1.0+abc1234'."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__)), timeout=5).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        commit = ""
+    return f"{__version__}+{commit}" if commit else __version__
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader worker_init_fn: workers leave SIGINT/SIGTERM to the main process, which
+    finishes its step first."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+class StopSignal:
+    """First SIGTERM/SIGINT: `requested` becomes True and the loop checkpoints and exits at its
+    next sync point. Second: exit at once."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        self.requested = True
+
+
+# The exit status of a run stopped by SIGTERM/SIGINT after a checkpoint (EX_TEMPFAIL): run the same
+# command again to resume. The loops return it; the scripts exit with it.
+EXIT_PREEMPTED = 75
