@@ -1,12 +1,13 @@
 """The README's promises, run: the quickstart's CPU commands at toy size, the SLURM batch script against
-stand-ins for SLURM's tools, and every link between README.md and docs/.
+stand-ins for SLURM's tools, the module map, every link between README.md and docs/, and every
+`docs/<page>.md#<anchor>` that code cites.
 
 The quickstart is the ```bash block after the `<!-- quickstart` marker in README.md. It runs in bash as
 written, in a temporary folder that links train.py, probe.py and accelerate_configs/, with only these size
 flags changed (SHRINK):
 
     --train-per-class N -> 32, --val-per-class N -> 16      the generated set: 128 train and 64 val images
-    -b N -> 32, --epochs N -> 1, --warmup-epochs N -> 0.5   4 pretraining steps, 4 fine-tuning steps
+    -b N -> 32, --epochs N -> 1                             4 pretraining steps, 4 fine-tuning steps
 
 and OMP_NUM_THREADS=1, since two compute threads per process stall when other jobs share the cores.
 
@@ -25,9 +26,11 @@ import pytest
 import torchvision
 from safetensors.torch import load_file
 
+from bfcl.recipes import RECIPES
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHRINK = [(r"--train-per-class \d+", "--train-per-class 32"), (r"--val-per-class \d+", "--val-per-class 16"),
-          (r"(?<=\s)-b \d+", "-b 32"), (r"--epochs \d+", "--epochs 1"), (r"--warmup-epochs \d+", "--warmup-epochs 0.5")]
+          (r"(?<=\s)-b \d+", "-b 32"), (r"--epochs \d+", "--epochs 1")]
 TRAIN_IMAGES, VAL_IMAGES, CLASSES, BATCH, EPOCHS = 4 * 32, 4 * 16, 4, 32, 1
 
 
@@ -58,11 +61,10 @@ def flag(argv: list[str], name: str, default: str | None = None) -> str | None:
 
 def test_shrink_changes_only_size_flags():
     block = "python -m bfcl.synthetic d --train-per-class 256 --val-per-class 64 --size 32\n" \
-            "accelerate launch train.py --data d -b 64 --epochs 20 --warmup-epochs 2 --moco-mlp-dim 2048\n" \
+            "accelerate launch train.py --data d --recipe small-images -b 64 --epochs 20\n" \
             "accelerate launch probe.py --data d --mode finetune -b 64 --epochs 10\n"
     assert shrink(block) == ("python -m bfcl.synthetic d --train-per-class 32 --val-per-class 16 --size 32\n"
-                             "accelerate launch train.py --data d -b 32 --epochs 1 --warmup-epochs 0.5 "
-                             "--moco-mlp-dim 2048\n"
+                             "accelerate launch train.py --data d --recipe small-images -b 32 --epochs 1\n"
                              "accelerate launch probe.py --data d --mode finetune -b 32 --epochs 1\n")
     assert commands("a --x 1 \\\n    --y 2   # note\n# comment\n\nb\n") == [["a", "--x", "1", "--y", "2"], ["b"]]
 
@@ -74,6 +76,7 @@ def test_quickstart_runs_as_written_at_toy_size(tmp_path):
     trains = [a for a in argvs if "train.py" in a]
     probes = [a for a in argvs if "probe.py" in a]
     assert trains and probes, "the quickstart should pretrain with train.py and score with probe.py"
+    assert all(flag(a, "--recipe") == "small-images" for a in trains), "the quickstart pretrains with the recipe"
     for name in ("train.py", "probe.py", "accelerate_configs"):
         os.symlink(os.path.join(REPO, name), tmp_path / name)
     env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"], OMP_NUM_THREADS="1")
@@ -87,13 +90,15 @@ def test_quickstart_runs_as_written_at_toy_size(tmp_path):
         raise
     assert run.returncode == 0, log[-6000:]
     assert "auto:" in log, "the start-up summary should say what --mixed-precision auto chose and why"
+    assert "small-images: -a resnet18" in log, "the start-up summary should say what the recipe set"
 
     steps = EPOCHS * TRAIN_IMAGES // BATCH
     for argv in trains:  # the export is a torchvision ResNet's
         out = tmp_path / flag(argv, "--output-dir", "runs/pretrain")
         records = [json.loads(line) for line in open(out / "metrics.jsonl")]
         assert records[-1]["step"] == steps
-        arch = flag(argv, "-a", flag(argv, "--arch", "resnet50"))
+        recipe = RECIPES[flag(argv, "--recipe")] if "--recipe" in argv else {}
+        arch = flag(argv, "-a", flag(argv, "--arch", recipe.get("arch", "resnet50")))
         missing, unexpected = getattr(torchvision.models, arch)().load_state_dict(
             load_file(out / "backbone.safetensors"), strict=False)
         assert set(missing) == {"fc.weight", "fc.bias"} and not unexpected
@@ -104,10 +109,16 @@ def test_quickstart_runs_as_written_at_toy_size(tmp_path):
         mode = flag(argv, "--mode", "linear")
         if mode == "quick":
             assert set(results["results"]) == {"knn", "fast_linear"}
-            assert 0 <= results["results"]["knn"]["k200"]["top1"] <= 100
+            assert_share_of(results["results"]["knn"]["k200"]["top1"], VAL_IMAGES)
         if mode == "finetune":
             assert results["results"]["finetune"]["steps"] == steps
-            assert 0 <= results["results"]["finetune"]["last"]["top1"] <= 100
+            assert_share_of(results["results"]["finetune"]["last"]["top1"], VAL_IMAGES)
+
+
+def assert_share_of(top1: float, images: int) -> None:
+    """top1 is a percentage of `images` answers: a whole number of them, between none and all."""
+    correct = top1 * images / 100
+    assert 0 <= round(correct) <= images and correct == pytest.approx(round(correct), abs=1e-6), (top1, images)
 
 
 # --- the SLURM batch script -------------------------------------------------------------------------------
@@ -191,3 +202,51 @@ def test_links_between_readme_and_docs_resolve(page):
 
 def test_readme_stays_a_guide_of_at_most_300_lines():
     assert len(open(os.path.join(REPO, "README.md")).read().splitlines()) <= 300
+
+
+# --- the module map and the citations in code ---------------------------------------------------------------
+
+def module_map(readme: str) -> str:
+    """The first ``` block after the module map marker."""
+    marker = readme.index("<!-- module map")
+    match = re.compile(r"```\n(.*?)```", re.S).search(readme, marker)
+    assert match, "README.md: no ``` block after the <!-- module map --> marker"
+    return match.group(1)
+
+
+def test_module_map_names_every_file_of_bfcl_and_bench_and_no_other():
+    named = set(re.findall(r"(?<![\w/])((?:bfcl|bench)/[\w.]+\.\w+|train\.py|probe\.py)",
+                           module_map(open(os.path.join(REPO, "README.md")).read())))
+    files = {"train.py", "probe.py"} | {f"{folder}/{name}" for folder in ("bfcl", "bench")
+                                        for name in os.listdir(os.path.join(REPO, folder))
+                                        if os.path.isfile(os.path.join(REPO, folder, name)) and not name.startswith(".")
+                                        and name.endswith((".py", ".sh"))}
+    assert not sorted(files - named), f"README.md's module map misses {sorted(files - named)}: add each under its role"
+    assert not sorted(named - files), f"README.md's module map names {sorted(named - files)}, which do not exist"
+
+
+def code_files() -> list[str]:
+    files = [os.path.join(REPO, name) for name in ("train.py", "probe.py")]
+    for folder in ("bfcl", "bench", "tests"):
+        files += [os.path.join(REPO, folder, name) for name in sorted(os.listdir(os.path.join(REPO, folder)))
+                  if name.endswith((".py", ".sh"))]
+    return files
+
+
+def test_code_cites_docs_anchors_that_exist():
+    """`docs/method.md#moco-v3` and `docs/method.md#moco-v3, #batchformer` in comments lead to headings."""
+    for path in code_files():
+        for page, tail in re.findall(r"docs/([\w-]+\.md)((?:#[\w-]+)(?:, #[\w-]+)*)", open(path).read()):
+            doc = os.path.join(REPO, "docs", page)
+            assert os.path.exists(doc), f"{path}: cites docs/{page}, which does not exist"
+            for anchor in re.findall(r"#([\w-]+)", tail):
+                assert anchor in anchors(open(doc).read()), f"{path}: cites docs/{page}#{anchor}, which is no heading"
+
+
+def test_code_cites_no_file_outside_the_repository():
+    """Citations of the method notes and the style guide that were never part of the repository: cite
+    docs/method.md#<anchor> instead."""
+    outside = re.compile(r"(?<!docs/)method\.md §|style\.md")
+    offenders = [f"{os.path.relpath(path, REPO)}:{number}" for path in code_files()
+                 for number, line in enumerate(open(path), 1) if outside.search(line)]
+    assert not offenders, f"cite docs/method.md#<anchor> instead of files outside the repository: {offenders}"
