@@ -30,7 +30,8 @@ lint: venv
 	$(BIN)/ruff check .
 
 # Two pytest workers, one thread each. The end-to-end runs (make smoke-test, the benchmark scripts at
-# toy size) are their own target: minutes each, and run one at a time since benchmarks time themselves.
+# toy size, bench/gpu.sh --tiny on the CPU) are their own target: minutes each, and run one at a time since
+# benchmarks time themselves.
 test: venv lint
 	$(BIN)/python -m pytest -q -n 2 -m "not e2e"
 
@@ -75,9 +76,9 @@ bench-quality-vit: venv
 	$(BIN)/python bench/quality.py --budget-min $(BUDGET) --seeds $(SEEDS) --no-equal-steps --out $(VIT_OUT) \
 		--train-args "$(VIT_ARGS)"
 
-# Fine-tuning from a 15-minute bfcl backbone vs from random init, FT_BUDGET minutes each (bench/finetune.py).
+# Fine-tuning from a 15-minute bfcl backbone vs from random init, FT_BUDGET minutes each (bench/finetune_bench.py).
 bench-finetune: venv
-	$(BIN)/python bench/finetune.py --pretrain-min $(BUDGET) --budget-min $(FT_BUDGET) --seeds $(SEEDS) --out $(OUT_FT)
+	$(BIN)/python bench/finetune_bench.py --pretrain-min $(BUDGET) --budget-min $(FT_BUDGET) --seeds $(SEEDS) --out $(OUT_FT)
 
 # Few labels: the 15-minute backbone vs random init at 1, 10 and 100 % of the CIFAR-10 labels (kNN, fast-linear,
 # fine-tuning with each start's recipe, + BatchFormer in the classifier at 1 and 10 %), 2 seeds; about 1 h 45 min
