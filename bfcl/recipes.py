@@ -10,6 +10,8 @@ train.py option and that docs/recipes.md lists the same values.
     # values: the recipe with --epochs 20 and a warm-up of 2 epochs (the recipe's 10 %)
 """
 
+from bfcl.errors import ConfigError
+
 # MoCo v3's published settings (its README's commands, facebookresearch/moco-v3) and bfcl's
 # measured small-image settings (bench/quality.py runs the first; docs/recipes.md has the figures).
 RECIPES: dict[str, dict] = {
@@ -74,12 +76,14 @@ def apply_recipe(name: str, given: dict) -> tuple[dict, dict[str, str | None]]:
     Returns (values, notes): values = the recipe's options, then `given` (every given option,
     recipe key or not); notes = {"recipe": ..., "recipe overridden": ... or None}.
 
-    An --epochs given without --warmup-epochs keeps the recipe's warm-up share of the run, so that
-    `--recipe small-images --epochs 20` warms up for 2 epochs, not 0.6.
-    ValueError for an unknown name, naming the recipes there are.
+    An --epochs given without --warmup-epochs keeps the recipe's warm-up share of the run, longer or
+    shorter (the small-image recipes' length is a time budget, their warm-up a share of it), so that
+    `--recipe small-images --epochs 20` warms up for 2 epochs, not 0.6. Without a recipe, train.py
+    keeps MoCo v3's warm-up epochs for longer runs and scales only shorter ones (bfcl.runs.scaled_warmup).
+    ConfigError for an unknown name, naming the recipes there are.
     """
     if name not in RECIPES:
-        raise ValueError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)} (docs/recipes.md)")
+        raise ConfigError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)} (docs/recipes.md)")
     recipe = RECIPES[name]
     values = {**recipe, **given}
     scaled = "epochs" in given and "warmup_epochs" not in given and "warmup_epochs" in recipe

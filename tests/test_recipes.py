@@ -7,6 +7,7 @@ import re
 import pytest
 
 import train
+from bfcl.errors import ConfigError
 from bfcl.recipes import RECIPES, apply_recipe, as_flags, flag_words
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,7 +61,7 @@ def test_epochs_without_warmup_keep_the_recipes_warmup_share():
 def test_no_override_no_override_note_and_unknown_names_are_refused():
     values, notes = apply_recipe("moco-v3-vit-small", {})
     assert values == RECIPES["moco-v3-vit-small"] and notes["recipe overridden"] is None
-    with pytest.raises(ValueError, match="small-images"):
+    with pytest.raises(ConfigError, match="small-images"):
         apply_recipe("small-image", {})
 
 
