@@ -62,9 +62,9 @@ def fast_linear(train_x, train_y, val_x, val_y, num_classes: int, epochs: int, s
         return {"protocol": False, "epochs": epochs, **topk_accuracy(head(val_x), val_y)}
 
 
-def feature_model(backbone: Backbone, data: ProbeData, accelerator: Accelerator) -> torch.nn.Module:
+def feature_model(backbone: Backbone, num_classes: int, image_size: int, accelerator: Accelerator) -> torch.nn.Module:
     """The backbone without its head, in eval mode on the accelerator's device: images -> [N, C]."""
-    model = backbone.model(len(data.classes), image_size=data.image_size)
+    model = backbone.model(num_classes, image_size=image_size)
     set_head(model, torch.nn.Identity())  # features, not class scores
     return model.to(accelerator.device).eval()
 
@@ -75,7 +75,7 @@ def quick_checks(backbone: Backbone, data: ProbeData, accelerator: Accelerator, 
     """kNN (knn_ks; None: skip) and/or fast-linear (fast_epochs; None: skip) on one centre-crop
     feature pass over train/ and val/ (batch_size: global). The results on the main process, {} on
     the others; features_file: also save the features there (safetensors)."""
-    model = feature_model(backbone, data, accelerator)
+    model = feature_model(backbone, len(data.classes), data.image_size, accelerator)
     local_batch = batch_size // accelerator.num_processes
     train_x, train_y = features(model, data.train, local_batch, accelerator, workers, max_bad_image_share)
     val_x, val_y = features(model, data.val, local_batch, accelerator, workers, max_bad_image_share)
