@@ -1,5 +1,5 @@
 """The README's promises, run: the quickstart's CPU commands at toy size, the SLURM batch script against
-stand-ins for SLURM's tools, the module map, every link between README.md and docs/, and every
+stand-ins for SLURM's tools, the notebook example, the module map, every link between README.md and docs/, and every
 `docs/<page>.md#<anchor>` that code cites.
 
 The quickstart is the ```bash block after the `<!-- quickstart` marker in README.md. It runs in bash as
@@ -202,6 +202,17 @@ def test_links_between_readme_and_docs_resolve(page):
 
 def test_readme_stays_a_guide_of_at_most_300_lines():
     assert len(open(os.path.join(REPO, "README.md")).read().splitlines()) <= 300
+
+
+# --- the notebook example ---------------------------------------------------------------------------------
+
+def test_readme_notebook_example_is_the_one_test_library_runs():
+    from test_library import NOTEBOOK_EXAMPLE
+
+    readme = open(os.path.join(REPO, "README.md")).read()
+    match = re.compile(r"```python\n(.*?)```", re.S).search(readme, readme.index("<!-- notebook"))
+    assert match and match.group(1) == NOTEBOOK_EXAMPLE, \
+        "README.md's notebook block differs from tests/test_library.py's NOTEBOOK_EXAMPLE: make them the same"
 
 
 # --- the module map and the citations in code ---------------------------------------------------------------
