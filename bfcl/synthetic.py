@@ -44,9 +44,6 @@ def pattern_image(label: int, num_classes: int, size: int, g: torch.Generator) -
     return img.clamp(0, 255).to(torch.uint8)
 
 
-stripes = pattern_image  # the former name; bench/speed.py and bench/gpu_throughput.py still import it
-
-
 def make_image_folder(root: str, classes: int = 4, train_per_class: int = 64, val_per_class: int = 16,
                       size: int = 32, seed: int = 0) -> str:
     """Write root/{train,val}/class_<c>/<i>.jpg and return root. Deterministic in `seed`."""
