@@ -21,7 +21,6 @@ Outputs in --output-dir: checkpoints/step-*/ (safetensors + meta.json), backbone
 import argparse
 import json
 import os
-import shutil
 import sys
 from dataclasses import dataclass
 
@@ -38,15 +37,15 @@ from bfcl.folders import check_image_folder, check_train_val
 from bfcl.images import DEFAULT_MAX_PIXELS, LabelledImages, image_folder
 from bfcl.index import ImageIndex, find_layout, saved_or_built
 from bfcl.export import export_backbone
-from bfcl.knn import KnnMonitor
+from bfcl.knn import KnnMonitor, knn_source
 from bfcl.loop import StopCheck, Window, batches
 from bfcl.loss import BF_LOSSES, bf_loss_from_add_bf, moco_loss
 from bfcl.model import ARCHS, STEMS, MoCo, is_vit, uses_channels_last
 from bfcl.precision import CHOICES as PRECISIONS
 from bfcl.optim import OPTIMIZERS, build_optimizer, param_groups
 from bfcl.progress import ProgressLog
-from bfcl.runs import (EXIT_PREEMPTED, StopSignal, check_output_dir, check_ranges, code_version, format_summary,
-                       make_accelerator, run_lock, scaled_warmup)
+from bfcl.runs import (EXIT_PREEMPTED, StopSignal, check_free_disk, check_output_dir, check_ranges, code_version,
+                       format_summary, make_accelerator, run_lock, scaled_warmup)
 from bfcl.schedules import learning_rate, momentum
 from bfcl.views import PretrainDataset, pretrain_views
 
@@ -270,23 +269,6 @@ def training_images(config, accelerator) -> tuple[ImageIndex, str]:
     return index, outcome[1]
 
 
-def knn_source(config) -> tuple[str, str]:
-    """Where the online kNN monitor (--knn-every) takes labelled images from, and the summary's
-    line: 'knn-data' (--knn-data's train/ bank, val/ queries), 'train+val' (an ImageFolder --data
-    with val/), 'val-halves' (DIR/val/<class>/ beside unlabelled images: two disjoint halves, bank
-    and queries) or 'off'."""
-    if not config.knn_every:
-        return "off", None
-    if config.knn_data:
-        return "knn-data", f"{config.knn_data}/train as the bank, {config.knn_data}/val as queries"
-    val = os.path.join(config.data, "val")
-    if not os.path.isdir(val):
-        return "off", f"off: --knn-every needs labelled images, in {val}/<class>/ or from --knn-data DIR"
-    if find_layout(config.data, config.train_list)[0] == "imagefolder":
-        return "train+val", "train/ as the bank, val/ as queries"
-    return "val-halves", f"two halves of {val}, one the bank, one the queries"
-
-
 def knn_monitor(config, source: str, images: LabelledImages) -> KnnMonitor | None:
     """The monitor knn_source named, on the main process; the training images are the bank of an
     ImageFolder --data (no second walk of train/)."""
@@ -346,16 +328,8 @@ def build_model_and_optimizer(config, plan: Plan, device: torch.device):
         model = model.to(memory_format=torch.channels_last)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
-    groups, param_names = param_groups(model, config.bf_lr_scale)
+    groups, param_names = param_groups(model, bf_lr_scale=config.bf_lr_scale)
     return model, build_optimizer(config.optimizer, groups, config.wd), param_names
-
-
-def check_free_disk(config, model) -> None:
-    need = 3 * sum(t.numel() * t.element_size() for t in model.state_dict().values())  # model + optimizer, with room
-    free = shutil.disk_usage(config.output_dir).free
-    if free < need:
-        raise ConfigError(f"{free / 2**30:.2f} GiB free in {config.output_dir} but a checkpoint needs about "
-                          f"{need / 2**30:.2f} GiB; free some space or choose another --output-dir")
 
 
 def main(argv=None) -> int:
@@ -374,7 +348,7 @@ def pretrain(args: argparse.Namespace, stop: StopSignal) -> int:
         if config.bf_trainable and config.bf_start_epoch > 0 else []
     accelerator, precision_reason = make_accelerator(config.mixed_precision, unused)
     bf_loss = config.bf_loss or bf_loss_from_add_bf(config.add_bf)
-    knn = knn_source(config)
+    knn = knn_source(config.data, config.train_list, config.knn_every, config.knn_data)
     validate(config, accelerator.num_processes, bf_loss, knn)
     # One output folder, one run: the main process holds <output-dir>/.lock until the end.
     with run_lock(config.output_dir, accelerator) as lock:
@@ -411,7 +385,7 @@ def build_and_train(config, notes: dict[str, str | None], accelerator, bf_loss: 
     dataset = PretrainDataset(index, views, max_pixels=config.max_image_pixels)
     plan = make_plan(config, len(dataset), accelerator.num_processes, bf_loss, knn[0])
     model, optimizer, param_names = build_model_and_optimizer(config, plan, accelerator.device)
-    check_free_disk(config, model)
+    check_free_disk(config.output_dir, model.state_dict())
 
     path, resumed = resume_checkpoint(config.output_dir, config.resume, vars(config), RESUMABLE_CHANGES,
                                       config.force_resume, plan.total_steps, ADDED_SINCE_0_1)

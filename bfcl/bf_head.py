@@ -1,4 +1,4 @@
-"""BatchFormer in the classifier: probe.py --mode finetune|linear --add_bf 1.
+"""BatchFormer in the classifier: probe.py --mode finetune|linear --bf-head 1.
 
 Hou et al., "BatchFormer: Learning to Explore Sample Relationships for Robust Representation
 Learning" (CVPR 2022), §3: in supervised recognition the module sits between the backbone's
@@ -9,11 +9,12 @@ data-scarce (few-shot, zero-shot) recognition. Unlike pretraining's frozen modul
 (bfcl/model.py), this one trains with the classifier. The layer itself is bfcl.batchformer's.
 """
 
+import contextlib
+
 import torch
 from torch import nn
 
 from bfcl.batchformer import BatchFormer
-from bfcl.finetune_recipe import param_groups
 from bfcl.pretrained import head_name
 
 
@@ -41,6 +42,16 @@ class BatchFormerClassifier(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.batchformer(self.backbone(images)))
 
+    @contextlib.contextmanager
+    def plain_classifier(self):
+        """The torchvision classifier with its head back in place, while the body runs: its own
+        parameter names and order, which bfcl.optim.param_groups' ViT rules and checkpoints use."""
+        setattr(self.backbone, self.head_name, self.head)
+        try:
+            yield self.backbone
+        finally:
+            setattr(self.backbone, self.head_name, nn.Identity())
+
     def classifier_state(self) -> dict:
         """The plain classifier's state dict, torchvision keys (fc.* / heads.head.*), no BatchFormer."""
         head = {f"{self.head_name}.{k}": v for k, v in self.head.state_dict().items()}
@@ -59,23 +70,3 @@ def targets_for(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     if logits.shape[0] == 2 * targets.shape[0]:
         return duplicate_targets(targets)
     raise ValueError(f"{logits.shape[0]} logit rows for {targets.shape[0]} targets: expected N or 2N")
-
-
-def param_groups_with_bf(model: BatchFormerClassifier, family: str, weight_decay: float,
-                         layer_decay: float | None = None) -> tuple[list[dict], list[str]]:
-    """bfcl.finetune_recipe.param_groups of the plain classifier (its torchvision names, so the ViT
-    rules for weight decay and layer ids apply), then BatchFormer's tensors at the head's lr scale
-    (1) with weight decay on its matrices (on every tensor for ResNets, as param_groups does)."""
-    setattr(model.backbone, model.head_name, model.head)  # the plain classifier, for its names
-    try:
-        groups, names = param_groups(model.backbone, family, weight_decay, layer_decay)
-    finally:
-        setattr(model.backbone, model.head_name, nn.Identity())
-    decay, no_decay = [], []
-    for name, p in model.batchformer.named_parameters():
-        (decay if family == "resnet" or p.ndim > 1 else no_decay).append((f"batchformer.{name}", p))
-    for wd, members in ((weight_decay, decay), (0.0, no_decay)):
-        if members:
-            groups.append({"params": [p for _, p in members], "weight_decay": wd, "lr_scale": 1.0})
-            names += [n for n, _ in members]
-    return groups, names

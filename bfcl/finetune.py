@@ -16,15 +16,16 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from bfcl.batchformer import dropout_seed
-from bfcl.bf_head import BatchFormerClassifier, param_groups_with_bf, targets_for
+from bfcl.bf_head import BatchFormerClassifier, targets_for
 from bfcl.checkpoint import (load_model_state, load_optimizer_state, optimizer_state_tensors, resume_checkpoint,
                              save_checkpoint, save_file_atomic)
 from bfcl.errors import ConfigError, TrainingError
 from bfcl.evaluation import Backbone, ProbeData, check_failed_reads, evaluate
-from bfcl.finetune_recipe import (FinetuneRecipe, MixupCutmix, add_drop_path, lr_at, param_groups, recipe_for,
+from bfcl.finetune_recipe import (FinetuneRecipe, MixupCutmix, add_drop_path, lr_at, recipe_for,
                                   recipe_reason, soft_target_cross_entropy, train_transform)
 from bfcl.loop import Window, batches
 from bfcl.model import is_vit
+from bfcl.optim import param_groups
 from bfcl.progress import ProgressLog
 from bfcl.runs import EXIT_PREEMPTED, StopSignal, code_version, format_summary, scaled_warmup
 from bfcl.views import IMAGENET_MEAN, IMAGENET_STD, SeededImages
@@ -120,8 +121,12 @@ def finetune(backbone: Backbone, data: ProbeData, recipe: FinetuneRecipe, run: F
     image_size = data.image_size
     set_seed(run.seed)  # the same head on every process
     model = finetune_model(backbone, recipe, len(data.classes), image_size, world, device, run.bf_head)
-    groups_of = param_groups_with_bf if run.bf_head else param_groups
-    groups, param_names = groups_of(model, family, recipe.weight_decay, recipe.layer_decay)
+    if run.bf_head:  # BatchFormer's tensors after the classifier's, in groups of their own at the head's lr
+        with model.plain_classifier() as classifier:
+            groups, param_names = param_groups(classifier, family, recipe.weight_decay, recipe.layer_decay,
+                                               batchformer=model.batchformer)
+    else:
+        groups, param_names = param_groups(model, family, recipe.weight_decay, recipe.layer_decay)
     optimizer = torch.optim.SGD(groups, lr=0.0, momentum=recipe.momentum, nesterov=recipe.nesterov) \
         if recipe.optimizer == "sgd" else torch.optim.AdamW(groups, lr=0.0)
     train_set = SeededImages(copy.copy(data.train))  # fine-tuning's own augmentation, seeded per sample

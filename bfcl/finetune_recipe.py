@@ -1,4 +1,4 @@
-"""What end-to-end fine-tuning trains with (method.md §6): recipes, lr schedule, parameter groups,
+"""What end-to-end fine-tuning trains with (docs/method.md#fine-tuning): recipes, lr schedule,
 drop path, Mixup/CutMix, the soft-target loss and the training transform.
 
 bfcl/finetune.py's loop (probe.py --mode finetune) trains a whole torchvision classifier (ResNet
@@ -16,9 +16,8 @@ from torch import nn
 from torchvision.models.vision_transformer import VisionTransformer
 from torchvision.ops import StochasticDepth
 
+from bfcl.optim import FAMILIES
 from bfcl.schedules import learning_rate
-
-FAMILIES = ("resnet", "vit")
 
 
 @dataclass(frozen=True)
@@ -133,53 +132,6 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float, min_lr
     if step < warmup_steps:
         return learning_rate(step, total_steps, warmup_steps, peak_lr)
     return min_lr + learning_rate(step, total_steps, warmup_steps, peak_lr - min_lr)
-
-
-def _vit_layer_id(name: str, depth: int) -> int:
-    """0 for the patch embedding, class token and position embedding; i + 1 for encoder_layer_i;
-    depth + 1 for the final norm and the head (BEiT/MAE's layer ids for layer-wise decay)."""
-    if name.startswith(("conv_proj.", "class_token", "encoder.pos_embedding")):
-        return 0
-    if name.startswith("encoder.layers.encoder_layer_"):
-        return int(name.split(".")[2].removeprefix("encoder_layer_")) + 1
-    if name.startswith(("encoder.ln.", "heads.")):
-        return depth + 1
-    raise ValueError(f"no layer id for {name!r}: expected torchvision VisionTransformer names")
-
-
-def param_groups(model: nn.Module, family: str, weight_decay: float,
-                 layer_decay: float | None = None) -> tuple[list[dict], list[str]]:
-    """Optimizer groups of the trainable parameters, and their names in the optimizer's order.
-
-    Each group is {"params", "weight_decay", "lr_scale"}; set group["lr"] = lr_at(...) * lr_scale
-    every step. names[i] is the parameter the optimizer's state_dict calls i.
-
-    ViT: no weight decay for biases and norm weights (ndim <= 1), class_token and
-    encoder.pos_embedding (timm's param_groups_weight_decay with DeiT's no_weight_decay()).
-    ResNet: weight decay on every tensor, BatchNorm and biases included, as the defaults of
-    torchvision's classification reference (--norm-weight-decay None) that RESNET_RECIPE cites.
-    With layer_decay (ViT only), lr_scale = layer_decay ** (depth + 1 - layer id), so the head
-    keeps the full lr and the patch embedding gets layer_decay ** (depth + 1) (BEiT, MAE).
-    Groups with equal (weight_decay, lr_scale) are merged, in order of first appearance.
-    """
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
-    if layer_decay is not None and family != "vit":
-        raise ValueError(f"layer_decay={layer_decay} needs a ViT; pass None for a {family}")
-    no_decay_names = {"class_token", "encoder.pos_embedding"} if family == "vit" else set()
-    depth = len(model.encoder.layers) if layer_decay is not None else 0
-
-    groups: dict[tuple[float, float], tuple[list, list]] = {}  # dicts keep insertion order
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        wd = 0.0 if family == "vit" and (p.ndim <= 1 or name in no_decay_names) else weight_decay
-        scale = 1.0 if layer_decay is None else layer_decay ** (depth + 1 - _vit_layer_id(name, depth))
-        params, names = groups.setdefault((wd, scale), ([], []))
-        params.append(p)
-        names.append(name)
-    optimizer_groups = [{"params": ps, "weight_decay": wd, "lr_scale": s} for (wd, s), (ps, _) in groups.items()]
-    return optimizer_groups, [n for _, names in groups.values() for n in names]
 
 
 def add_drop_path(vit: VisionTransformer, rate: float) -> None:

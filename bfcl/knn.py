@@ -6,12 +6,14 @@ version of it, on fixed subsets of labelled images.
 """
 
 import copy
+import os
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 from bfcl.images import LabelledImages
+from bfcl.index import find_layout
 from bfcl.views import eval_transform
 
 
@@ -51,6 +53,23 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict
     ranked = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices
     hits = ranked == labels[:, None]
     return {f"top{k}": 100.0 * hits[:, :k].any(dim=1).float().mean().item() for k in ks}
+
+
+def knn_source(data: str, train_list: str | None, knn_every: int, knn_data: str | None) -> tuple[str, str | None]:
+    """Where train.py's online kNN monitor (--knn-every) takes labelled images from, and the
+    start-up summary's line: 'knn-data' (knn_data's train/ bank, val/ queries), 'train+val' (an
+    ImageFolder `data` with val/), 'val-halves' (DIR/val/<class>/ beside unlabelled images: two
+    disjoint halves, bank and queries) or 'off'."""
+    if not knn_every:
+        return "off", None
+    if knn_data:
+        return "knn-data", f"{knn_data}/train as the bank, {knn_data}/val as queries"
+    val = os.path.join(data, "val")
+    if not os.path.isdir(val):
+        return "off", f"off: --knn-every needs labelled images, in {val}/<class>/ or from --knn-data DIR"
+    if find_layout(data, train_list)[0] == "imagefolder":
+        return "train+val", "train/ as the bank, val/ as queries"
+    return "val-halves", f"two halves of {val}, one the bank, one the queries"
 
 
 class KnnMonitor:

@@ -1,7 +1,7 @@
 """The pretraining optimizers: LARS for ResNets, AdamW for ViTs (MoCo v3's choices), and the
-parameter groups both take.
+parameter groups that pretraining and fine-tuning both take.
 
-`param_groups` puts BatchFormer's weights, when they are trained, in a group of their own so
+`param_groups` puts BatchFormer's weights, when they are trained, in groups of their own so
 that they can run at --bf-lr-scale times the lr; it finds them through `model.batchformer`,
 the module, never through a name filter.
 """
@@ -55,23 +55,72 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
-def param_groups(model: nn.Module, bf_lr_scale: float = 1.0) -> tuple[list[dict], list[str]]:
-    """Trainable parameters in one group (lr_scale 1), plus one for a trainable BatchFormer
-    (lr_scale bf_lr_scale); and the parameter names in optimizer order, which the checkpoint
-    uses to name optimizer state. The caller sets group["lr"] = lr * group["lr_scale"] each step.
+FAMILIES = ("resnet", "vit")
 
-    Frozen tensors (the momentum encoder, a frozen BatchFormer, a ViT's patch projection under
-    --stop-grad-conv1) are left out, so weight decay never touches them.
+
+def param_groups(model: nn.Module, family: str | None = None, weight_decay: float | None = None,
+                 layer_decay: float | None = None, batchformer: nn.Module | None = None,
+                 bf_lr_scale: float = 1.0) -> tuple[list[dict], list[str]]:
+    """Optimizer groups of the trainable tensors, and their names in the optimizer's order: one
+    function for pretraining (train.py) and fine-tuning (bfcl/finetune.py), with or without
+    BatchFormer. Frozen tensors (the momentum encoder, a frozen BatchFormer, a ViT's patch
+    projection under --stop-grad-conv1) are left out, so weight decay never touches them.
+
+    Each group is {"params", "weight_decay" (left out when weight_decay is None: the optimizer's
+    own), "lr_scale"}; the caller sets group["lr"] = lr * group["lr_scale"] every step, and
+    names[i] is the parameter the optimizer's state_dict calls i (checkpoints use them).
+
+    family "vit": no weight decay for biases and norm weights (ndim <= 1), class_token and
+    encoder.pos_embedding (timm's param_groups_weight_decay with DeiT's no_weight_decay()).
+    Otherwise (ResNets, pretraining) weight decay on every tensor, as torchvision's reference.
+    layer_decay (ViT only): lr_scale = layer_decay ** (depth + 1 - layer id), so the head keeps
+    the full lr and the patch embedding gets layer_decay ** (depth + 1) (BEiT, MAE).
+    batchformer (default: model.batchformer if any): its tensors come last, named
+    "batchformer.<name>", in groups of their own at bf_lr_scale, never merged with the model's;
+    found through the module, never through a name filter.
+    Within each part, groups with equal (weight_decay, lr_scale) merge, in order of first appearance.
     """
-    batchformer = getattr(model, "batchformer", None)
+    if family is not None and family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+    if layer_decay is not None and family != "vit":
+        raise ValueError(f"layer_decay={layer_decay} needs a ViT; pass None for a {family}")
+    if batchformer is None:
+        batchformer = getattr(model, "batchformer", None)
+    no_decay_names = {"class_token", "encoder.pos_embedding"} if family == "vit" else set()
+    depth = len(model.encoder.layers) if layer_decay is not None else 0
+
+    def decay(name: str, p: torch.Tensor) -> float | None:
+        return 0.0 if family == "vit" and (p.ndim <= 1 or name in no_decay_names) else weight_decay
+
     bf_ids = {id(p) for p in batchformer.parameters()} if batchformer is not None else set()
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    main = [(n, p) for n, p in named if id(p) not in bf_ids]
-    bf = [(n, p) for n, p in named if id(p) in bf_ids]
-    groups = [{"params": [p for _, p in main], "lr_scale": 1.0}]
-    if bf:
-        groups.append({"params": [p for _, p in bf], "lr_scale": bf_lr_scale})
-    return groups, [n for n, _ in main + bf]
+    main = [(n, p, decay(n, p), 1.0 if layer_decay is None else layer_decay ** (depth + 1 - _vit_layer_id(n, depth)))
+            for n, p in model.named_parameters() if p.requires_grad and id(p) not in bf_ids]
+    bf = [(f"batchformer.{n}", p, decay(f"batchformer.{n}", p), bf_lr_scale)
+          for n, p in (batchformer.named_parameters() if batchformer is not None else ()) if p.requires_grad]
+    groups, names = [], []
+    for part in (main, bf):
+        merged: dict[tuple, tuple[list, list]] = {}  # dicts keep insertion order
+        for name, p, wd, scale in part:
+            params, part_names = merged.setdefault((wd, scale), ([], []))
+            params.append(p)
+            part_names.append(name)
+        for (wd, scale), (params, part_names) in merged.items():
+            groups.append({"params": params, "lr_scale": scale} if wd is None else
+                          {"params": params, "weight_decay": wd, "lr_scale": scale})
+            names += part_names
+    return groups, names
+
+
+def _vit_layer_id(name: str, depth: int) -> int:
+    """0 for the patch embedding, class token and position embedding; i + 1 for encoder_layer_i;
+    depth + 1 for the final norm and the head (BEiT/MAE's layer ids for layer-wise decay)."""
+    if name.startswith(("conv_proj.", "class_token", "encoder.pos_embedding")):
+        return 0
+    if name.startswith("encoder.layers.encoder_layer_"):
+        return int(name.split(".")[2].removeprefix("encoder_layer_")) + 1
+    if name.startswith(("encoder.ln.", "heads.")):
+        return depth + 1
+    raise ValueError(f"no layer id for {name!r}: expected torchvision VisionTransformer names")
 
 
 def build_optimizer(name: str, groups: list[dict], weight_decay: float) -> torch.optim.Optimizer:

@@ -9,6 +9,7 @@ line. Nothing here decides who prints either: the callers do.
 import contextlib
 import math
 import os
+import shutil
 import signal
 import subprocess
 
@@ -111,6 +112,15 @@ def scaled_warmup(recipe_epochs: float, recipe_warmup: float, epochs: float | No
     if warmup is not None or epochs is None or not epochs < recipe_epochs or not recipe_warmup:  # NaN: not shorter
         return None
     return recipe_warmup * epochs / recipe_epochs
+
+
+def check_free_disk(output_dir: str, model_state: dict) -> None:
+    """ConfigError unless output_dir has room for a checkpoint: model and optimizer state, with room."""
+    need = 3 * sum(t.numel() * t.element_size() for t in model_state.values())
+    free = shutil.disk_usage(output_dir).free
+    if free < need:
+        raise ConfigError(f"{free / 2**30:.2f} GiB free in {output_dir} but a checkpoint needs about "
+                          f"{need / 2**30:.2f} GiB; free some space or choose another --output-dir")
 
 
 def format_summary(summary: dict, width: int = 20) -> str:

@@ -7,8 +7,9 @@ import torch.nn.functional as F
 import torchvision
 from torchvision.models.vision_transformer import VisionTransformer
 
-from bfcl.bf_head import BatchFormerClassifier, duplicate_targets, param_groups_with_bf, targets_for
+from bfcl.bf_head import BatchFormerClassifier, duplicate_targets, targets_for
 from bfcl.model import build_backbone
+from bfcl.optim import param_groups
 from bfcl.pretrained import linear_head, set_head
 
 N, K = 6, 3
@@ -103,12 +104,14 @@ def test_it_trains_batchformer_head_and_backbone_move():
         assert not torch.equal(tensor, before[name]), f"{name} did not move"
 
 
-def test_param_groups_with_bf_follow_the_plain_classifiers_rules():
+def test_batchformer_param_groups_follow_the_plain_classifiers_rules():
     torch.manual_seed(0)
     vit = build_backbone("vit_tiny", image_size=32, patch_size=8, stop_grad_conv1=False)
     set_head(vit, linear_head(vit.feature_dim, K))
     model = BatchFormerClassifier(vit)
-    groups, names = param_groups_with_bf(model, "vit", weight_decay=0.05, layer_decay=0.75)
+    with model.plain_classifier() as classifier:
+        groups, names = param_groups(classifier, "vit", weight_decay=0.05, layer_decay=0.75,
+                                     batchformer=model.batchformer)
     trainable = [p for p in model.parameters() if p.requires_grad]
     grouped = [p for g in groups for p in g["params"]]
     assert len(grouped) == len(trainable) == len(names) == len(set(names))

@@ -15,7 +15,7 @@ def test_batchformer_group_holds_exactly_its_weights_at_the_default_scale(tmp_pa
     args = train.parse_args(["--data", str(tmp_path), "--output-dir", str(tmp_path / "run"), *TINY])
     assert args.bf_lr_scale == 0.1  # the documented default
     config, _ = train.with_recipe(args)
-    plan = train.make_plan(config, 32, 1, "pairs-sum")
+    plan = train.make_plan(config, 32, 1, "pairs-sum", "off")
     model, optimizer, names = train.build_model_and_optimizer(config, plan, torch.device("cpu"))
     assert [g["lr_scale"] for g in optimizer.param_groups] == [1.0, 0.1]
     bf = {id(p) for p in model.batchformer.parameters()}

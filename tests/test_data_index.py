@@ -283,6 +283,7 @@ def test_a_monitor_without_labels_adds_no_sync_points(tmp_path):
     """--knn-every syncs the processes only where the monitor has labelled images: unlabelled photos
     without val/ plan no kNN steps; the same photos beside DIR/val/<class>/ plan one every 5 steps."""
     import train
+    from bfcl.knn import knn_source
     from bfcl.synthetic import make_image_folder
 
     labelled = make_image_folder(str(tmp_path / "labelled"), classes=2, train_per_class=4, val_per_class=2, size=16)
@@ -290,6 +291,8 @@ def test_a_monitor_without_labels_adds_no_sync_points(tmp_path):
     shutil.copytree(os.path.join(labelled, "train"), os.path.join(photos, "2026-11"))  # nested by date, no classes
     config, _ = train.with_recipe(train.parse_args(["--data", photos, "--output-dir", str(tmp_path / "run"),
                                                     "--knn-every", "5"]))
-    assert train.knn_source(config)[0] == "off" and train.make_plan(config, 8192, 1, None).knn_every == 0
+    source = knn_source(config.data, config.train_list, config.knn_every, config.knn_data)[0]
+    assert source == "off" and train.make_plan(config, 8192, 1, None, source).knn_every == 0
     shutil.copytree(os.path.join(labelled, "val"), os.path.join(photos, "val"))
-    assert train.knn_source(config)[0] == "val-halves" and train.make_plan(config, 8192, 1, None).knn_every == 5
+    source = knn_source(config.data, config.train_list, config.knn_every, config.knn_data)[0]
+    assert source == "val-halves" and train.make_plan(config, 8192, 1, None, source).knn_every == 5

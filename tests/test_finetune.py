@@ -14,8 +14,9 @@ from torchvision.ops import StochasticDepth
 
 from bfcl.errors import ConfigError
 from bfcl.finetune import finetune_recipe
-from bfcl.finetune_recipe import (RESNET_RECIPE, VIT_RECIPE, MixupCutmix, add_drop_path, lr_at, param_groups,
-                                  recipe_for, soft_target_cross_entropy, train_transform)
+from bfcl.finetune_recipe import (RESNET_RECIPE, VIT_RECIPE, MixupCutmix, add_drop_path, lr_at, recipe_for,
+                                  soft_target_cross_entropy, train_transform)
+from bfcl.optim import param_groups
 from bfcl.views import IMAGENET_MEAN, IMAGENET_STD
 
 

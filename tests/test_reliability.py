@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import train
+from bfcl.errors import ConfigError
 from bfcl.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
 from bfcl.views import PretrainDataset, pretrain_views
 from bfcl.synthetic import make_image_folder
@@ -182,8 +183,8 @@ def test_settings_refused_before_any_work(data, tmp_path, extra, expected):
 
 def test_batch_not_divisible_by_processes(tmp_path):
     args = train.parse_args(["--data", "x", "-b", "10", "--output-dir", str(tmp_path)])
-    with pytest.raises(SystemExit, match="not divisible by the 3 processes"):
-        train.validate(args, num_processes=3, bf_loss=None)
+    with pytest.raises(ConfigError, match="not divisible by the 3 processes"):
+        train.validate(args, num_processes=3, bf_loss=None, knn=("off", None))
 
 
 def test_unknown_arch_is_refused(capsys):
