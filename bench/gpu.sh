@@ -13,7 +13,8 @@
 #
 #   bench/gpu.sh            # on the GPU machine (one GPU)
 #   bench/gpu.sh --tiny     # the same sequence on a CPU at toy size (ResNet-18 small stem, 32 px, batch 16);
-#                           # make test-e2e runs it (tests/test_gpu_script.py): 2.4 CPU-minutes, 6 min at load 4 on 2 cores
+#                           # make test-e2e runs it (tests/test_gpu_script.py): 2 min 21 s of CPU; 5 min 53 s of wall-clock
+#                           # on 2 cores shared at load average 4.3 (2026-12-07)
 #   COMPILE=1 bench/gpu.sh  # adds the bare step and the augmentation under torch.compile (minutes of compiling)
 # Every measurement prints one JSON line; all of them land in $OUT/results.jsonl, the full log in
 # $OUT/log.txt, and a table at the end. OUT defaults to bench-results/gpu (or bench-results/gpu-tiny).
