@@ -25,6 +25,7 @@ import sys
 from dataclasses import dataclass
 
 import torch
+from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, set_seed
 
 from bfcl.augment import BatchedTwoViews
@@ -363,7 +364,7 @@ class TrainingRun:
 
     config: argparse.Namespace
     plan: Plan
-    accelerator: object  # accelerate.Accelerator
+    accelerator: Accelerator
     moco: MoCo  # the unwrapped model: momentum update, checkpoints, kNN
     optimizer: object  # Accelerate's wrapper
     param_names: list[str]  # in optimizer order, for checkpoints

@@ -159,7 +159,7 @@ def _read_torch(path: str) -> tuple[dict, dict]:
         raise CheckpointError(f"{path} cannot be read ({_first_line(e)}); "
                               "is it truncated or not a checkpoint?") from None
     info = {}
-    if isinstance(obj, dict) and isinstance(obj.get("arch"), str):  # main_moco.py saves args.arch
+    if isinstance(obj, dict) and isinstance(obj.get("arch"), str):  # main_moco.py saves its --arch as "arch"
         if obj["arch"] not in ARCHS:
             raise CheckpointError(f"{path} holds a {obj['arch']}; probe.py evaluates {', '.join(ARCHS)}")
         info["arch"] = obj["arch"]

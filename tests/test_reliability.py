@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import bfcl.runs
 import train
 from bfcl.errors import ConfigError
 from bfcl.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
@@ -200,7 +201,7 @@ def test_unwritable_output_dir(data, tmp_path):
 
 
 def test_too_little_disk(data, tmp_path, monkeypatch):
-    monkeypatch.setattr(train.shutil, "disk_usage", lambda path: SimpleNamespace(total=10**12, used=0, free=1000))
+    monkeypatch.setattr(bfcl.runs.shutil, "disk_usage", lambda path: SimpleNamespace(total=10**12, used=0, free=1000))
     message = error_of(["--data", data, "--output-dir", str(tmp_path), *TINY])
     assert "GiB free" in message and "choose another --output-dir" in message
 
