@@ -23,7 +23,6 @@ from bfcl.precision import emulated_bf16_warning, launch_device_type
 from bfcl.precision import resolve as resolve_precision
 from bfcl.runlock import take_lock
 
-
 # A flag's allowed range: (low, high, low inclusive, high inclusive); None for an open end.
 # Listed once per script (train.FLAG_RANGES, probe.FLAG_RANGES) and checked before any work.
 Range = tuple
@@ -46,8 +45,7 @@ def check_ranges(values: dict, ranges: dict[str, Range]) -> None:
                 ok = v <= high if high_in else v < high
             if not ok:
                 raise ConfigError(f"--{dest.replace('_', '-')} {v!r} is outside its range "
-                     f"{describe_range(low, high, low_in, high_in)}; "
-                     "pass a value inside it")
+                                  f"{describe_range(low, high, low_in, high_in)}; pass a value inside it")
 
 
 def describe_range(low, high, low_in: bool, high_in: bool) -> str:
@@ -58,13 +56,13 @@ def describe_range(low, high, low_in: bool, high_in: bool) -> str:
 
 
 def check_output_dir(output_dir: str, data_dir: str | None = None) -> None:
-    """Create --output-dir and prove it writable, or raise ConfigError. Refuses a folder inside the data
-    folder BEFORE creating anything: an output folder inside train/ would become a class."""
+    """Create --output-dir and prove it writable, or raise ConfigError. Refuses a folder inside the
+    data folder BEFORE creating anything: an output folder inside train/ would become a class."""
     if data_dir is not None:
         data, out = os.path.realpath(data_dir), os.path.realpath(output_dir)
         if out == data or out.startswith(data + os.sep):
-            raise ConfigError(f"--output-dir {output_dir} is inside --data {data_dir}; it would be read as images. "
-                 "Choose a folder outside the data")
+            raise ConfigError(f"--output-dir {output_dir} is inside --data {data_dir}; it would be read as "
+                              "images. Choose a folder outside the data")
     try:
         os.makedirs(output_dir, exist_ok=True)
         probe = os.path.join(output_dir, f".write-test-{os.getpid()}")
