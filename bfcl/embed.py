@@ -1,0 +1,337 @@
+"""Embeddings of any image collection with a frozen backbone, written so that any tool can join
+rows to files, and read back in a notebook.
+
+    emb = bfcl.embed.load("runs/embed")                 # matrix [N, C], paths, labels, metadata
+    bfcl.embed.most_similar(emb, "2021/07/IMG_0042.jpg", k=5)   # [(path, cosine), ...] best first
+
+embed_images writes into its output folder:
+    embeddings.safetensors  "embeddings" [N, C] (float32 or float16, L2-normalised unless asked not
+                            to), "labels" [N] int64 where the layout has classes; metadata: the
+                            backbone (file, file SHA-256, weights SHA-256, arch, stem), image size
+                            and crop, normalised, dtype, rows, the SHA-256 of images.txt and of the
+                            image list
+    images.txt              row i's path relative to the data root, one a line
+    unreadable.txt          path<TAB>reason of each image that could not be read; they get NO row,
+                            so row i is always line i of images.txt (simplest to join on)
+    shards/00000.safetensors ...  while running: shard_size images each, raw fp32 features; a rerun
+                            skips the finished ones (checked by their SHA-256), so a killed run
+                            resumes; deleted once embeddings.safetensors is in place.
+
+Every file is written under a temporary name and renamed; embeddings.safetensors last, and it
+names the SHA-256 of images.txt, which load() checks: a half-finished rewrite is never trusted.
+Several processes (accelerate/torchrun) split each shard like bfcl.evaluation.shard and write
+the rows one process would: every batch is one a single process with the same batch size sees.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from bfcl.checkpoint import CheckpointError, _sha256, save_file_atomic
+from bfcl.evaluation import Backbone, gather_in_order, shard
+from bfcl.folders import DataError
+from bfcl.images import DEFAULT_MAX_PIXELS, UnreadableImage, read_image
+from bfcl.index import ImageIndex, saved_or_built
+from bfcl.pretrained import set_head
+from bfcl.views import eval_resize, eval_transform
+
+FORMAT = "bfcl-embeddings-1"
+INDEX_FILE = "image-index.safetensors"  # train.py's name for the saved index
+DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    rows: int  # readable images = rows written
+    width: int  # feature width C
+    unreadable: list[str]  # their paths
+    shards_computed: int
+    shards_reused: int  # finished by an earlier, interrupted run
+    seconds: float
+    images_per_s: float  # over the images computed in this run
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    matrix: torch.Tensor  # [N, C]
+    paths: list[str]  # N, relative to the data root
+    labels: torch.Tensor | None  # [N] int64, or None
+    metadata: dict
+
+
+def embed_index(data: str, train_list: str | None, output_dir: str) -> tuple[ImageIndex, str]:
+    """(index, what happened) of the images train.py would read from --data / --train-list,
+    saved in output_dir as train.py does (the same layouts and rules); DataError for a folder
+    without images."""
+    return saved_or_built(data, train_list, os.path.join(output_dir, INDEX_FILE), rebuild_ok=True)
+
+
+def weights_sha256(state: dict) -> str:
+    """SHA-256 of a state dict's names, dtypes, shapes and bytes: the backbone's identity,
+    whatever file (or none, for random init) it came from."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{list(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def list_sha256(paths) -> str:
+    """SHA-256 of the paths written one a line, as in images.txt."""
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(os.fsencode(p) + b"\n")
+    return h.hexdigest()
+
+
+class _IndexImages(Dataset):
+    """Item i of the index: (image [3, S, S] or zeros, 1 if read else 0, reason or "")."""
+
+    def __init__(self, index: ImageIndex, image_size: int, max_pixels: int | None):
+        self.index, self.size, self.max_pixels = index, image_size, max_pixels
+        self.transform = eval_transform(image_size)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int):
+        rel = self.index.paths[i]
+        if "\n" in rel or "\r" in rel:  # images.txt could not name it on one line
+            return torch.zeros(3, self.size, self.size), 0, "the path holds a line break"
+        try:
+            return self.transform(read_image(self.index.path(i), self.max_pixels)), 1, ""
+        except UnreadableImage as e:
+            return torch.zeros(3, self.size, self.size), 0, e.reason
+
+
+def _write_text_atomic(path: str, lines) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        for line in lines:
+            f.write(os.fsencode(line) + b"\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _refuse_other(output_dir: str, file: str, meta: dict, want: dict) -> None:
+    """CheckpointError if `file`'s metadata names another backbone or image list than `want`."""
+    for key, what in (("weights_sha256", "backbone weights"), ("list_sha256", "image list")):
+        if meta.get(key) != want[key]:
+            raise CheckpointError(
+                f"{file} holds embeddings of another {what} (SHA-256 {meta.get(key)}, this run's {want[key]}); "
+                f"delete {os.path.join(output_dir, 'embeddings.safetensors')} and {os.path.join(output_dir, 'shards')}"
+                " to start over, or choose another --output-dir")
+
+
+def _read_meta(file: str) -> dict:
+    from safetensors import safe_open
+    try:
+        with safe_open(file, framework="pt") as f:
+            return f.metadata() or {}
+    except Exception:  # noqa: BLE001 (a torn or foreign file is simply not trusted)
+        return {}
+
+
+def _finished_shard(file: str, want: dict, start: int, stop: int) -> dict | None:
+    """The shard's tensors and metadata if `file` is a complete shard of exactly this job, else None."""
+    from safetensors.torch import load_file
+    meta = _read_meta(file)
+    if any(meta.get(k) != str(want[k]) for k in want) or meta.get("range") != f"{start}:{stop}":
+        return None
+    try:
+        t = load_file(file)
+    except Exception:  # noqa: BLE001
+        return None
+    if t["features"].shape[0] != stop - start or _tensor_sha256(t["features"]) != meta.get("features_sha256"):
+        return None
+    return {**t, "unreadable": json.loads(meta["unreadable"])}
+
+
+def _tensor_sha256(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+@torch.no_grad()
+def _embed_shard(model, dataset, start: int, stop: int, batch_size: int, workers: int, accelerator, device,
+                 progress) -> dict:
+    """Raw fp32 features [stop - start, C], readable flags and reasons of images start..stop-1,
+    this process's share computed here and the rest gathered from the others."""
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    mine = [start + i for i in shard(stop - start, batch_size, rank, world)]
+    loader = DataLoader(Subset(dataset, mine), batch_size=batch_size, num_workers=workers)
+    feats, ok, unreadable = [torch.zeros(0, model.feature_dim)], [torch.zeros(0, dtype=torch.uint8)], {}
+    done = 0
+    for images, read, reasons in loader:
+        feats.append(model(images.to(device)).float().cpu())
+        ok.append(read.to(torch.uint8))
+        unreadable.update({mine[done + j]: r for j, r in enumerate(reasons) if r})
+        done += len(read)
+        if progress is not None:
+            progress(len(read) * world)
+    feats, ok = torch.cat(feats), torch.cat(ok)
+    if world > 1:
+        from accelerate.utils import gather_object
+        feats, ok = gather_in_order(accelerator, [i - start for i in mine], stop - start, feats, ok)
+        unreadable = {k: v for part in gather_object([unreadable]) for k, v in part.items()}
+    return {"features": feats, "readable": ok, "unreadable": {str(k): v for k, v in sorted(unreadable.items())}}
+
+
+def _save_shard(file: str, part: dict, want: dict, start: int, stop: int) -> None:
+    meta = {**{k: str(v) for k, v in want.items()}, "range": f"{start}:{stop}",
+            "features_sha256": _tensor_sha256(part["features"]), "unreadable": json.dumps(part["unreadable"])}
+    save_file_atomic({"features": part["features"], "readable": part["readable"]}, file, meta)
+
+
+def _backbone_meta(backbone: Backbone, backbone_file: str | None, image_size: int) -> dict:
+    file_sha = _sha256(backbone_file) if backbone_file and os.path.isfile(backbone_file) else ""
+    return {"backbone_file": backbone_file or backbone.info.get("source", ""), "backbone_file_sha256": file_sha,
+            "arch": backbone.arch, "stem": backbone.stem, "image_size": str(image_size),
+            "crop": f"resize {eval_resize(image_size)}, centre crop {image_size}"}
+
+
+def embed_images(backbone: Backbone, images: ImageIndex, output_dir: str, *, image_size: int | None = None,
+                 batch_size: int = 256, workers: int = 0, dtype: torch.dtype = torch.float32, normalise: bool = True,
+                 shard_size: int = 65536, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 backbone_file: str | None = None, accelerator=None, progress=None) -> EmbedResult:
+    """Embed every image of `images` (bfcl.index, in its order) with the frozen backbone and write
+    the files of the module docstring into output_dir. Every process calls it; the main one writes.
+
+    Input per image: the eval transform (Resize + CenterCrop `image_size`, default the backbone's
+    recorded size or 224). Output: [rows, C] features of the pooled backbone (the head removed).
+    batch_size is per process; shard_size is rounded down to whole batches (at least one).
+    Unreadable images (bfcl.images.read_image) get no row and are listed in unreadable.txt.
+    progress(n) is called on every process after each batch with the images just done by all
+    processes. Raises DataError for an empty index or no readable image, and CheckpointError if
+    output_dir holds embeddings of another backbone or image list.
+    """
+    started, n = time.time(), len(images)
+    if n == 0:
+        raise DataError(f"{images.root} holds no images; point --data at a folder of images")
+    if dtype not in DTYPES.values():
+        raise ValueError(f"embedding dtype {dtype} is not one of {', '.join(DTYPES)}")
+    main = accelerator is None or accelerator.is_main_process
+    device = accelerator.device if accelerator is not None else torch.device("cpu")
+    shard_size = max(1, shard_size // batch_size) * batch_size  # each shard whole batches: one process's batches
+    image_size = image_size or int(backbone.info.get("image_size") or 224)
+    want = {"format": FORMAT, "weights_sha256": weights_sha256(backbone.state),
+            "list_sha256": list_sha256(images.paths[i] for i in range(n)), "image_size": image_size,
+            "shard_size": shard_size}
+    final, shard_dir = os.path.join(output_dir, "embeddings.safetensors"), os.path.join(output_dir, "shards")
+    ranges = [(start, min(start + shard_size, n)) for start in range(0, n, shard_size)]
+    files = [os.path.join(shard_dir, f"{s:05d}.safetensors") for s in range(len(ranges))]
+    todo = None
+    if main:  # decided once, so that every process joins the same gathers
+        for file in [final] + sorted(os.path.join(shard_dir, f) for f in _listdir(shard_dir)):
+            meta = _read_meta(file)
+            if meta.get("format") == FORMAT:
+                _refuse_other(output_dir, file, meta, want)
+        os.makedirs(shard_dir, exist_ok=True)
+        todo = [s for s, (start, stop) in enumerate(ranges) if _finished_shard(files[s], want, start, stop) is None]
+    if accelerator is not None and accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+        todo = broadcast_object_list([todo])[0]
+    model = backbone.model(num_classes=1, image_size=image_size)
+    set_head(model, torch.nn.Identity())  # features, not class scores
+    model.to(device).eval()
+    dataset = _IndexImages(images, image_size, max_pixels)
+    for s in todo:
+        start, stop = ranges[s]
+        with accelerator.autocast() if accelerator is not None else torch.autocast("cpu", enabled=False):
+            part = _embed_shard(model, dataset, start, stop, batch_size, workers, accelerator, device, progress)
+        if main:
+            _save_shard(files[s], part, want, start, stop)
+    computed = sum(ranges[s][1] - ranges[s][0] for s in todo)
+    result = None
+    if main:
+        rows, width, unreadable = _assemble(images, output_dir, files, ranges, want, dtype, normalise,
+                                            _backbone_meta(backbone, backbone_file, image_size))
+        shutil.rmtree(shard_dir, ignore_errors=True)
+        seconds = time.time() - started
+        result = EmbedResult(rows, width, unreadable, len(todo), len(ranges) - len(todo), seconds,
+                             computed / seconds if computed else 0.0)
+    if accelerator is not None and accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+        result = broadcast_object_list([result])[0]  # also waits for the main process's writes
+    return result
+
+
+def _listdir(folder: str) -> list[str]:
+    return sorted(f for f in os.listdir(folder) if f.endswith(".safetensors")) if os.path.isdir(folder) else []
+
+
+def _assemble(images: ImageIndex, output_dir: str, files, ranges, want: dict, dtype, normalise: bool,
+              backbone_meta: dict) -> tuple[int, int, list[str]]:
+    """Join the shards into embeddings.safetensors, images.txt and unreadable.txt: (rows, width,
+    unreadable paths). embeddings.safetensors is written last; it names images.txt's SHA-256."""
+    feats, readable, reasons = [], [], {}
+    for file, (start, stop) in zip(files, ranges):
+        part = _finished_shard(file, want, start, stop)
+        if part is None:
+            raise CheckpointError(f"shard {file} changed while embedding; is another run writing there?")
+        feats.append(part["features"])
+        readable.append(part["readable"].bool())
+        reasons.update(part["unreadable"])
+    readable = torch.cat(readable)
+    rows = readable.nonzero().flatten().tolist()
+    if not rows:
+        raise DataError(f"none of the {len(images)} images of {images.root} could be read (e.g. "
+                        f"{images.path(0)}: {reasons.get('0', '?')}); check the data folder")
+    matrix = torch.cat(feats)[readable]
+    matrix = (F.normalize(matrix, dim=1) if normalise else matrix).to(dtype)
+    paths = [images.paths[i] for i in rows]
+    _write_text_atomic(os.path.join(output_dir, "images.txt"), paths)
+    unreadable = [images.paths[int(i)] for i in reasons]
+    _write_text_atomic(os.path.join(output_dir, "unreadable.txt"),
+                       (f"{p}\t{r}" for p, r in zip(unreadable, reasons.values())))
+    tensors = {"embeddings": matrix}
+    if images.classes:
+        tensors["labels"] = torch.tensor([images.labels[i] for i in rows], dtype=torch.long)
+    meta = {**{k: str(v) for k, v in want.items() if k != "shard_size"}, **backbone_meta,
+            "normalised": "yes" if normalise else "no", "dtype": str(dtype).removeprefix("torch."),
+            "rows": str(len(rows)), "width": str(matrix.shape[1]), "unreadable": str(len(unreadable)),
+            "images_sha256": list_sha256(paths), "root": images.root, "classes": json.dumps(images.classes)}
+    save_file_atomic(tensors, os.path.join(output_dir, "embeddings.safetensors"), meta)
+    return len(rows), matrix.shape[1], unreadable
+
+
+def load(output_dir: str) -> Embeddings:
+    """The embeddings embed_images wrote: matrix [N, C], paths (row i's, relative to the data
+    root), labels [N] or None, metadata. CheckpointError if images.txt does not belong to them."""
+    from safetensors import safe_open
+    file, listing = os.path.join(output_dir, "embeddings.safetensors"), os.path.join(output_dir, "images.txt")
+    meta = _read_meta(file)
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{file} is missing or not a bfcl embeddings file; run probe.py --mode embed first")
+    if not os.path.isfile(listing) or _sha256(listing) != meta["images_sha256"]:
+        raise CheckpointError(f"{listing} is missing or does not belong to {file} (an interrupted rewrite?); "
+                              "run the embedding again")
+    with safe_open(file, framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    with open(listing, "rb") as f:
+        paths = [os.fsdecode(line) for line in f.read().split(b"\n")[:-1]]
+    return Embeddings(tensors["embeddings"], paths, tensors.get("labels"), meta)
+
+
+def most_similar(emb: Embeddings, path_or_index: "str | int", k: int = 5) -> list[tuple[str, float]]:
+    """The k rows most cosine-similar to one image (its row, its path as in images.txt, or that
+    path joined to the data root), itself left out: [(path, cosine)], best first."""
+    i = path_or_index
+    if isinstance(i, str):
+        rel = os.path.relpath(i, emb.metadata["root"]) if os.path.isabs(i) else i
+        if rel not in emb.paths:
+            raise KeyError(f"{path_or_index} is not one of the {len(emb.paths)} embedded images")
+        i = emb.paths.index(rel)
+    x = F.normalize(emb.matrix.float(), dim=1)
+    s = x @ x[i]
+    s[i] = float("-inf")
+    order = s.sort(descending=True, stable=True).indices[:k].tolist()  # equal scores: lower row first
+    return [(emb.paths[j], float(s[j])) for j in order]
