@@ -23,7 +23,6 @@ Several processes (accelerate/torchrun) split each shard like bfcl.evaluation.sh
 the rows one process would: every batch is one a single process with the same batch size sees.
 """
 
-import hashlib
 import json
 import os
 import shutil
@@ -32,17 +31,18 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Subset
+from safetensors import safe_open
 
 from bfcl.checkpoint import CheckpointError, _sha256, save_file_atomic
-from bfcl.evaluation import Backbone, gather_in_order, shard
+from bfcl.embed_shards import (FORMAT, IndexImages, embed_shard, finished_shard, list_sha256, read_metadata,
+                               refuse_other, save_shard, shard_names, weights_sha256, write_text_atomic)
+from bfcl.evaluation import Backbone
 from bfcl.folders import DataError
-from bfcl.images import DEFAULT_MAX_PIXELS, UnreadableImage, read_image
+from bfcl.images import DEFAULT_MAX_PIXELS
 from bfcl.index import ImageIndex, saved_or_built
 from bfcl.pretrained import set_head
-from bfcl.views import eval_resize, eval_transform
+from bfcl.views import eval_resize
 
-FORMAT = "bfcl-embeddings-1"
 INDEX_FILE = "image-index.safetensors"  # train.py's name for the saved index
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
@@ -71,124 +71,6 @@ def embed_index(data: str, train_list: str | None, output_dir: str) -> tuple[Ima
     saved in output_dir as train.py does (the same layouts and rules); DataError for a folder
     without images."""
     return saved_or_built(data, train_list, os.path.join(output_dir, INDEX_FILE), rebuild_ok=True)
-
-
-def weights_sha256(state: dict) -> str:
-    """SHA-256 of a state dict's names, dtypes, shapes and bytes: the backbone's identity,
-    whatever file (or none, for random init) it came from."""
-    h = hashlib.sha256()
-    for key in sorted(state):
-        t = state[key].detach().cpu().contiguous()
-        h.update(f"{key}|{t.dtype}|{list(t.shape)}\n".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def list_sha256(paths) -> str:
-    """SHA-256 of the paths written one a line, as in images.txt."""
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(os.fsencode(p) + b"\n")
-    return h.hexdigest()
-
-
-class _IndexImages(Dataset):
-    """Item i of the index: (image [3, S, S] or zeros, 1 if read else 0, reason or "")."""
-
-    def __init__(self, index: ImageIndex, image_size: int, max_pixels: int | None):
-        self.index, self.size, self.max_pixels = index, image_size, max_pixels
-        self.transform = eval_transform(image_size)
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __getitem__(self, i: int):
-        rel = self.index.paths[i]
-        if "\n" in rel or "\r" in rel:  # images.txt could not name it on one line
-            return torch.zeros(3, self.size, self.size), 0, "the path holds a line break"
-        try:
-            return self.transform(read_image(self.index.path(i), self.max_pixels)), 1, ""
-        except UnreadableImage as e:
-            return torch.zeros(3, self.size, self.size), 0, e.reason
-
-
-def _write_text_atomic(path: str, lines) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        for line in lines:
-            f.write(os.fsencode(line) + b"\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _refuse_other(output_dir: str, file: str, meta: dict, want: dict) -> None:
-    """CheckpointError if `file`'s metadata names another backbone or image list than `want`."""
-    for key, what in (("weights_sha256", "backbone weights"), ("list_sha256", "image list")):
-        if meta.get(key) != want[key]:
-            raise CheckpointError(
-                f"{file} holds embeddings of another {what} (SHA-256 {meta.get(key)}, this run's {want[key]}); "
-                f"delete {os.path.join(output_dir, 'embeddings.safetensors')} and {os.path.join(output_dir, 'shards')}"
-                " to start over, or choose another --output-dir")
-
-
-def _read_meta(file: str) -> dict:
-    from safetensors import safe_open
-    try:
-        with safe_open(file, framework="pt") as f:
-            return f.metadata() or {}
-    except Exception:  # noqa: BLE001 (a torn or foreign file is simply not trusted)
-        return {}
-
-
-def _finished_shard(file: str, want: dict, start: int, stop: int) -> dict | None:
-    """The shard's tensors and metadata if `file` is a complete shard of exactly this job, else None."""
-    from safetensors.torch import load_file
-    meta = _read_meta(file)
-    if any(meta.get(k) != str(want[k]) for k in want) or meta.get("range") != f"{start}:{stop}":
-        return None
-    try:
-        t = load_file(file)
-    except Exception:  # noqa: BLE001
-        return None
-    if t["features"].shape[0] != stop - start or _tensor_sha256(t["features"]) != meta.get("features_sha256"):
-        return None
-    return {**t, "unreadable": json.loads(meta["unreadable"])}
-
-
-def _tensor_sha256(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
-
-
-@torch.no_grad()
-def _embed_shard(model, dataset, start: int, stop: int, batch_size: int, workers: int, accelerator, device,
-                 progress) -> dict:
-    """Raw fp32 features [stop - start, C], readable flags and reasons of images start..stop-1,
-    this process's share computed here and the rest gathered from the others."""
-    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-    mine = [start + i for i in shard(stop - start, batch_size, rank, world)]
-    loader = DataLoader(Subset(dataset, mine), batch_size=batch_size, num_workers=workers)
-    feats, ok, unreadable = [torch.zeros(0, model.feature_dim)], [torch.zeros(0, dtype=torch.uint8)], {}
-    done = 0
-    for images, read, reasons in loader:
-        feats.append(model(images.to(device)).float().cpu())
-        ok.append(read.to(torch.uint8))
-        unreadable.update({mine[done + j]: r for j, r in enumerate(reasons) if r})
-        done += len(read)
-        if progress is not None:
-            progress(len(read) * world)
-    feats, ok = torch.cat(feats), torch.cat(ok)
-    if world > 1:
-        from accelerate.utils import gather_object
-        feats, ok = gather_in_order(accelerator, [i - start for i in mine], stop - start, feats, ok)
-        unreadable = {k: v for part in gather_object([unreadable]) for k, v in part.items()}
-    return {"features": feats, "readable": ok, "unreadable": {str(k): v for k, v in sorted(unreadable.items())}}
-
-
-def _save_shard(file: str, part: dict, want: dict, start: int, stop: int) -> None:
-    meta = {**{k: str(v) for k, v in want.items()}, "range": f"{start}:{stop}",
-            "features_sha256": _tensor_sha256(part["features"]), "unreadable": json.dumps(part["unreadable"])}
-    save_file_atomic({"features": part["features"], "readable": part["readable"]}, file, meta)
 
 
 def _backbone_meta(backbone: Backbone, backbone_file: str | None, image_size: int) -> dict:
@@ -230,25 +112,25 @@ def embed_images(backbone: Backbone, images: ImageIndex, output_dir: str, *, ima
     files = [os.path.join(shard_dir, f"{s:05d}.safetensors") for s in range(len(ranges))]
     todo = None
     if main:  # decided once, so that every process joins the same gathers
-        for file in [final] + sorted(os.path.join(shard_dir, f) for f in _listdir(shard_dir)):
-            meta = _read_meta(file)
+        for file in [final] + sorted(os.path.join(shard_dir, f) for f in shard_names(shard_dir)):
+            meta = read_metadata(file)
             if meta.get("format") == FORMAT:
-                _refuse_other(output_dir, file, meta, want)
+                refuse_other(output_dir, file, meta, want)
         os.makedirs(shard_dir, exist_ok=True)
-        todo = [s for s, (start, stop) in enumerate(ranges) if _finished_shard(files[s], want, start, stop) is None]
+        todo = [s for s, (start, stop) in enumerate(ranges) if finished_shard(files[s], want, start, stop) is None]
     if accelerator is not None and accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
         todo = broadcast_object_list([todo])[0]
     model = backbone.model(num_classes=1, image_size=image_size)
     set_head(model, torch.nn.Identity())  # features, not class scores
     model.to(device).eval()
-    dataset = _IndexImages(images, image_size, max_pixels)
+    dataset = IndexImages(images, image_size, max_pixels)
     for s in todo:
         start, stop = ranges[s]
         with accelerator.autocast() if accelerator is not None else torch.autocast("cpu", enabled=False):
-            part = _embed_shard(model, dataset, start, stop, batch_size, workers, accelerator, device, progress)
+            part = embed_shard(model, dataset, start, stop, batch_size, workers, accelerator, device, progress)
         if main:
-            _save_shard(files[s], part, want, start, stop)
+            save_shard(files[s], part, want, start, stop)
     computed = sum(ranges[s][1] - ranges[s][0] for s in todo)
     result = None
     if main:
@@ -264,9 +146,6 @@ def embed_images(backbone: Backbone, images: ImageIndex, output_dir: str, *, ima
     return result
 
 
-def _listdir(folder: str) -> list[str]:
-    return sorted(f for f in os.listdir(folder) if f.endswith(".safetensors")) if os.path.isdir(folder) else []
-
 
 def _assemble(images: ImageIndex, output_dir: str, files, ranges, want: dict, dtype, normalise: bool,
               backbone_meta: dict) -> tuple[int, int, list[str]]:
@@ -274,7 +153,7 @@ def _assemble(images: ImageIndex, output_dir: str, files, ranges, want: dict, dt
     unreadable paths). embeddings.safetensors is written last; it names images.txt's SHA-256."""
     feats, readable, reasons = [], [], {}
     for file, (start, stop) in zip(files, ranges):
-        part = _finished_shard(file, want, start, stop)
+        part = finished_shard(file, want, start, stop)
         if part is None:
             raise CheckpointError(f"shard {file} changed while embedding; is another run writing there?")
         feats.append(part["features"])
@@ -288,9 +167,9 @@ def _assemble(images: ImageIndex, output_dir: str, files, ranges, want: dict, dt
     matrix = torch.cat(feats)[readable]
     matrix = (F.normalize(matrix, dim=1) if normalise else matrix).to(dtype)
     paths = [images.paths[i] for i in rows]
-    _write_text_atomic(os.path.join(output_dir, "images.txt"), paths)
+    write_text_atomic(os.path.join(output_dir, "images.txt"), paths)
     unreadable = [images.paths[int(i)] for i in reasons]
-    _write_text_atomic(os.path.join(output_dir, "unreadable.txt"),
+    write_text_atomic(os.path.join(output_dir, "unreadable.txt"),
                        (f"{p}\t{r}" for p, r in zip(unreadable, reasons.values())))
     tensors = {"embeddings": matrix}
     if images.classes:
@@ -306,9 +185,8 @@ def _assemble(images: ImageIndex, output_dir: str, files, ranges, want: dict, dt
 def load(output_dir: str) -> Embeddings:
     """The embeddings embed_images wrote: matrix [N, C], paths (row i's, relative to the data
     root), labels [N] or None, metadata. CheckpointError if images.txt does not belong to them."""
-    from safetensors import safe_open
     file, listing = os.path.join(output_dir, "embeddings.safetensors"), os.path.join(output_dir, "images.txt")
-    meta = _read_meta(file)
+    meta = read_metadata(file)
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{file} is missing or not a bfcl embeddings file; run probe.py --mode embed first")
     if not os.path.isfile(listing) or _sha256(listing) != meta["images_sha256"]:
