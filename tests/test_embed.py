@@ -17,7 +17,8 @@ from bfcl.embed import embed_images, embed_index, load, most_similar
 from bfcl.evaluation import backbone_source
 from bfcl.folders import DataError
 from bfcl.model import build_backbone
-from bfcl.neighbours import duplicate_groups, neighbours, scores_to_first, write_duplicates, write_neighbours
+from bfcl.neighbours import (bf16_error_bound, duplicate_groups, neighbours, scores_to_first, write_duplicates,
+                             write_neighbours)
 from bfcl.synthetic import make_image_folder
 from bfcl.views import eval_transform
 from scripts import TORCHRUN, run
@@ -114,6 +115,37 @@ def test_neighbours_of_random_vectors():
     order, ref_scores = brute_force(x, 10)
     assert indices.tolist() == order
     torch.testing.assert_close(scores, torch.tensor(ref_scores, dtype=torch.float32), atol=1e-6, rtol=0)
+
+
+def reference_order(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Brute force for larger N: float64 cosines, self at -inf, a stable sort (equal scores: lower index)."""
+    x = F.normalize(x.double(), dim=1)
+    s = x @ x.T
+    s.fill_diagonal_(float("-inf"))
+    scores, order = s.sort(dim=1, descending=True, stable=True)
+    return order[:, :k], scores[:, :k].float()
+
+
+@pytest.mark.parametrize("matmul", ["float32", "bfloat16"])
+@pytest.mark.parametrize("kind", ["ties", "random"])
+def test_neighbours_over_chunks_and_in_bf16_equal_brute_force(matmul, kind):
+    """N 2100 > 8 x 64 x (k + 1): the chunked selection runs; ±1 rows tie everywhere and defeat
+    the bf16 certificate (every row redone in fp32); random rows are certified."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randint(0, 2, (2100, 16), generator=g).float() * 2 - 1 if kind == "ties" else \
+        torch.randn(2100, 48, generator=g)
+    indices, scores = neighbours(x, 3, block=700, matmul=matmul)
+    order, ref_scores = reference_order(x, 3)
+    assert torch.equal(indices, order)
+    torch.testing.assert_close(scores, ref_scores, atol=1e-6, rtol=0)
+
+
+def test_the_bf16_error_bound_holds():
+    x = F.normalize(torch.randn(3000, 512, generator=torch.Generator().manual_seed(3)), dim=1)
+    x[1] = x[0]  # a cosine of 1: the largest output rounding
+    exact = x.double() @ x.double().T
+    approx = (x.bfloat16() @ x.bfloat16().T).double()
+    assert (approx - exact).abs().max() <= bf16_error_bound(512)
 
 
 def planted(seed: int = 0) -> torch.Tensor:
