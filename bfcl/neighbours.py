@@ -56,7 +56,16 @@ def _candidates(s: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tensor]:
     b, m = s.shape
     if m <= 8 * CHUNK * q:
         return s.topk(q, dim=1)
-    chunks = s.view(b, m // CHUNK, CHUNK).amax(dim=2).topk(q, dim=1).indices  # [b, q]
+    if s.dtype == torch.bfloat16:
+        # bf16 reductions are slow on CPUs (~3 ns a score); int16 ones are not. The bits as int16
+        # order scores >= 0 correctly and put every negative one below them, so the choice is
+        # right wherever the q-th chunk's maximum is >= 0; other rows are redone in fp32.
+        best, chunks = s.view(torch.int16).view(b, m // CHUNK, CHUNK).amax(dim=2).topk(q, dim=1)
+        redo = (best[:, -1] < 0).nonzero().flatten()
+        if len(redo):
+            chunks[redo] = s[redo].float().view(len(redo), m // CHUNK, CHUNK).amax(dim=2).topk(q, dim=1).indices
+    else:
+        chunks = s.view(b, m // CHUNK, CHUNK).amax(dim=2).topk(q, dim=1).indices  # [b, q]
     cols = (chunks[:, :, None] * CHUNK + torch.arange(CHUNK, device=s.device)).reshape(b, -1)  # [b, q·CHUNK]
     top, where = s.gather(1, cols).topk(q, dim=1)
     return top, cols.gather(1, where)

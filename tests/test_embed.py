@@ -17,8 +17,8 @@ from bfcl.embed import embed_images, embed_index, load, most_similar
 from bfcl.evaluation import backbone_source
 from bfcl.folders import DataError
 from bfcl.model import build_backbone
-from bfcl.neighbours import (bf16_error_bound, duplicate_groups, neighbours, scores_to_first, write_duplicates,
-                             write_neighbours)
+from bfcl.neighbours import (CHUNK, _candidates, bf16_error_bound, duplicate_groups, neighbours, scores_to_first,
+                             write_duplicates, write_neighbours)
 from bfcl.synthetic import make_image_folder
 from bfcl.views import eval_transform
 from scripts import TORCHRUN, run
@@ -138,6 +138,21 @@ def test_neighbours_over_chunks_and_in_bf16_equal_brute_force(matmul, kind):
     order, ref_scores = reference_order(x, 3)
     assert torch.equal(indices, order)
     torch.testing.assert_close(scores, ref_scores, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_candidates_are_the_largest_scores(dtype):
+    """_candidates picks chunks by their maxima (bf16: by the bits as int16, rows whose pick could be
+    wrong redone): its values must be each row's q largest, rows of mostly negative scores included."""
+    g = torch.Generator().manual_seed(4)
+    s = torch.randn(6, CHUNK * 200, generator=g)  # over 8 x CHUNK x q columns: the chunked path
+    s[1] = -s[1].abs()  # all negative: the int16 order is reversed there
+    s[2, :-3] = -s[2, :-3].abs()  # 3 positive scores, fewer than q
+    s[3, 100:110] = 5.0  # ties at the top
+    s = s.to(dtype)
+    top, cols = _candidates(s, 12)
+    assert torch.equal(s.gather(1, cols), top)
+    assert torch.equal(top.sort(dim=1, descending=True).values, s.float().topk(12, dim=1).values.to(dtype))
 
 
 def test_the_bf16_error_bound_holds():
