@@ -110,17 +110,21 @@ def embed_images(backbone: Backbone, images: ImageIndex, output_dir: str, *, ima
     final, shard_dir = os.path.join(output_dir, "embeddings.safetensors"), os.path.join(output_dir, "shards")
     ranges = [(start, min(start + shard_size, n)) for start in range(0, n, shard_size)]
     files = [os.path.join(shard_dir, f"{s:05d}.safetensors") for s in range(len(ranges))]
-    todo = None
+    todo = done = None
     if main:  # decided once, so that every process joins the same gathers
         for file in [final] + sorted(os.path.join(shard_dir, f) for f in shard_names(shard_dir)):
             meta = read_metadata(file)
             if meta.get("format") == FORMAT:
                 refuse_other(output_dir, file, meta, want)
-        os.makedirs(shard_dir, exist_ok=True)
-        todo = [s for s, (start, stop) in enumerate(ranges) if finished_shard(files[s], want, start, stop) is None]
+        done = _finished_result(output_dir, want, dtype, normalise, len(ranges), started)
+        if done is None:
+            os.makedirs(shard_dir, exist_ok=True)
+            todo = [s for s, (start, stop) in enumerate(ranges) if finished_shard(files[s], want, start, stop) is None]
     if accelerator is not None and accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
-        todo = broadcast_object_list([todo])[0]
+        todo, done = broadcast_object_list([todo, done if main else None])
+    if done is not None:  # a rerun of a finished embedding: nothing to do
+        return done
     model = backbone.model(num_classes=1, image_size=image_size)
     set_head(model, torch.nn.Identity())  # features, not class scores
     model.to(device).eval()
@@ -145,6 +149,24 @@ def embed_images(backbone: Backbone, images: ImageIndex, output_dir: str, *, ima
         result = broadcast_object_list([result])[0]  # also waits for the main process's writes
     return result
 
+
+
+def _finished_result(output_dir: str, want: dict, dtype, normalise: bool, shards: int,
+                     started: float) -> EmbedResult | None:
+    """The result of an earlier run that wrote exactly these embeddings (same backbone, images,
+    image size, dtype and normalisation; images.txt intact), or None."""
+    meta = read_metadata(os.path.join(output_dir, "embeddings.safetensors"))
+    same = [meta.get(k) == str(want[k]) for k in ("format", "weights_sha256", "list_sha256", "image_size")]
+    if not all(same) or meta.get("dtype") != str(dtype).removeprefix("torch.") or \
+            meta.get("normalised") != ("yes" if normalise else "no"):
+        return None
+    try:
+        load(output_dir)  # checks images.txt against the file
+        with open(os.path.join(output_dir, "unreadable.txt"), "rb") as f:
+            unreadable = [os.fsdecode(line.split(b"\t")[0]) for line in f.read().split(b"\n")[:-1]]
+    except (CheckpointError, OSError):
+        return None
+    return EmbedResult(int(meta["rows"]), int(meta["width"]), unreadable, 0, shards, time.time() - started, 0.0)
 
 
 def _assemble(images: ImageIndex, output_dir: str, files, ranges, want: dict, dtype, normalise: bool,

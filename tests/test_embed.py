@@ -1,6 +1,7 @@
 """bfcl.embed and bfcl.neighbours against references: a direct forward of the backbone, brute-force
 neighbours, connected components of the whole threshold graph, an uninterrupted run, one process."""
 
+import dataclasses
 import os
 import shutil
 from types import SimpleNamespace
@@ -237,17 +238,28 @@ def test_an_interrupted_sharded_run_resumes_and_ends_identical(data, tmp_path, m
 
     def counted(model, dataset, start, stop, *rest):
         computed.append(start)
-        assert (shards / "00000.safetensors").stat().st_mtime_ns == first_shard  # never rewritten
+        if resuming:  # shard 0 is never rewritten
+            assert (shards / "00000.safetensors").stat().st_mtime_ns == first_shard
         return embed_shard(model, dataset, start, stop, *rest)
 
     monkeypatch.setattr(bfcl.embed, "embed_shard", counted)
+    resuming = True
     _, resumed = embed(data, tmp_path / "resumed", shard_size=8)
+    resuming = False
     assert computed == [8, 16, 24] and (resumed.shards_computed, resumed.shards_reused) == (3, 1)
     assert not shards.exists()
     for name in ("images.txt", "unreadable.txt"):
         assert (tmp_path / "straight" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes()
     a, b = load(str(tmp_path / "straight")), load(str(tmp_path / "resumed"))
     assert torch.equal(a.matrix, b.matrix) and torch.equal(a.labels, b.labels) and a.metadata == b.metadata
+    # a rerun of the finished command computes and writes nothing
+    computed.clear()
+    written = (tmp_path / "resumed" / "embeddings.safetensors").stat().st_mtime_ns
+    _, again = embed(data, tmp_path / "resumed", shard_size=8)
+    assert computed == [] and again.rows == 32 and (again.shards_computed, again.shards_reused) == (0, 4)
+    assert (tmp_path / "resumed" / "embeddings.safetensors").stat().st_mtime_ns == written
+    _, half = embed(data, tmp_path / "resumed", shard_size=8, dtype=torch.float16)  # another dtype: embedded again
+    assert computed == [0, 8, 16, 24] and load(str(tmp_path / "resumed")).matrix.dtype == torch.float16
 
 
 def test_load_round_trips_and_finds_the_most_similar(data, tmp_path):
@@ -289,6 +301,11 @@ def test_bad_input_each_one_line(data, tmp_path):
             duplicate_groups(indices, scores, bad)
         one_line(e)
     assert duplicate_groups(indices, scores, 1.0) == []
+    wrong = dataclasses.replace(random_backbone(), arch="resnet50")  # resnet18 tensors, resnet50 asked
+    with pytest.raises(CheckpointError, match="does not fit resnet50") as e:
+        embed(data, tmp_path / "out-wrong", wrong)
+    one_line(e)
+    assert not (tmp_path / "out-wrong" / "embeddings.safetensors").exists()
 
 
 def test_an_output_folder_of_other_embeddings_is_refused(data, tmp_path, monkeypatch):
