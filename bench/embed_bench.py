@@ -220,7 +220,8 @@ def markdown(results: dict) -> str:
                   f"| {s['images']} | {s['embed_images_per_s']} | {s['forward_images_per_s']} | {s['ratio']} |"]
     if "retrieval" in results:
         lines += ["", "| backbone | precision@10 | mAP@100 |", "|---|---|---|"]
-        lines += [f"| {b} | {r['precision@10']} | {r['mAP@100']} |" for b, r in results["retrieval"].items()]
+        lines += [f"| {b} | {r['precision@10']} | {r['mAP@100']} |" for b, r in results["retrieval"].items()
+                  if b != "run"]
     if "duplicates" in results:
         lines += ["", "| T | precision | recall | " + " | ".join(EDITS) + " |", "|---" * (3 + len(EDITS)) + "|"]
         lines += [f"| {r['T']} | {r['precision']} | {r['recall']} | " + " | ".join(str(v) for v in

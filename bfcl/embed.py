@@ -23,6 +23,7 @@ Several processes (accelerate/torchrun) split each shard like bfcl.evaluation.sh
 the rows one process would: every batch is one a single process with the same batch size sees.
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -110,45 +111,60 @@ def embed_images(backbone: Backbone, images: ImageIndex, output_dir: str, *, ima
     final, shard_dir = os.path.join(output_dir, "embeddings.safetensors"), os.path.join(output_dir, "shards")
     ranges = [(start, min(start + shard_size, n)) for start in range(0, n, shard_size)]
     files = [os.path.join(shard_dir, f"{s:05d}.safetensors") for s in range(len(ranges))]
-    todo = done = None
+    todo = done = error = None
     if main:  # decided once, so that every process joins the same gathers
-        for file in [final] + sorted(os.path.join(shard_dir, f) for f in shard_names(shard_dir)):
-            meta = read_metadata(file)
-            if meta.get("format") == FORMAT:
-                refuse_other(output_dir, file, meta, want)
-        done = _finished_result(output_dir, want, dtype, normalise, len(ranges), started)
-        if done is None:
+        try:
+            for file in [final] + sorted(os.path.join(shard_dir, f) for f in shard_names(shard_dir)):
+                meta = read_metadata(file)
+                if meta.get("format") == FORMAT:
+                    refuse_other(output_dir, file, meta, want)
+        except CheckpointError as e:
+            error = str(e)
+        done = None if error else _finished_result(output_dir, want, dtype, normalise, len(ranges), started)
+        if error is None and done is None:
             os.makedirs(shard_dir, exist_ok=True)
             todo = [s for s, (start, stop) in enumerate(ranges) if finished_shard(files[s], want, start, stop) is None]
-    if accelerator is not None and accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-        todo, done = broadcast_object_list([todo, done if main else None])
+    todo, done, error = _shared(accelerator, [todo, done, error])
+    if error is not None:  # raised on every process, not only where it was found
+        raise CheckpointError(error)
     if done is not None:  # a rerun of a finished embedding: nothing to do
         return done
+    if progress is not None and len(todo) < len(ranges):
+        progress(n - sum(ranges[s][1] - ranges[s][0] for s in todo))  # finished by an interrupted run
     model = backbone.model(num_classes=1, image_size=image_size)
     set_head(model, torch.nn.Identity())  # features, not class scores
     model.to(device).eval()
     dataset = IndexImages(images, image_size, max_pixels)
     for s in todo:
         start, stop = ranges[s]
-        with accelerator.autocast() if accelerator is not None else torch.autocast("cpu", enabled=False):
+        with accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
             part = embed_shard(model, dataset, start, stop, batch_size, workers, accelerator, device, progress)
         if main:
             save_shard(files[s], part, want, start, stop)
     computed = sum(ranges[s][1] - ranges[s][0] for s in todo)
-    result = None
+    result = error = None
     if main:
-        rows, width, unreadable = _assemble(images, output_dir, files, ranges, want, dtype, normalise,
-                                            _backbone_meta(backbone, backbone_file, image_size))
-        shutil.rmtree(shard_dir, ignore_errors=True)
-        seconds = time.time() - started
-        result = EmbedResult(rows, width, unreadable, len(todo), len(ranges) - len(todo), seconds,
-                             computed / seconds if computed else 0.0)
-    if accelerator is not None and accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-        result = broadcast_object_list([result])[0]  # also waits for the main process's writes
+        try:
+            rows, width, unreadable = _assemble(images, output_dir, files, ranges, want, dtype, normalise,
+                                                _backbone_meta(backbone, backbone_file, image_size))
+            shutil.rmtree(shard_dir, ignore_errors=True)
+            seconds = time.time() - started
+            result = EmbedResult(rows, width, unreadable, len(todo), len(ranges) - len(todo), seconds,
+                                 computed / seconds if computed else 0.0)
+        except DataError as e:  # no image could be read
+            error = str(e)
+    result, error = _shared(accelerator, [result, error])  # also waits for the main process's writes
+    if error is not None:
+        raise DataError(error)
     return result
 
+
+def _shared(accelerator, objects: list) -> list:
+    """The main process's objects, on every process."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return objects
+    from accelerate.utils import broadcast_object_list
+    return broadcast_object_list(objects)
 
 
 def _finished_result(output_dir: str, want: dict, dtype, normalise: bool, shards: int,

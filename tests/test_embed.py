@@ -345,3 +345,9 @@ def test_two_processes_write_the_rows_of_one(data, tmp_path):
     assert one.paths == two.paths and len(one.paths) == 32
     assert torch.equal(one.matrix, two.matrix) and torch.equal(one.labels, two.labels)
     assert "computed 3 shards" in result.stdout  # 32 images in shards of 12: batches of 4 split 2 + 1
+    # another backbone into the same folder: both processes stop with the error, none waits forever
+    refused = run([TORCHRUN, "--standalone", "--nproc_per_node", "2", script, data, str(tmp_path / "two"), "1"],
+                  timeout=120)
+    assert refused.returncode != 0
+    assert "error (process 0): " in refused.stdout and "error (process 1): " in refused.stdout
+    assert "another backbone weights" in refused.stdout
