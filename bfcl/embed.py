@@ -92,9 +92,11 @@ def embed_images(backbone: Backbone, images: ImageIndex, output_dir: str, *, ima
     recorded size or 224). Output: [rows, C] features of the pooled backbone (the head removed).
     batch_size is per process; shard_size is rounded down to whole batches (at least one).
     Unreadable images (bfcl.images.read_image) get no row and are listed in unreadable.txt.
-    progress(n) is called on every process after each batch with the images just done by all
-    processes. Raises DataError for an empty index or no readable image, and CheckpointError if
-    output_dir holds embeddings of another backbone or image list.
+    progress(n), on the main process only, is told of every n images done by all processes
+    (those of shards an interrupted run finished too): n sums to len(images). A rerun of a
+    finished embedding (same backbone, images, size, dtype, normalisation) computes nothing.
+    Raises DataError for an empty index or no readable image, and CheckpointError if output_dir
+    holds embeddings of another backbone or image list.
     """
     started, n = time.time(), len(images)
     if n == 0:
@@ -129,7 +131,7 @@ def embed_images(backbone: Backbone, images: ImageIndex, output_dir: str, *, ima
         raise CheckpointError(error)
     if done is not None:  # a rerun of a finished embedding: nothing to do
         return done
-    if progress is not None and len(todo) < len(ranges):
+    if progress is not None and main and len(todo) < len(ranges):
         progress(n - sum(ranges[s][1] - ranges[s][0] for s in todo))  # finished by an interrupted run
     model = backbone.model(num_classes=1, image_size=image_size)
     set_head(model, torch.nn.Identity())  # features, not class scores

@@ -83,7 +83,7 @@ def refuse_other(output_dir: str, file: str, meta: dict, want: dict) -> None:
 
 
 def read_metadata(file: str) -> dict:
-
+    """A safetensors file's metadata; {} for a missing, torn or foreign file."""
     try:
         with safe_open(file, framework="pt") as f:
             return f.metadata() or {}
@@ -93,7 +93,6 @@ def read_metadata(file: str) -> dict:
 
 def finished_shard(file: str, want: dict, start: int, stop: int) -> dict | None:
     """The shard's tensors and metadata if `file` is a complete shard of exactly this job, else None."""
-
     meta = read_metadata(file)
     if any(meta.get(k) != str(want[k]) for k in want) or meta.get("range") != f"{start}:{stop}":
         return None
@@ -120,13 +119,14 @@ def embed_shard(model, dataset, start: int, stop: int, batch_size: int, workers:
     loader = DataLoader(Subset(dataset, mine), batch_size=batch_size, num_workers=workers)
     feats, ok, unreadable = [torch.zeros(0, model.feature_dim)], [torch.zeros(0, dtype=torch.uint8)], {}
     done = 0
-    for images, read, reasons in loader:
+    for step, (images, read, reasons) in enumerate(loader):
         feats.append(model(images.to(device)).float().cpu())
         ok.append(read.to(torch.uint8))
         unreadable.update({mine[done + j]: r for j, r in enumerate(reasons) if r})
         done += len(read)
-        if progress is not None:
-            progress(len(read) * world)
+        if progress is not None and rank == 0:  # rank 0 has every round of batches (shard)
+            first = step * world * batch_size
+            progress(min(first + world * batch_size, stop - start) - first)  # this round, all processes
     feats, ok = torch.cat(feats), torch.cat(ok)
     if world > 1:
         from accelerate.utils import gather_object
@@ -139,6 +139,7 @@ def save_shard(file: str, part: dict, want: dict, start: int, stop: int) -> None
     meta = {**{k: str(v) for k, v in want.items()}, "range": f"{start}:{stop}",
             "features_sha256": tensor_sha256(part["features"]), "unreadable": json.dumps(part["unreadable"])}
     save_file_atomic({"features": part["features"], "readable": part["readable"]}, file, meta)
+
 
 def shard_names(folder: str) -> list[str]:
     return sorted(f for f in os.listdir(folder) if f.endswith(".safetensors")) if os.path.isdir(folder) else []

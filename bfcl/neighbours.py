@@ -123,13 +123,13 @@ def _block_bf16(x: torch.Tensor, x16: torch.Tensor, start: int, stop: int, n: in
     exact = torch.cat([torch.bmm(x[c].double(), x[start + i:start + i + len(c), :, None].double())[..., 0]
                        for i, c in zip(range(0, len(cand), 256), cand.split(256))])  # [b, q] float64
     exact, indices = (t[:, :k].contiguous() for t in _ranked(exact, cand))
-    unsure = torch.zeros(stop - start, dtype=torch.bool) if q == n - 1 else \
+    unsure = torch.zeros(stop - start, dtype=torch.bool, device=x.device) if q == n - 1 else \
         exact[:, k - 1] <= approx.double().amin(dim=1) + bf16_error_bound(x.shape[1])
     scores = exact.float()
     redo = unsure.nonzero().flatten()
     if len(redo):
         s = x[start + redo] @ x.T
-        s[torch.arange(len(redo)), start + redo] = float("-inf")
+        s[torch.arange(len(redo), device=x.device), start + redo] = float("-inf")
         s[:, n:] = float("-inf")
         scores[redo], indices[redo] = _block_topk(s, k)
     return scores, indices, len(redo)

@@ -217,8 +217,9 @@ def test_duplicate_groups_equal_the_threshold_graph(tmp_path):
 
 
 def test_an_interrupted_sharded_run_resumes_and_ends_identical(data, tmp_path, monkeypatch):
-    _, straight = embed(data, tmp_path / "straight", shard_size=8)
-    assert straight.shards_computed == 4
+    told = []
+    _, straight = embed(data, tmp_path / "straight", shard_size=8, progress=told.append)
+    assert straight.shards_computed == 4 and told == [4] * 8
     save, computed = bfcl.embed.save_shard, []
 
     def save_once_then_die(file, part, want, start, stop):
@@ -244,8 +245,10 @@ def test_an_interrupted_sharded_run_resumes_and_ends_identical(data, tmp_path, m
 
     monkeypatch.setattr(bfcl.embed, "embed_shard", counted)
     resuming = True
-    _, resumed = embed(data, tmp_path / "resumed", shard_size=8)
+    told.clear()
+    _, resumed = embed(data, tmp_path / "resumed", shard_size=8, progress=told.append)
     resuming = False
+    assert told == [8] + [4] * 6  # the finished shard, then each batch
     assert computed == [8, 16, 24] and (resumed.shards_computed, resumed.shards_reused) == (3, 1)
     assert not shards.exists()
     for name in ("images.txt", "unreadable.txt"):
