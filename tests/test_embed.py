@@ -341,15 +341,19 @@ def test_an_output_folder_of_other_embeddings_is_refused(data, tmp_path, monkeyp
 @pytest.mark.slow
 def test_two_processes_write_the_rows_of_one(data, tmp_path):
     script = os.path.join(os.path.dirname(__file__), "embed_two_process.py")
+    data = shutil.copytree(data, tmp_path / "data")
+    (data / "train" / "class_2" / "00002.jpg").write_bytes(b"")  # index 18: shard 12-23, batch 16-19, process 1
     for procs, out in ((1, tmp_path / "one"), (2, tmp_path / "two")):
-        result = run([TORCHRUN, "--standalone", "--nproc_per_node", str(procs), script, data, str(out)])
+        result = run([TORCHRUN, "--standalone", "--nproc_per_node", str(procs), script, str(data), str(out)])
         assert result.returncode == 0, result.stdout + result.stderr
     one, two = load(str(tmp_path / "one")), load(str(tmp_path / "two"))
-    assert one.paths == two.paths and len(one.paths) == 32
+    assert one.paths == two.paths and len(one.paths) == 31 and "class_2/00002.jpg" not in one.paths
+    unreadable = [(out / "unreadable.txt").read_text() for out in (tmp_path / "one", tmp_path / "two")]
+    assert unreadable[0] == unreadable[1] and unreadable[0].startswith("class_2/00002.jpg\t")
     assert torch.equal(one.matrix, two.matrix) and torch.equal(one.labels, two.labels)
-    assert "computed 3 shards" in result.stdout  # 32 images in shards of 12: batches of 4 split 2 + 1
+    assert "computed 3 shards" in result.stdout  # 32 images in shards of 12: batches of 4, split 2 + 1
     # another backbone into the same folder: both processes stop with the error, none waits forever
-    refused = run([TORCHRUN, "--standalone", "--nproc_per_node", "2", script, data, str(tmp_path / "two"), "1"],
+    refused = run([TORCHRUN, "--standalone", "--nproc_per_node", "2", script, str(data), str(tmp_path / "two"), "1"],
                   timeout=120)
     assert refused.returncode != 0
     assert "error (process 0): " in refused.stdout and "error (process 1): " in refused.stdout
