@@ -6,6 +6,10 @@ matmul (~2·N²·D FLOP in all) and a top-k over its [block, N] scores.
 
     indices, scores = neighbours(x, 10)                 # [N, 10] int64, [N, 10] float32
     groups = duplicate_groups(indices, scores, 0.95)    # [[3, 17, 902], [5, 6], ...]
+
+Measured (bench/embed_bench.py --only neighbours --sizes 10000; 2 shared AMD EPYC cores with
+AVX512-BF16, torch 2.14, 2026-12-08): N 10k x 512, K 10 in 0.83 s (fp32) and 0.65 s (bf16
+matmul, the same neighbours), 243 / 328 MB above the rows. The time grows as N² (the matmul).
 """
 
 import csv
@@ -115,8 +119,8 @@ def _block_bf16(x: torch.Tensor, x16: torch.Tensor, start: int, stop: int, n: in
 
     bf16 picks k + margin candidates, which are rescored in float64. Every other column's
     bf16 score is at most the lowest candidate's, so its exact score is at most that plus
-    bf16_error_bound; where the k-th exact score lies above that, the answer is the fp32 one.
-    The rows where it does not are redone in fp32.
+    bf16_error_bound; where the k-th exact score lies above that, no other column can enter the
+    top k and the answer is exact. The rows where it does not are redone in fp32.
     """
     q = min(k + margin, n - 1)
     approx, cand = _candidates(_scores(x16[start:stop], x16, start, n), q)
