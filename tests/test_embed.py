@@ -20,7 +20,7 @@ from bfcl.folders import DataError
 from bfcl.model import build_backbone
 from bfcl.neighbours import (CHUNK, _candidates, bf16_error_bound, duplicate_groups, neighbours, scores_to_first,
                              write_duplicates, write_neighbours)
-from bfcl.synthetic import make_image_folder
+from bfcl.synthetic import make_image_folder, make_unlabelled_folder
 from bfcl.views import eval_transform
 from scripts import TORCHRUN, run
 
@@ -69,6 +69,23 @@ def test_rows_follow_the_index_and_equal_a_direct_forward(data, tmp_path):
     emb16 = load(str(tmp_path / "raw"))
     assert emb16.matrix.dtype == torch.float16 and emb16.metadata["normalised"] == "no"
     torch.testing.assert_close(emb16.matrix.float(), reference, atol=2e-2, rtol=2e-3)
+
+
+def test_a_nested_folder_and_a_list_file_keep_their_order_without_labels(tmp_path):
+    photos = make_unlabelled_folder(str(tmp_path / "photos"), images=12, size=SIZE)
+    folder, _ = embed(photos, tmp_path / "out-folder")
+    emb = load(str(tmp_path / "out-folder"))
+    index, _ = embed_index(photos, None, str(tmp_path / "out-folder"))
+    assert index.layout == "folder" and emb.labels is None and emb.metadata["classes"] == "[]"
+    assert emb.paths == [index.paths[i] for i in range(12)] and emb.paths[0] == "2020/01/IMG_00000.jpg"
+    listed = list(reversed(emb.paths[:5]))
+    (tmp_path / "list.txt").write_text("\n".join(listed) + "\n")
+    index, _ = embed_index(photos, str(tmp_path / "list.txt"), str(tmp_path / "out-list"))
+    embed_images(random_backbone(), index, str(tmp_path / "out-list"), image_size=SIZE, batch_size=4)
+    from_list = load(str(tmp_path / "out-list"))
+    assert index.layout == "list" and from_list.paths == listed
+    # row i: the same image, the same features (to rounding: its batch holds other images)
+    torch.testing.assert_close(from_list.matrix, emb.matrix[[4, 3, 2, 1, 0]], atol=1e-6, rtol=1e-5)
 
 
 def test_unreadable_images_get_no_row_and_are_listed(data, tmp_path):
