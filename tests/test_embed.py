@@ -73,7 +73,7 @@ def test_rows_follow_the_index_and_equal_a_direct_forward(data, tmp_path):
 
 def test_a_nested_folder_and_a_list_file_keep_their_order_without_labels(tmp_path):
     photos = make_unlabelled_folder(str(tmp_path / "photos"), images=12, size=SIZE)
-    folder, _ = embed(photos, tmp_path / "out-folder")
+    embed(photos, tmp_path / "out-folder")
     emb = load(str(tmp_path / "out-folder"))
     index, _ = embed_index(photos, None, str(tmp_path / "out-folder"))
     assert index.layout == "folder" and emb.labels is None and emb.metadata["classes"] == "[]"
