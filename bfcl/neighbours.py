@@ -224,16 +224,19 @@ def _atomic_csv(path: str, header: list[str], rows) -> None:
 
 def write_neighbours(output_dir: str, indices: torch.Tensor, scores: torch.Tensor, paths: list[str],
                      metadata: dict | None = None) -> list[str]:
-    """neighbours.safetensors (indices [N, K] int64, scores [N, K] float32), and neighbours.csv
-    (path, rank 1..K, neighbour path, score) when N·K <= CSV_MAX_ROWS. The files written."""
-    files = [os.path.join(output_dir, "neighbours.safetensors")]
+    """neighbours.safetensors (indices [N, K] int64, scores [N, K] float32; `metadata`, e.g. the
+    embeddings' images_sha256, kept in it), and neighbours.csv (path, rank 1..K, neighbour path,
+    score) when N·K <= CSV_MAX_ROWS, else any earlier neighbours.csv removed. The files written."""
+    files, csv_file = [os.path.join(output_dir, "neighbours.safetensors")], os.path.join(output_dir, "neighbours.csv")
+    if os.path.exists(csv_file):  # an earlier run's; never left beside other neighbours
+        os.remove(csv_file)
     meta = {**(metadata or {}), "k": str(indices.shape[1]), "rows": str(indices.shape[0])}
     save_file_atomic({"indices": indices, "scores": scores}, files[0], meta)
     if indices.numel() <= CSV_MAX_ROWS:
-        files.append(os.path.join(output_dir, "neighbours.csv"))
+        files.append(csv_file)
         ranked = ((paths[i], r + 1, paths[j], f"{s:.6f}") for i, (row, row_scores) in
                   enumerate(zip(indices.tolist(), scores.tolist())) for r, (j, s) in enumerate(zip(row, row_scores)))
-        _atomic_csv(files[1], ["path", "rank", "neighbour", "score"], ranked)
+        _atomic_csv(csv_file, ["path", "rank", "neighbour", "score"], ranked)
     return files
 
 

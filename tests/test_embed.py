@@ -13,6 +13,7 @@ from PIL import Image
 from safetensors import safe_open
 
 import bfcl.embed
+import bfcl.neighbours
 from bfcl.checkpoint import CheckpointError
 from bfcl.embed import embed_images, embed_index, load, most_similar
 from bfcl.evaluation import backbone_source
@@ -211,7 +212,7 @@ def components(x: torch.Tensor, threshold: float) -> list[list[int]]:
     return sorted(groups, key=lambda g: (-len(g), g[0]))
 
 
-def test_duplicate_groups_equal_the_threshold_graph(tmp_path):
+def test_duplicate_groups_equal_the_threshold_graph(tmp_path, monkeypatch):
     x = planted()
     indices, scores = neighbours(x, 8)
     for threshold in (0.99, 0.95, 0.9, 0.3):
@@ -231,6 +232,8 @@ def test_duplicate_groups_equal_the_threshold_graph(tmp_path):
         assert torch.equal(f.get_tensor("indices"), indices) and torch.equal(f.get_tensor("scores"), scores)
     rows = open(files[1]).read().splitlines()
     assert len(rows) == 1 + 300 * 8 and rows[1] == f"img0.jpg,1,img{indices[0, 0]}.jpg,{scores[0, 0]:.6f}"
+    monkeypatch.setattr(bfcl.neighbours, "CSV_MAX_ROWS", 300 * 8 - 1)  # too many lines to read: no csv
+    assert write_neighbours(str(tmp_path), indices, scores, paths) == files[:1] and not os.path.exists(files[1])
 
 
 def test_an_interrupted_sharded_run_resumes_and_ends_identical(data, tmp_path, monkeypatch):
