@@ -34,7 +34,6 @@ import shutil
 import subprocess
 import sys
 import time
-from types import SimpleNamespace
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -43,7 +42,7 @@ import torch  # noqa: E402
 from PIL import Image, ImageEnhance, ImageOps  # noqa: E402
 
 from bfcl.embed import embed_images, load  # noqa: E402
-from bfcl.evaluation import backbone_source  # noqa: E402
+from bfcl.evaluation import load_backbone  # noqa: E402
 from bfcl.index import index_folder, index_image_folder  # noqa: E402
 from bfcl.neighbours import duplicate_groups, neighbours  # noqa: E402
 from bfcl.pretrained import set_head  # noqa: E402
@@ -87,9 +86,7 @@ def part_neighbours(args) -> dict:
 
 
 def backbone_for(pretrained: str | None, args):
-    spec = SimpleNamespace(random_init=pretrained is None, pretrained=pretrained, arch=args.arch, stem=args.stem,
-                           seed=0, image_size=args.image_size, patch_size=None)
-    return backbone_source(spec)
+    return load_backbone(pretrained, arch=args.arch, stem=args.stem, image_size=args.image_size, seed=0)
 
 
 def part_speed(args) -> dict:

@@ -4,7 +4,6 @@ process, shards of 12 images), on as many processes as torchrun starts: tests/te
 
 import os
 import sys
-from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's bfcl
 
@@ -12,13 +11,12 @@ from accelerate import Accelerator  # noqa: E402
 
 from bfcl.checkpoint import CheckpointError  # noqa: E402
 from bfcl.embed import embed_images, embed_index  # noqa: E402
-from bfcl.evaluation import backbone_source  # noqa: E402
+from bfcl.evaluation import load_backbone  # noqa: E402
 
 data, out = sys.argv[1:3]
 seed = int(sys.argv[3]) if len(sys.argv) > 3 else 0
 accelerator = Accelerator(cpu=True)
-backbone = backbone_source(SimpleNamespace(random_init=True, arch="resnet18", stem="small", seed=seed, image_size=16,
-                                           patch_size=None, pretrained=None))
+backbone = load_backbone(None, arch="resnet18", stem="small", image_size=16, seed=seed)
 if accelerator.is_main_process:
     embed_index(data, None, out)  # built once, by one process, as train.py does
 accelerator.wait_for_everyone()

@@ -4,7 +4,6 @@ neighbours, connected components of the whole threshold graph, an uninterrupted 
 import dataclasses
 import os
 import shutil
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ import bfcl.embed
 import bfcl.neighbours
 from bfcl.checkpoint import CheckpointError
 from bfcl.embed import embed_images, embed_index, load, most_similar
-from bfcl.evaluation import backbone_source
+from bfcl.evaluation import load_backbone
 from bfcl.folders import DataError
 from bfcl.model import build_backbone
 from bfcl.neighbours import (CHUNK, _candidates, bf16_error_bound, duplicate_groups, neighbours, scores_to_first,
@@ -29,8 +28,7 @@ SIZE = 16
 
 
 def random_backbone(seed: int = 0):
-    return backbone_source(SimpleNamespace(random_init=True, arch="resnet18", stem="small", seed=seed,
-                                           image_size=SIZE, patch_size=None, pretrained=None))
+    return load_backbone(None, arch="resnet18", stem="small", image_size=SIZE, seed=seed)
 
 
 @pytest.fixture(scope="module")
