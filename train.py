@@ -40,6 +40,7 @@ from bfcl.folders import check_image_folder, check_train_val
 from bfcl.images import DEFAULT_MAX_PIXELS, DataError, LabelledImages, image_folder
 from bfcl.index import ImageIndex, find_layout, saved_or_built
 from bfcl.export import export_backbone
+from bfcl.init_from import InitError, load_into_both_encoders, read_init_weights  # --init-from
 from bfcl.knn import KnnMonitor
 from bfcl.loop import StopCheck, Window, batches
 from bfcl.loss import BF_LOSSES, bf_loss_from_add_bf, moco_loss
@@ -60,7 +61,7 @@ RESUMABLE_CHANGES = {"workers", "output_dir", "resume", "force_resume", "log_eve
 
 # Options that checkpoints of bfcl 0.1.0 do not record, with the value those runs had.
 ADDED_SINCE_0_1 = {"patch_size": 16, "stop_grad_conv1": True, "max_image_pixels": DEFAULT_MAX_PIXELS,
-                   "bf_context": "local", "bf_start_epoch": 0.0}
+                   "bf_context": "local", "bf_start_epoch": 0.0, "init_from": None}
 
 # MoCo v3's recipes. Flags left unset (None) take the value of the backbone's family; the
 # start-up summary names the ViT values that replaced the ResNet ones.
@@ -114,6 +115,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.add_argument("--patch-size", type=int, default=16, help="ViTs: patch side (e.g. 4 for 32 px images)")
     a.add_argument("--stop-grad-conv1", action=argparse.BooleanOptionalAction, default=True,
                    help="ViTs: keep the patch projection at its random init (MoCo v3's trick for stability)")
+    a.add_argument("--init-from", default=None, metavar="WEIGHTS",
+                   help="start both encoders' backbone from WEIGHTS (anything probe.py --pretrained reads, or "
+                        "'torchvision' for torchvision's ImageNet weights of --arch); projector, predictor, "
+                        "BatchFormer, optimizer and schedules start fresh; a resume continues the run's own "
+                        "checkpoint (bfcl/init_from.py)")
     a.add_argument("--moco-dim", type=int, default=256, help="output width of projector and predictor")
     a.add_argument("--moco-mlp-dim", type=int, default=4096, help="hidden width of projector and predictor")
     a.add_argument("--moco-t", type=float, default=None,
@@ -410,7 +416,13 @@ def run(config, notes: dict[str, str | None], accelerator, bf_loss: str | None, 
             load_model_state(model, resumed["model"], path)
             load_optimizer_state(optimizer, param_names, resumed["optimizer"])
             start_step = resumed["meta"]["step"]
-    except CheckpointError as e:
+        init = None  # --init-from: only a fresh start takes the weights; a resume has its own
+        if resumed is None and config.init_from:
+            with accelerator.main_process_first():  # one download of torchvision's weights
+                init = read_init_weights(config.init_from, config.arch, config.stem, config.patch_size,
+                                         config.image_size)
+            load_into_both_encoders(model, init.state)
+    except (CheckpointError, InitError) as e:
         fail(str(e))
     model, optimizer = accelerator.prepare(model, optimizer)
     if resumed is not None and accelerator.scaler is not None and resumed["meta"].get("scaler"):
@@ -436,6 +448,8 @@ def run(config, notes: dict[str, str | None], accelerator, bf_loss: str | None, 
            else f"the global batch of {config.batch_size}")
         + (f", on from step {plan.bf_start_step}" if plan.bf_start_step else ""),
         "resumed from": f"{path} (step {start_step})" if path else "scratch",
+        "initialised from": init.describe() if init else
+        f"{config.init_from} at the start of this run (its checkpoint resumed)" if config.init_from else None,
     }
     summary = {k: v for k, v in summary.items() if v is not None}
     accelerator.print(format_summary(summary))
