@@ -39,7 +39,8 @@ from bfcl.compiling import CompileOrEager
 from bfcl.folders import check_image_folder, check_train_val
 from bfcl.images import DEFAULT_MAX_PIXELS, DataError, LabelledImages, image_folder
 from bfcl.index import ImageIndex, find_layout, saved_or_built
-from bfcl.export import export_backbone
+from bfcl.export import backbone_state, export_backbone
+from bfcl.timm_export import TIMM_FILE, export_timm  # --export-format timm
 from bfcl.init_from import InitError, load_into_both_encoders, read_init_weights  # --init-from
 from bfcl.knn import KnnMonitor
 from bfcl.loop import StopCheck, Window, batches
@@ -57,7 +58,7 @@ from bfcl.views import PretrainDataset, pretrain_views
 # Options that may change between a run and its resume; any other difference is refused.
 RESUMABLE_CHANGES = {"workers", "output_dir", "resume", "force_resume", "log_every", "save_every", "keep",
                      "knn_every", "knn_samples", "knn_data", "max_steps", "compile", "max_bad_image_share",
-                     "max_nonfinite_steps", "max_image_pixels"}
+                     "max_nonfinite_steps", "max_image_pixels", "export_format"}
 
 # Options that checkpoints of bfcl 0.1.0 do not record, with the value those runs had.
 ADDED_SINCE_0_1 = {"patch_size": 16, "stop_grad_conv1": True, "max_image_pixels": DEFAULT_MAX_PIXELS,
@@ -169,6 +170,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.add_argument("--max-bad-image-share", type=float, default=0.01,
                    help="stop if more than this share of image reads fail")
     a.add_argument("--compile", action="store_true", help="torch.compile the model")
+    a.add_argument("--export-format", choices=("torchvision", "timm"), default="torchvision",
+                   help="ViTs: 'timm' also writes backbone-timm.safetensors (timm's key names; its metadata names "
+                        "the timm model) beside backbone.safetensors, which probe.py and resumes read")
     a.add_argument("--mixed-precision", choices=PRECISIONS, default=None,
                    help="overrides accelerate launch's --mixed_precision / config file (default: theirs; "
                    "the way to set it under torchrun). 'auto': bf16 on GPUs that support it (else fp16) and on "
@@ -237,6 +241,8 @@ def validate(config, num_processes: int, bf_loss: str | None) -> None:
               "train+val": f"--knn-every needs the same class folders in train/ and val/ ({e}); or pass --knn-every 0",
               "val-halves": f"--knn-every takes labels from {config.data}/val/<class>/ ({e}); or pass --knn-every 0"
               }[source])
+    if config.export_format == "timm" and not is_vit(config.arch):
+        fail(f"--export-format timm is for ViTs; a {config.arch} export loads into timm as it is (same key names)")
     if config.resume not in ("auto", "none") and not os.path.isdir(config.resume):
         fail(f"--resume {config.resume} is not a checkpoint folder; pass checkpoints/step-* of a run, auto or none")
     check_output_dir(config.output_dir, config.data)
@@ -478,6 +484,9 @@ def export(config, model_state: dict, step: int) -> str:
     path = os.path.join(config.output_dir, "backbone.safetensors")
     export_backbone(model_state, path, arch=config.arch, stem=config.stem, patch_size=config.patch_size,
                     image_size=config.image_size, step=step)
+    if config.export_format == "timm":
+        export_timm(backbone_state(model_state), os.path.join(config.output_dir, TIMM_FILE), arch=config.arch,
+                    patch_size=config.patch_size, image_size=config.image_size, step=step)
     return path
 
 
