@@ -40,6 +40,7 @@ from bfcl.folders import check_image_folder, check_train_val
 from bfcl.images import DEFAULT_MAX_PIXELS, DataError, LabelledImages, image_folder
 from bfcl.index import ImageIndex, find_layout, saved_or_built
 from bfcl.export import backbone_state, export_backbone
+from bfcl.tracking import REPORT_TO, TrackingError, start_trackers, tracker_log, tracker_objects, trackers_for
 from bfcl.timm_export import TIMM_FILE, export_timm  # --export-format timm
 from bfcl.init_from import InitError, load_into_both_encoders, read_init_weights  # --init-from
 from bfcl.knn import KnnMonitor
@@ -58,7 +59,8 @@ from bfcl.views import PretrainDataset, pretrain_views
 # Options that may change between a run and its resume; any other difference is refused.
 RESUMABLE_CHANGES = {"workers", "output_dir", "resume", "force_resume", "log_every", "save_every", "keep",
                      "knn_every", "knn_samples", "knn_data", "max_steps", "compile", "max_bad_image_share",
-                     "max_nonfinite_steps", "max_image_pixels", "export_format"}
+                     "max_nonfinite_steps", "max_image_pixels", "export_format",
+                     "report_to"}
 
 # Options that checkpoints of bfcl 0.1.0 do not record, with the value those runs had.
 ADDED_SINCE_0_1 = {"patch_size": 16, "stop_grad_conv1": True, "max_image_pixels": DEFAULT_MAX_PIXELS,
@@ -170,6 +172,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.add_argument("--max-bad-image-share", type=float, default=0.01,
                    help="stop if more than this share of image reads fail")
     a.add_argument("--compile", action="store_true", help="torch.compile the model")
+    a.add_argument("--report-to", choices=REPORT_TO, default="none",
+                   help="also log metrics.jsonl's scalars and the config to an experiment tracker, through "
+                        "Accelerate ('all': every installed one); TensorBoard writes <output-dir>/tensorboard; a "
+                        "resume continues the tracker's run (bfcl/tracking.py)")
     a.add_argument("--export-format", choices=("torchvision", "timm"), default="torchvision",
                    help="ViTs: 'timm' also writes backbone-timm.safetensors (timm's key names; its metadata names "
                         "the timm model) beside backbone.safetensors, which probe.py and resumes read")
@@ -377,7 +383,11 @@ def main(argv=None) -> int:
         if config.bf_trainable and config.bf_start_epoch > 0 else []
     cpu = "LOCAL_RANK" in os.environ and not torch.cuda.is_available()
     precision, why = resolve_precision(config.mixed_precision, launch_device_type(cpu))
-    accelerator = Accelerator(cpu=cpu, mixed_precision=precision, kwargs_handlers=unused)
+    try:  # a tracker's missing package is refused before any work
+        trackers = tracker_objects(trackers_for(config.report_to), config.output_dir)
+    except TrackingError as e:
+        fail(str(e))
+    accelerator = Accelerator(cpu=cpu, mixed_precision=precision, kwargs_handlers=unused, log_with=trackers or None)
     warning = emulated_bf16_warning(accelerator.mixed_precision, accelerator.device.type)
     if warning:
         accelerator.print(warning)
@@ -462,6 +472,10 @@ def run(config, notes: dict[str, str | None], accelerator, bf_loss: str | None, 
     if accelerator.is_main_process:
         with open(os.path.join(config.output_dir, "config.json"), "w") as f:
             json.dump({"config": vars(config), "derived": summary}, f, indent=1)
+    try:
+        start_trackers(accelerator, config.output_dir, vars(config))
+    except TrackingError as e:
+        fail(str(e))
     return train(config, plan, accelerator, model, moco, optimizer, param_names, dataset, augment, start_step, stop)
 
 
@@ -496,7 +510,8 @@ def train(config, plan: Plan, accelerator, model, moco: MoCo, optimizer, param_n
     backward -> optimizer step -> momentum update; then, at sync points only, read the
     device-side sums, log, check for trouble and checkpoint (sync_point)."""
     device, rank = accelerator.device, accelerator.process_index
-    log = ProgressLog(os.path.join(config.output_dir, "metrics.jsonl"), plan.last_step, start_step) \
+    metrics_path = os.path.join(config.output_dir, "metrics.jsonl")
+    log = ProgressLog(metrics_path, plan.last_step, start_step, tracker=tracker_log(accelerator, metrics_path)) \
         if accelerator.is_main_process else None
     knn = knn_monitor(config, dataset.folder) if accelerator.is_main_process else None
     memory_format = torch.channels_last if uses_channels_last(config.arch) else torch.contiguous_format
