@@ -81,6 +81,7 @@ from bfcl.precision import resolve as resolve_precision
 from bfcl.pretrained import describe
 from bfcl.subsets import describe_subset, label_subset, random_subset
 from bfcl.views import eval_transform, probe_train_transform
+from bfcl.tracking import REPORT_TO, TrackingError, log_results, start_trackers, tracker_objects, trackers_for
 
 MODES = ("linear", "knn", "fast-linear", "quick", "all", "finetune")
 
@@ -198,6 +199,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = p.add_argument_group("run")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--output-dir", default="runs/probe", help="results.json (and features.safetensors) go here")
+    a.add_argument("--report-to", choices=REPORT_TO, default="none",
+                   help="also log fine-tuning's metrics.jsonl scalars, the results and the config to an experiment "
+                        "tracker through Accelerate ('all': every installed one); bfcl/tracking.py")
     a.add_argument("--mixed-precision", choices=PRECISIONS, default=None,
                    help="overrides accelerate launch's setting (default: theirs; the way to set it under torchrun). "
                         "'auto': bf16 on GPUs that support it (else fp16) and on CPUs that compute it natively "
@@ -227,7 +231,11 @@ def main(argv=None) -> int:
     # torchrun without GPUs: Accelerate starts gloo only when told the processes are CPU ones.
     cpu = "LOCAL_RANK" in os.environ and not torch.cuda.is_available()
     precision, precision_reason = resolve_precision(args.mixed_precision, launch_device_type(cpu))
-    accelerator = Accelerator(cpu=cpu, mixed_precision=precision)
+    try:  # a tracker's missing package is refused before any work
+        trackers = tracker_objects(trackers_for(args.report_to), args.output_dir)
+    except TrackingError as e:
+        fail(str(e))
+    accelerator = Accelerator(cpu=cpu, mixed_precision=precision, log_with=trackers or None)
     warning = emulated_bf16_warning(accelerator.mixed_precision, accelerator.device.type)
     if warning:
         accelerator.print(warning)
@@ -268,6 +276,10 @@ def main(argv=None) -> int:
     if "finetune" in modes and warmup_note:
         summary["fine-tuning warm-up"] = warmup_note
     accelerator.print(format_summary(summary))
+    try:
+        start_trackers(accelerator, args.output_dir, vars(args))
+    except TrackingError as e:
+        fail(str(e))
 
     results = quick_checks(args, modes, backbone, data, image_size, accelerator) \
         if {"knn", "fast-linear"} & set(modes) else {}
@@ -291,6 +303,7 @@ def main(argv=None) -> int:
             json.dump(record, f, indent=1)
         Console().print(results_table(results, f"{backbone.arch}: {args.pretrained or 'random init'}"))
         accelerator.print(f"results in {path}")
+        log_results(accelerator, results)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0

@@ -25,13 +25,14 @@ from bfcl.finetune_recipe import (FinetuneRecipe, MixupCutmix, add_drop_path, lr
 from bfcl.loop import Window, batches
 from bfcl.model import is_vit
 from bfcl.progress import ProgressLog
+from bfcl.tracking import tracker_log
 from bfcl.runlock import RunLockError, take_lock
 from bfcl.views import IMAGENET_MEAN, IMAGENET_STD, SeededImages
 
 # Options that may change when a fine-tuning run resumes; any other difference is refused.
 FINETUNE_RESUMABLE = {"workers", "output_dir", "resume", "force_resume", "log_every", "save_every", "keep", "max_steps",
                       "eval_every", "eval_epoch_ends", "max_bad_image_share", "max_image_pixels", "knn_k", "knn_t",
-                      "fast_epochs", "save_features"}
+                      "fast_epochs", "save_features", "report_to"}
 # probe.py's flag -> the FinetuneRecipe field it overrides
 RECIPE_FLAGS = {"epochs": "epochs", "lr": "base_lr", "wd": "weight_decay", "warmup_epochs": "warmup_epochs",
                 "min_lr": "min_lr", "label_smoothing": "label_smoothing", "mixup": "mixup", "cutmix": "cutmix",
@@ -145,7 +146,8 @@ def finetune(args, backbone: Backbone, data: ProbeData, image_size: int, recipe:
                                          "and in the export" if args.add_bf else "no",
         "resumed from": f"{path} (step {start})" if resumed else "scratch"}))
 
-    log = ProgressLog(os.path.join(args.output_dir, "metrics.jsonl"), last_step, start) \
+    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+    log = ProgressLog(metrics_path, last_step, start, tracker=tracker_log(accelerator, metrics_path)) \
         if accelerator.is_main_process else None
     stop, window, bad = StopSignal(), Window(device), 0
     steps = batches(train_set, args.batch_size, rank, world, args.seed, start, last_step, args.workers,

@@ -157,3 +157,26 @@ class TrackerLog:
 def tracker_log(accelerator, metrics_path: str, warn=None) -> TrackerLog | None:
     """A TrackerLog when --report-to started trackers, else None (ProgressLog then only writes the file)."""
     return TrackerLog(accelerator, metrics_path, warn) if accelerator.log_with else None
+
+
+def flat_scalars(results: dict, prefix: str = "") -> dict:
+    """{"knn": {"top1": 50.1}, ...} -> {"knn/top1": 50.1, ...}: the numbers of probe.py's results."""
+    out = {}
+    for key, value in results.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flat_scalars(value, name + "/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[name] = value
+    return out
+
+
+def log_results(accelerator, results: dict, step: int | None = None) -> None:
+    """probe.py's final results (results.json's numbers) to the trackers, once; a failure is a warning."""
+    if not accelerator.log_with or not accelerator.is_main_process:
+        return
+    try:
+        accelerator.log(flat_scalars(results), step=step)
+    except Exception as e:  # results.json has them
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        print(f"warning: the tracker failed logging the results ({first}); results.json has them", file=sys.stderr)

@@ -33,10 +33,10 @@ def first_record_per_step(out) -> dict[int, dict]:
     return records
 
 
-def assert_tracker_equals_metrics(out) -> None:
+def assert_tracker_equals_metrics(out, tags=SCALARS, extra=()) -> None:
     scalars, records = tensorboard_scalars(out), first_record_per_step(out)
-    assert set(scalars) == set(SCALARS)
-    for tag in SCALARS:
+    assert set(scalars) == set(tags) | set(extra)
+    for tag in tags:
         expected = [(step, r[tag]) for step, r in sorted(records.items()) if tag in r]
         assert [s for s, _ in scalars[tag]] == [s for s, _ in expected], tag  # same steps, each once
         for (_, got), (_, want) in zip(scalars[tag], expected):
@@ -152,3 +152,25 @@ def test_a_tracker_failing_mid_run_does_not_stop_training(tiny_data, tmp_path):
     assert result.stderr.count("the tracker failed") == 1 and "disk quota exceeded" in result.stderr
     assert [r["step"] for r in metrics(out)] == list(range(1, STEPS + 1)) and checkpoint_steps(out) == [4, STEPS]
     assert [s for s, _ in tensorboard_scalars(out)["loss"]] == [1, 2]
+
+
+@pytest.mark.slow
+def test_probe_finetune_reports_metrics_and_results_to_tensorboard(tiny_data, tmp_path):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "probe"
+    result = run([sys.executable, "probe.py", "--random-init", "-a", "vit_tiny", "--patch-size", "8", "--image-size",
+                  "16", "--data", tiny_data, "--output-dir", str(out), "--mode", "finetune", "-b", "8", "--epochs", "1",
+                  "--warmup-epochs", "0", "--workers", "0", "--log-every", "1", "--report-to", "tensorboard"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    records = metrics(out)
+    tags = {k for r in records for k, v in r.items()
+            if k not in ("step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    assert {"loss", "lr"} <= tags
+    results = json.load(open(out / "results.json"))["results"]
+    from bfcl.tracking import flat_scalars
+    final = flat_scalars(results)
+    assert final and all("/" in k for k in final)
+    assert_tracker_equals_metrics(out, tags=sorted(tags), extra=final)
+    scalars = tensorboard_scalars(out)
+    for tag, value in final.items():
+        assert scalars[tag] == [(0, pytest.approx(value, rel=1e-6))], tag
