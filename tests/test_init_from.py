@@ -199,3 +199,22 @@ def test_run_from_weights_starts_at_step_0_and_resumes_bit_exactly(tiny_data, st
     # another --init-from (or none) is not a resume of this run
     other = run(train_cmd(tiny_data, stopped, "--init-from", "torchvision"))
     assert other.returncode != 0 and "--init-from" in other.stderr and len(other.stderr.strip().splitlines()) == 1
+
+
+def test_vit_export_loads_into_both_encoders_of_a_vit(tmp_path):
+    torch.manual_seed(11)
+    source = MoCo("vit_tiny", "imagenet", dim=16, mlp_dim=32, image_size=32, patch_size=4)
+    with torch.no_grad():
+        for t in source.base_encoder.backbone.state_dict().values():
+            t.add_(torch.randn_like(t) * 0.01)  # the position embedding too: loaded, not re-made
+    path = str(tmp_path / "vit.safetensors")
+    export_backbone(source.state_dict(), path, arch="vit_tiny", image_size=32, patch_size=4, step=3)
+    init = read_init_weights(path, arch="vit_tiny", stem="imagenet", patch_size=4, image_size=32)
+    model = fresh_moco(arch="vit_tiny", stem="imagenet", image_size=32, patch_size=4)
+    load_into_both_encoders(model, init.state)
+    expected = source.base_encoder.backbone.state_dict()
+    for encoder in (model.base_encoder, model.momentum_encoder):
+        assert_same_weights(encoder.backbone.state_dict(), expected)
+    # what the run freezes stays frozen, now at the loaded values
+    assert not model.base_encoder.backbone.conv_proj.weight.requires_grad
+    assert not model.base_encoder.backbone.encoder.pos_embedding.requires_grad
