@@ -59,8 +59,7 @@ from bfcl.views import PretrainDataset, pretrain_views
 # Options that may change between a run and its resume; any other difference is refused.
 RESUMABLE_CHANGES = {"workers", "output_dir", "resume", "force_resume", "log_every", "save_every", "keep",
                      "knn_every", "knn_samples", "knn_data", "max_steps", "compile", "max_bad_image_share",
-                     "max_nonfinite_steps", "max_image_pixels", "export_format",
-                     "report_to"}
+                     "max_nonfinite_steps", "max_image_pixels", "export_format", "report_to"}
 
 # Options that checkpoints of bfcl 0.1.0 do not record, with the value those runs had.
 ADDED_SINCE_0_1 = {"patch_size": 16, "stop_grad_conv1": True, "max_image_pixels": DEFAULT_MAX_PIXELS,
