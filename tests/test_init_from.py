@@ -218,3 +218,29 @@ def test_vit_export_loads_into_both_encoders_of_a_vit(tmp_path):
     # what the run freezes stays frozen, now at the loaded values
     assert not model.base_encoder.backbone.conv_proj.weight.requires_grad
     assert not model.base_encoder.backbone.encoder.pos_embedding.requires_grad
+
+
+@pytest.mark.slow
+def test_train_refuses_other_weights_in_one_line_and_reads_torchvision_from_the_cache(tiny_data, tmp_path):
+    wrong = str(tmp_path / "resnet34.pth")
+    torch.save(torchvision.models.resnet34().state_dict(), wrong)
+    out = tmp_path / "refused"
+    result = run(train_cmd(tiny_data, out, "--init-from", wrong))
+    assert result.returncode != 0 and len(result.stderr.strip().splitlines()) == 1
+    assert "holds arch resnet34, stem imagenet, but this run has arch resnet18, stem small" in result.stderr
+    assert checkpoint_steps(out) == [] and not os.path.exists(out / "metrics.jsonl")
+
+    # --init-from torchvision with the file already in torch hub's cache (TORCH_HOME): no network needed
+    weights = torchvision.models.get_model_weights("resnet18").DEFAULT
+    cached = tmp_path / "torch-home" / "hub" / "checkpoints" / os.path.basename(weights.url)
+    cached.parent.mkdir(parents=True)
+    torch.manual_seed(2)
+    torch.save(torchvision.models.resnet18().state_dict(), cached)
+    out = tmp_path / "torchvision"
+    result = run(train_cmd(tiny_data, out, "--init-from", "torchvision", "--stem", "imagenet", "--max-steps", "1"),
+                 TORCH_HOME=str(tmp_path / "torch-home"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    derived = json.load(open(out / "config.json"))["derived"]["initialised from"]
+    import hashlib
+    assert derived == (f"torchvision {weights} from {cached} "
+                       f"(sha256 {hashlib.sha256(cached.read_bytes()).hexdigest()})")
