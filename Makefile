@@ -16,7 +16,7 @@ VIT_ARGS ?= -a vit_tiny --patch-size 8 --optimizer adamw --lr 5e-4 --wd 0.1 --mo
 	--moco-mlp-dim 1024 --crop-min 0.2
 
 .PHONY: venv lint test test-e2e test-fast smoke-test bench-speed bench-quality bench-quality-vit bench-finetune bench-bf \
-	bench-downstream bench-recipe bench-data-index clean
+	bench-downstream bench-continue bench-recipe bench-data-index clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -87,6 +87,13 @@ OUT_DS ?= bench-results/downstream
 DS_ARGS ?=
 bench-downstream: venv
 	$(BIN)/python bench/downstream.py --pretrain-min $(BUDGET) --seeds $(SEEDS) --out $(OUT_DS) $(DS_ARGS)
+
+# Continued pretraining (issue 34): CIFAR-10 split by class; on the target half, random init vs --init-from the
+# source backbone vs the source as it is, BUDGET minutes of steps each, kNN + fine-tuning at 10 % of the target
+# labels, 2 seeds; about 1 h 50 min on 2 cores (bench/continued_pretraining.py).
+OUT_CONT ?= bench-results/continue
+bench-continue: venv
+	$(BIN)/python bench/continued_pretraining.py --budget-min $(BUDGET) --seeds $(SEEDS) --out $(OUT_CONT)
 
 # Which changes to the small-image recipe learn more per step? Each variant one epoch (195 steps) against the
 # recipe, 1 seed: about 15 min a run on 2 AVX2 cores (bench/recipe_screen.py). Confirm a winner at the target

@@ -75,6 +75,7 @@ from bfcl.precision import CHOICES as PRECISIONS
 from bfcl.pretrained import describe
 from bfcl.runs import EXIT_PREEMPTED, check_output_dir, check_ranges, format_summary, make_accelerator, run_lock
 from bfcl.subsets import describe_subset
+from bfcl.tracking import REPORT_TO, log_results, start_trackers, tracker_objects, trackers_for
 
 MODES = ("linear", "knn", "fast-linear", "quick", "all", "finetune")
 
@@ -207,6 +208,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = p.add_argument_group("run")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--output-dir", default="runs/probe", help="results.json (and features.safetensors) go here")
+    a.add_argument("--report-to", choices=REPORT_TO, default="none",
+                   help="also log fine-tuning's metrics.jsonl scalars, the results and the config to an experiment "
+                        "tracker through Accelerate ('all': every installed one); bfcl/tracking.py")
     a.add_argument("--mixed-precision", choices=PRECISIONS, default=None,
                    help="overrides accelerate launch's setting (default: theirs; the way to set it under torchrun). "
                         "'auto': bf16 on GPUs that support it (else fp16) and on CPUs that compute it natively "
@@ -230,7 +234,8 @@ def main(argv=None) -> int:
 
 def probe(args: argparse.Namespace) -> int:
     check_ranges(vars(args), FLAG_RANGES)
-    accelerator, precision_reason = make_accelerator(args.mixed_precision)
+    trackers = tracker_objects(trackers_for(args.report_to), args.output_dir)  # a missing package: refused now
+    accelerator, precision_reason = make_accelerator(args.mixed_precision, log_with=trackers)
     world = accelerator.num_processes
     if args.batch_size % world:
         raise ConfigError(f"--batch-size {args.batch_size} is not divisible by the {world} processes; use a "
@@ -273,6 +278,7 @@ def probe(args: argparse.Namespace) -> int:
     if "finetune" in modes and warmup_note:
         summary["fine-tuning warm-up"] = warmup_note
     accelerator.print(format_summary(summary))
+    start_trackers(accelerator, args.output_dir, vars(args))
 
     shared = {"seed": args.seed, "batch_size": args.batch_size, "workers": args.workers,
               "max_bad_image_share": args.max_bad_image_share}
@@ -308,6 +314,7 @@ def probe(args: argparse.Namespace) -> int:
             json.dump(record, f, indent=1)
         Console().print(results_table(results, f"{backbone.arch}: {args.pretrained or 'random init'}"))
         accelerator.print(f"results in {path}")
+        log_results(accelerator, results)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0

@@ -37,8 +37,11 @@ from bfcl.errors import BfclError, ConfigError, DataError, TrainingError
 from bfcl.folders import check_image_folder, check_train_val
 from bfcl.images import DEFAULT_MAX_PIXELS, LabelledImages, image_folder
 from bfcl.index import ImageIndex, find_layout, saved_or_built
-from bfcl.export import export_backbone
+from bfcl.export import backbone_state, export_backbone
+from bfcl.init_from import load_into_both_encoders, read_init_weights  # --init-from
 from bfcl.knn import KnnMonitor, knn_source
+from bfcl.timm_export import TIMM_FILE, export_timm  # --export-format timm
+from bfcl.tracking import REPORT_TO, start_trackers, tracker_log, tracker_objects, trackers_for
 from bfcl.loop import StopCheck, Window, batches
 from bfcl.loss import BF_LOSSES, bf_loss_from_add_bf, moco_loss
 from bfcl.model import ARCHS, STEMS, MoCo, is_vit, uses_channels_last
@@ -53,11 +56,11 @@ from bfcl.views import PretrainDataset, pretrain_views
 # Options that may change between a run and its resume; any other difference is refused.
 RESUMABLE_CHANGES = {"workers", "output_dir", "resume", "force_resume", "log_every", "save_every", "keep",
                      "knn_every", "knn_samples", "knn_data", "max_steps", "compile", "max_bad_image_share",
-                     "max_nonfinite_steps", "max_image_pixels"}
+                     "max_nonfinite_steps", "max_image_pixels", "export_format", "report_to"}
 
 # Options that checkpoints of bfcl 0.1.0 do not record, with the value those runs had.
 ADDED_SINCE_0_1 = {"patch_size": 16, "stop_grad_conv1": True, "max_image_pixels": DEFAULT_MAX_PIXELS,
-                   "bf_context": "local", "bf_start_epoch": 0.0}
+                   "bf_context": "local", "bf_start_epoch": 0.0, "init_from": None}
 
 # MoCo v3's recipes. Flags left unset (None) take the value of the backbone's family; the
 # start-up summary names the ViT values that replaced the ResNet ones.
@@ -115,6 +118,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.add_argument("--patch-size", type=int, default=16, help="ViTs: patch side (e.g. 4 for 32 px images)")
     a.add_argument("--stop-grad-conv1", action=argparse.BooleanOptionalAction, default=True,
                    help="ViTs: keep the patch projection at its random init (MoCo v3's trick for stability)")
+    a.add_argument("--init-from", default=None, metavar="WEIGHTS",
+                   help="start both encoders' backbone from WEIGHTS (anything probe.py --pretrained reads, or "
+                        "'torchvision' for torchvision's ImageNet weights of --arch); projector, predictor, "
+                        "BatchFormer, optimizer and schedules start fresh; a resume continues the run's own "
+                        "checkpoint (bfcl/init_from.py)")
     a.add_argument("--moco-dim", type=int, default=256, help="output width of projector and predictor")
     a.add_argument("--moco-mlp-dim", type=int, default=4096, help="hidden width of projector and predictor")
     a.add_argument("--moco-t", type=float, default=None,
@@ -164,6 +172,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.add_argument("--max-bad-image-share", type=float, default=0.01,
                    help="stop if more than this share of image reads fail")
     a.add_argument("--compile", action="store_true", help="torch.compile the model")
+    a.add_argument("--report-to", choices=REPORT_TO, default="none",
+                   help="also log metrics.jsonl's scalars and the config to an experiment tracker, through "
+                        "Accelerate ('all': every installed one); TensorBoard writes <output-dir>/tensorboard; a "
+                        "resume continues the tracker's run (bfcl/tracking.py)")
+    a.add_argument("--export-format", choices=("torchvision", "timm"), default="torchvision",
+                   help="ViTs: 'timm' also writes backbone-timm.safetensors (timm's key names; its metadata names "
+                        "the timm model) beside backbone.safetensors, which probe.py and resumes read")
     a.add_argument("--mixed-precision", choices=PRECISIONS, default=None,
                    help="overrides accelerate launch's --mixed_precision / config file (default: theirs; "
                    "the way to set it under torchrun). 'auto': bf16 on GPUs that support it (else fp16) and on "
@@ -232,6 +247,9 @@ def validate(config, num_processes: int, bf_loss: str | None, knn: tuple[str, st
             "train+val": f"--knn-every needs the same class folders in train/ and val/ ({e}); or pass --knn-every 0",
             "val-halves": f"--knn-every takes labels from {config.data}/val/<class>/ ({e}); or pass --knn-every 0"
         }[source]) from None
+    if config.export_format == "timm" and not is_vit(config.arch):
+        raise ConfigError(f"--export-format timm is for ViTs; a {config.arch} export loads into timm as it is "
+                          "(same key names)")
     if config.resume not in ("auto", "none") and not os.path.isdir(config.resume):
         raise ConfigError(f"--resume {config.resume} is not a checkpoint folder; pass checkpoints/step-* of a run, "
                           "auto or none")
@@ -347,7 +365,8 @@ def pretrain(args: argparse.Namespace, stop: StopSignal) -> int:
     # A trainable BatchFormer switched on late has no gradient before: DDP must be told.
     unused = [DistributedDataParallelKwargs(find_unused_parameters=True)] \
         if config.bf_trainable and config.bf_start_epoch > 0 else []
-    accelerator, precision_reason = make_accelerator(config.mixed_precision, unused)
+    trackers = tracker_objects(trackers_for(config.report_to), config.output_dir)  # a missing package: refused now
+    accelerator, precision_reason = make_accelerator(config.mixed_precision, unused, log_with=trackers)
     bf_loss = config.bf_loss or bf_loss_from_add_bf(config.add_bf)
     knn = knn_source(config.data, config.train_list, config.knn_every, config.knn_data)
     validate(config, accelerator.num_processes, bf_loss, knn)
@@ -395,6 +414,11 @@ def build_and_train(config, notes: dict[str, str | None], accelerator, bf_loss: 
         load_model_state(model, resumed["model"], path)
         load_optimizer_state(optimizer, param_names, resumed["optimizer"])
         start_step = resumed["meta"]["step"]
+    init = None  # --init-from: only a fresh start takes the weights; a resume has its own
+    if resumed is None and config.init_from:
+        with accelerator.main_process_first():  # one download of torchvision's weights
+            init = read_init_weights(config.init_from, config.arch, config.stem, config.patch_size, config.image_size)
+        load_into_both_encoders(model, init.state)
     model, optimizer = accelerator.prepare(model, optimizer)
     if resumed is not None and accelerator.scaler is not None and resumed["meta"].get("scaler"):
         accelerator.scaler.load_state_dict(resumed["meta"]["scaler"])
@@ -419,16 +443,19 @@ def build_and_train(config, notes: dict[str, str | None], accelerator, bf_loss: 
            else f"the global batch of {config.batch_size}")
         + (f", on from step {plan.bf_start_step}" if plan.bf_start_step else ""),
         "resumed from": f"{path} (step {start_step})" if path else "scratch",
+        "initialised from": init.describe() if init else
+        f"{config.init_from} at the start of this run (its checkpoint resumed)" if config.init_from else None,
     }
     summary = {k: v for k, v in summary.items() if v is not None}
     accelerator.print(format_summary(summary))
     if accelerator.is_main_process:
         with open(os.path.join(config.output_dir, "config.json"), "w") as f:
             json.dump({"config": vars(config), "derived": summary}, f, indent=1)
-    main_process = accelerator.is_main_process
+    start_trackers(accelerator, config.output_dir, vars(config))
+    main_process, metrics_path = accelerator.is_main_process, os.path.join(config.output_dir, "metrics.jsonl")
     run = TrainingRun(config, plan, accelerator, moco, optimizer, param_names,
-                      log=ProgressLog(os.path.join(config.output_dir, "metrics.jsonl"), plan.last_step, start_step)
-                      if main_process else None,
+                      log=ProgressLog(metrics_path, plan.last_step, start_step,
+                                      tracker=tracker_log(accelerator, metrics_path)) if main_process else None,
                       knn=knn_monitor(config, plan.knn_source, dataset.folder) if main_process else None,
                       stop=stop, window=Window(accelerator.device), check=StopCheck(start_step),
                       totals={"nonfinite": 0, "bad": 0, "images": 0})
@@ -455,6 +482,9 @@ def export(config, model_state: dict, step: int) -> str:
     path = os.path.join(config.output_dir, "backbone.safetensors")
     export_backbone(model_state, path, arch=config.arch, stem=config.stem, patch_size=config.patch_size,
                     image_size=config.image_size, step=step)
+    if config.export_format == "timm":
+        export_timm(backbone_state(model_state), os.path.join(config.output_dir, TIMM_FILE), arch=config.arch,
+                    patch_size=config.patch_size, image_size=config.image_size, step=step)
     return path
 
 

@@ -7,17 +7,21 @@ calls it directly (bfcl/api.py):
     import bfcl
     backbone = bfcl.load_backbone("runs/toy")
     data = bfcl.labelled_data("data/toy", backbone=backbone)
-    bfcl.knn(backbone, data), bfcl.fast_linear(backbone, data)
+    bfcl.knn_accuracy(backbone, data), bfcl.fast_linear(backbone, data)
 
 Errors are bfcl.errors.BfclError with a one-line message; nothing here exits.
 """
 
 __version__ = "0.1.0"
 
-# Imported here, after __version__ (bfcl.runs reads it), so that bfcl.knn and bfcl.finetune are these
-# functions and not the submodules of the same names (import those as `from bfcl.knn import ...`).
-from bfcl.api import (fast_linear, features, finetune, knn, labelled_data, linear_probe,  # noqa: E402
-                      load_backbone)
+# The notebook surface of bfcl/api.py, imported on first use: `import bfcl` stays cheap, and
+# `python -m bfcl.export` does not find its own module imported before it runs.
+__all__ = ["__version__", "load_backbone", "labelled_data", "features", "knn_accuracy", "fast_linear",
+           "linear_probe", "fine_tune"]
 
-__all__ = ["__version__", "load_backbone", "labelled_data", "features", "knn", "fast_linear", "linear_probe",
-           "finetune"]
+
+def __getattr__(name: str):
+    if name in __all__:
+        from bfcl import api
+        return getattr(api, name)
+    raise AttributeError(f"module 'bfcl' has no attribute {name!r}")

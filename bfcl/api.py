@@ -4,7 +4,7 @@ the linear protocol and fine-tuning, each a function that takes named settings a
     import bfcl
     backbone = bfcl.load_backbone("runs/toy")               # or None / "random": a random init
     data = bfcl.labelled_data("data/toy", backbone=backbone)  # DIR/train/<class>/, DIR/val/<class>/
-    bfcl.knn(backbone, data)                                # {"temperature": 0.07, "k20": {...}, ...}
+    bfcl.knn_accuracy(backbone, data)                       # {"temperature": 0.07, "k20": {...}, ...}
 
 Every function takes an optional `accelerator` (None: the launcher's, or the CPU / one GPU of a
 plain Python process) and gives the results on the main process (None on the others, where a
@@ -20,7 +20,7 @@ from bfcl.finetune import FinetuneRun, finetune_recipe
 from bfcl.finetune import finetune as finetune_loop
 from bfcl.runs import check_output_dir, make_accelerator, run_lock
 
-__all__ = ["load_backbone", "labelled_data", "features", "knn", "fast_linear", "linear_probe", "finetune"]
+__all__ = ["load_backbone", "labelled_data", "features", "knn_accuracy", "fast_linear", "linear_probe", "fine_tune"]
 
 
 def _or_default(accelerator: Accelerator | None) -> Accelerator:
@@ -39,7 +39,7 @@ def features(backbone: Backbone, dataset, batch_size: int = 256, workers: int = 
                            max_bad_image_share)
 
 
-def knn(backbone: Backbone, data: ProbeData, ks=(20, 200), temperature: float = 0.07, batch_size: int = 256,
+def knn_accuracy(backbone: Backbone, data: ProbeData, ks=(20, 200), temperature: float = 0.07, batch_size: int = 256,
         workers: int = 0, accelerator: Accelerator | None = None) -> dict | None:
     """Weighted kNN (docs/method.md#knn) of data.val against data.train's features: results.json's
     "knn", {"temperature": T, "k20": {"top1": %, "top5": %}, ...}."""
@@ -66,7 +66,7 @@ def linear_probe(backbone: Backbone, data: ProbeData, epochs: int | None = None,
                                bn_head=bn_head, bf_head=bf_head, seed=seed, workers=workers)
 
 
-def finetune(backbone: Backbone, data: ProbeData, output_dir: str, epochs: float | None = None,
+def fine_tune(backbone: Backbone, data: ProbeData, output_dir: str, epochs: float | None = None,
              lr: float | None = None, batch_size: int = 256, seed: int = 0, bf_head: bool = False, workers: int = 0,
              resume: str = "auto", max_steps: int = 0, log_every: int = 10, accelerator: Accelerator | None = None,
              **recipe) -> dict | int:

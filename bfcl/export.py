@@ -73,3 +73,9 @@ def read_export_metadata(metadata: dict, path: str) -> dict:
     if "step" in metadata:
         info["step"] = _int_field(metadata, "step", 0, 10**12, path)
     return info
+
+
+if __name__ == "__main__":  # python -m bfcl.export --format timm IN OUT: bfcl/timm_export.py
+    from bfcl.timm_export import main
+
+    raise SystemExit(main())

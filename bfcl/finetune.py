@@ -28,12 +28,13 @@ from bfcl.model import is_vit
 from bfcl.optim import param_groups
 from bfcl.progress import ProgressLog
 from bfcl.runs import EXIT_PREEMPTED, StopSignal, code_version, format_summary, scaled_warmup
+from bfcl.tracking import tracker_log
 from bfcl.views import IMAGENET_MEAN, IMAGENET_STD, SeededImages
 
 # Options that may change when a fine-tuning run resumes; any other difference is refused.
 FINETUNE_RESUMABLE = {"workers", "output_dir", "resume", "force_resume", "log_every", "save_every", "keep", "max_steps",
                       "eval_every", "eval_epoch_ends", "max_bad_image_share", "max_image_pixels", "knn_k", "knn_t",
-                      "fast_epochs", "save_features"}
+                      "fast_epochs", "save_features", "report_to"}
 # probe.py's flag -> the FinetuneRecipe field it overrides
 RECIPE_FLAGS = {"epochs": "epochs", "lr": "base_lr", "wd": "weight_decay", "warmup_epochs": "warmup_epochs",
                 "min_lr": "min_lr", "label_smoothing": "label_smoothing", "mixup": "mixup", "cutmix": "cutmix",
@@ -167,7 +168,8 @@ def finetune(backbone: Backbone, data: ProbeData, recipe: FinetuneRecipe, run: F
                                          "and in the export" if run.bf_head else "no",
         "resumed from": f"{path} (step {start})" if resumed else "scratch"}))
 
-    log = ProgressLog(os.path.join(run.output_dir, "metrics.jsonl"), last_step, start) \
+    metrics_path = os.path.join(run.output_dir, "metrics.jsonl")
+    log = ProgressLog(metrics_path, last_step, start, tracker=tracker_log(accelerator, metrics_path)) \
         if accelerator.is_main_process else None
     stop, window, bad = StopSignal(), Window(device), 0
     steps = batches(train_set, run.batch_size, rank, world, run.seed, start, last_step, run.workers,

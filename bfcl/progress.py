@@ -25,7 +25,9 @@ class ProgressLog:
     `print(text)` writes a line without breaking the bar.
     """
 
-    def __init__(self, metrics_path: str, total_steps: int, start_step: int, bar: bool | None = None):
+    def __init__(self, metrics_path: str, total_steps: int, start_step: int, bar: bool | None = None,
+                 tracker=None):
+        self.tracker = tracker  # --report-to: bfcl.tracking.TrackerLog, given every record too
         self.metrics_file = open(metrics_path, "a")  # appended: a resumed run continues the file
         self.console = Console()
         self.total_steps = total_steps
@@ -44,6 +46,8 @@ class ProgressLog:
         record = {"step": step, "time": round(time.time(), 3), **metrics}
         self.metrics_file.write(json.dumps(record) + "\n")
         self.metrics_file.flush()
+        if self.tracker is not None:
+            self.tracker.log(step, metrics)
         shown = {k: v for k, v in metrics.items()
                  if k in ("epoch", "loss", "lr", "m", "img_per_s", "data_wait", "knn_top1", "top1")}
         if self.progress is not None:

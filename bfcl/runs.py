@@ -86,14 +86,16 @@ def run_lock(output_dir: str, accelerator: Accelerator):
             lock.release()
 
 
-def make_accelerator(precision: str | None = None, kwargs_handlers=()) -> tuple[Accelerator, str]:
+def make_accelerator(precision: str | None = None, kwargs_handlers=(), log_with=None) -> tuple[Accelerator, str]:
     """(the Accelerator, why its precision): the launcher's processes and devices, with precision
     from --mixed-precision (None: the launcher's setting; 'auto': bf16 where the device computes
-    it, bfcl/precision.py). Prints the one-line warning for bf16 emulated on a CPU."""
+    it, bfcl/precision.py). log_with: Accelerate's trackers (bfcl/tracking.py), or None. Prints the
+    one-line warning for bf16 emulated on a CPU."""
     # torchrun without GPUs: Accelerate starts gloo only when told the processes are CPU ones.
     cpu = "LOCAL_RANK" in os.environ and not torch.cuda.is_available()
     mixed_precision, why = resolve_precision(precision, launch_device_type(cpu))
-    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision, kwargs_handlers=list(kwargs_handlers))
+    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision, kwargs_handlers=list(kwargs_handlers),
+                              log_with=log_with or None)
     warning = emulated_bf16_warning(accelerator.mixed_precision, accelerator.device.type)
     if warning:
         accelerator.print(warning)

@@ -24,9 +24,9 @@ make_image_folder("data/toy", train_per_class=8, val_per_class=4, size=16)  # 4 
 backbone = bfcl.load_backbone("random", arch="resnet18", stem="small")  # or "runs/toy", any --pretrained
 data = bfcl.labelled_data("data/toy", backbone=backbone)  # train/ and val/; image size: the images' side
 x, y = bfcl.features(backbone, data.val)  # [16, 512] float32, [16] labels
-knn = bfcl.knn(backbone, data, ks=(20,))  # {"temperature": 0.07, "k20": {"top1": %, "top5": %}}
+knn = bfcl.knn_accuracy(backbone, data, ks=(20,))  # {"temperature": 0.07, "k20": {"top1": %, "top5": %}}
 fast = bfcl.fast_linear(backbone, data, epochs=20)  # {"protocol": False, "top1": %, ...}
-tuned = bfcl.finetune(backbone, data, output_dir="runs/toy-finetune", epochs=1, batch_size=8)
+tuned = bfcl.fine_tune(backbone, data, output_dir="runs/toy-finetune", epochs=1, batch_size=8)
 print(f"kNN {knn['k20']['top1']:.1f}  fast-linear {fast['top1']:.1f}  fine-tuned {tuned['last']['top1']:.1f}")
 '''
 
@@ -114,7 +114,7 @@ def test_bad_input_raises_one_line_errors_not_exits(tmp_path):
     with pytest.raises(ConfigError, match=r"--label-fraction 1.5 is outside its range \(0, 1\]"):
         check_ranges({"label_fraction": 1.5}, {"label_fraction": (0, 1, False, True)})
     with pytest.raises(ConfigError, match="--layer-decay applies to ViTs only"):
-        bfcl.finetune(bfcl.load_backbone(None, arch="resnet18"), None, str(tmp_path / "out"), layer_decay=0.7)
+        bfcl.fine_tune(bfcl.load_backbone(None, arch="resnet18"), None, str(tmp_path / "out"), layer_decay=0.7)
 
 
 def test_scaled_warmup_keeps_the_recipe_share():
