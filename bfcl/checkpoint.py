@@ -51,10 +51,24 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def umask() -> int:
+    """This process's umask, read without changing it (Linux), else by setting and restoring it."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
 def _save_tensors(tensors: dict, path: str, metadata: dict | None = None) -> None:
     # safetensors refuses shared or non-contiguous storage; clone into plain CPU tensors.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     save_file(tensors, path, metadata=metadata)
+    # safetensors creates its files with mode 0600; like every other file bfcl writes (open()), they
+    # follow the umask, so that whoever may read the output folder may read the weights
+    os.chmod(path, 0o666 & ~umask())
     with open(path, "rb") as f:
         os.fsync(f.fileno())
 

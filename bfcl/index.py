@@ -28,7 +28,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from bfcl.checkpoint import _sha256, save_file_atomic  # the checkpoints' own file hash
-from bfcl.folders import DataError, DataWarning, class_walks, folder_walk, refuse_empty
+from bfcl.folders import DataError, DataWarning, class_walks, folder_walk, refuse_empty, require_folder
 
 INDEX_FORMAT = "bfcl-image-index-1"
 LAYOUTS = {"imagefolder": "ImageFolder", "folder": "folder searched recursively", "list": "list file"}
@@ -186,8 +186,7 @@ def find_layout(data: str, train_list: str | None = None) -> tuple[str, str]:
     """(layout, root) of --data: 'list' with --train-list, 'imagefolder' when DIR/train exists,
     else 'folder' (DIR itself, searched recursively)."""
     data = os.path.expanduser(data)
-    if not os.path.isdir(data):
-        raise DataError(f"data folder {data} does not exist; pass a folder of images")
+    require_folder(data, "pass a folder of images")
     if train_list is not None:
         return "list", data
     train = os.path.join(data, "train")

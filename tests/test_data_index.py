@@ -13,7 +13,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 from torchvision.datasets import ImageFolder
 
-from bfcl.folders import DataError
+from bfcl.folders import DataError, check_train_val
 from bfcl.images import LabelledImages
 from bfcl.index import ImageIndex, Packer, find_layout, index_folder, index_image_folder, index_list, saved_or_built
 
@@ -293,3 +293,14 @@ def test_a_monitor_without_labels_adds_no_sync_points(tmp_path):
     assert train.knn_source(config)[0] == "off" and train.make_plan(config, 8192, 1, None).knn_every == 0
     shutil.copytree(os.path.join(labelled, "val"), os.path.join(photos, "val"))
     assert train.knn_source(config)[0] == "val-halves" and train.make_plan(config, 8192, 1, None).knn_every == 5
+
+
+@pytest.mark.parametrize("check", [lambda p: find_layout(p), lambda p: check_train_val(p),
+                                   lambda p: find_layout(p, "list.txt")])
+def test_data_naming_a_file_says_it_is_a_file(tmp_path, check):
+    file = tmp_path / "images.tar"
+    file.write_bytes(b"not a folder")
+    with pytest.raises(DataError) as e:
+        check(str(file))
+    assert str(e.value).startswith(f"data folder {file} is a file, not a folder; pass a folder ")
+    assert "does not exist" not in str(e.value)
