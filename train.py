@@ -315,9 +315,10 @@ class Plan:
     bf_loss: str | None  # None: BatchFormer off
     bf_start_step: int  # BatchFormer on from this step (--bf-start-epoch)
     knn_every: int  # --knn-every, or 0 where the monitor has no labelled images (no sync for it)
+    images: dict | None = None  # ImageIndex.identity(): recorded in every checkpoint, checked on resume
 
 
-def make_plan(config, num_images: int, processes: int, bf_loss: str | None) -> Plan:
+def make_plan(config, num_images: int, processes: int, bf_loss: str | None, images: dict | None = None) -> Plan:
     steps_per_epoch = num_images // config.batch_size
     if steps_per_epoch == 0:
         fail(f"{num_images} training images do not fill one global batch of {config.batch_size}; lower --batch-size")
@@ -327,7 +328,7 @@ def make_plan(config, num_images: int, processes: int, bf_loss: str | None) -> P
                 last_step=min(total_steps, config.max_steps) if config.max_steps else total_steps,
                 peak_lr=config.lr * config.batch_size / 256, bf_loss=bf_loss,
                 bf_start_step=round(steps_per_epoch * config.bf_start_epoch),
-                knn_every=config.knn_every if knn_source(config)[0] != "off" else 0)
+                knn_every=config.knn_every if knn_source(config)[0] != "off" else 0, images=images)
 
 
 def build_model_and_optimizer(config, plan: Plan, device: torch.device):
@@ -398,14 +399,14 @@ def run(config, notes: dict[str, str | None], accelerator, bf_loss: str | None, 
         dataset = PretrainDataset(index, views, max_pixels=config.max_image_pixels)
     except DataError as e:
         fail(str(e))
-    plan = make_plan(config, len(dataset), accelerator.num_processes, bf_loss)
+    plan = make_plan(config, len(dataset), accelerator.num_processes, bf_loss, index.identity())
     model, optimizer, param_names = build_model_and_optimizer(config, plan, accelerator.device)
     check_free_disk(config, model)
 
     start_step = 0
     try:
         path, resumed = resume_checkpoint(config.output_dir, config.resume, vars(config), RESUMABLE_CHANGES,
-                                          config.force_resume, plan.total_steps, ADDED_SINCE_0_1)
+                                          config.force_resume, plan.total_steps, ADDED_SINCE_0_1, plan.images)
         if resumed is not None:
             load_model_state(model, resumed["model"], path)
             load_optimizer_state(optimizer, param_names, resumed["optimizer"])
@@ -450,7 +451,7 @@ def save(config, plan: Plan, accelerator, moco: MoCo, optimizer, param_names, st
     writes; the others wait so that no process runs ahead of a half-written checkpoint."""
     if accelerator.is_main_process:
         meta = {"version": code_version(), "config": vars(config),
-                "epoch": step / plan.steps_per_epoch, "steps_per_epoch": plan.steps_per_epoch,
+                "epoch": step / plan.steps_per_epoch, "steps_per_epoch": plan.steps_per_epoch, "images": plan.images,
                 "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
                 "rng": "derived from (seed, step, process index): nothing to restore"}
         state = moco.state_dict()

@@ -161,6 +161,10 @@ def _check_meta(meta, meta_path: str) -> None:
         refuse('"epoch"', "a finite number >= 0", epoch)
     if "steps_per_epoch" in meta and (not _is_int(meta["steps_per_epoch"]) or meta["steps_per_epoch"] < 1):
         refuse('"steps_per_epoch"', "an integer >= 1", meta["steps_per_epoch"])
+    images = meta.get("images")
+    if images is not None and not (isinstance(images, dict) and _is_int(images.get("count")) and images["count"] >= 0
+                                   and isinstance(images.get("sha256"), str) and _SHA256.match(images["sha256"])):
+        refuse('"images"', 'null or {"count": an integer >= 0, "sha256": 64 hex digits}', images)
     scaler = meta.get("scaler")
     if scaler is not None and (not isinstance(scaler, dict) or not all(
             (_is_int(v) or isinstance(v, float)) and math.isfinite(v) for v in scaler.values())):
@@ -316,14 +320,17 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, param_names: list[str
 
 
 def resume_checkpoint(output_dir: str, resume: str, config: dict, may_change: set, force: bool,
-                      total_steps: int, added: dict | None = None) -> tuple[str | None, dict | None]:
+                      total_steps: int, added: dict | None = None,
+                      images: dict | None = None) -> tuple[str | None, dict | None]:
     """What a script resumes from: (None, None) for a fresh start, else (path, {"model",
     "optimizer", "meta"}) of a verified checkpoint whose weights are sane, whose settings match
     `config` (except the keys in may_change, or anything with force) and whose step lies within
     the run. resume is 'auto' (the newest good checkpoint in output_dir, if any), 'none' (refused
     where checkpoints exist: a later 'auto' would pick up the old run's) or a checkpoint folder.
     `added` holds options that older checkpoints do not record, with the value they had then.
-    Every refusal is a one-line CheckpointError."""
+    `images` is the identity of this run's training images (bfcl.index.ImageIndex.identity):
+    where the checkpoint records one, a different list or order is refused unless `force`, whatever
+    files beside the checkpoint say. Every refusal is a one-line CheckpointError."""
     if resume == "none":
         if list_checkpoints(output_dir):
             raise CheckpointError(f"--output-dir {output_dir} already holds checkpoints of another run; continue it "
@@ -340,6 +347,13 @@ def resume_checkpoint(output_dir: str, resume: str, config: dict, may_change: se
     if changed and not force:
         raise CheckpointError(f"cannot resume {path}: settings differ ({'; '.join(changed)}); restore them or pass "
                               "--force-resume")
+    recorded = meta.get("images")
+    if images is not None and recorded is not None and recorded != images and not force:
+        raise CheckpointError(
+            f"cannot resume {path}: it was trained on {recorded['count']} images (list SHA-256 "
+            f"{recorded['sha256'][:12]}), the data now gives {images['count']} (SHA-256 {images['sha256'][:12]}): "
+            "other images or another order. Restore the data as it was, or pass --force-resume to continue "
+            "on these images")
     if meta["step"] > total_steps:
         raise CheckpointError(f"{path} is at step {meta['step']}, past this run's {total_steps} steps; resume it "
                               "with the settings it was made with, or pass --resume none")

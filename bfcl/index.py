@@ -19,6 +19,7 @@ since only names are indexed.
 """
 
 import ctypes
+import hashlib
 import json
 import os
 import warnings
@@ -114,6 +115,16 @@ class ImageIndex:
                           array("q", (self.labels[i] for i in indices)),
                           self.classes, self.skipped, self.source, self.folders, self.folder_mtimes)
 
+    def identity(self) -> dict:
+        """What a run trains on, for its checkpoints: the number of images and the SHA-256 of their
+        paths relative to the root and their labels, in order (so the same files moved to another
+        folder are the same run; a file added, removed, renamed or reordered is not)."""
+        h = hashlib.sha256()
+        for t in (self.paths.ends, self.paths.data):
+            h.update(_bytes_view(t))
+        h.update(self.labels.tobytes())
+        return {"count": len(self), "sha256": h.hexdigest()}
+
     def describe(self) -> str:
         what = f"{len(self.classes)} classes, " if self.classes else ""
         source = self.source.get("list_file") or self.root
@@ -149,8 +160,8 @@ class ImageIndex:
                               labels, json.loads(meta["classes"]), skipped, json.loads(meta["source"]),
                               PackedStrings(t["folder_bytes"], t["folder_ends"]), t["folder_mtimes"])
         except (SafetensorError, OSError, ValueError, KeyError) as e:
-            raise DataError(f"image index {file} cannot be read ({type(e).__name__}: {str(e)[:200]}); delete it "
-                            "and it will be rebuilt") from None
+            raise DataError(f"image index {file} cannot be read ({type(e).__name__}: {str(e)[:200]}); it is "
+                            "rebuilt from the data on the next start") from None
 
     def stale(self, layout: str, root: str, list_file: str | None) -> str | None:
         """Why this index no longer describes the data (layout, root or list file differ, a folder
@@ -292,7 +303,9 @@ def saved_or_built(data: str, train_list: str | None, file: str, rebuild_ok: boo
     """(index, what happened) for --data/--train-list: the one saved in `file` if it still
     describes the data, else a new one, saved to `file`. A stale saved index is rebuilt only
     where rebuild_ok (a fresh run, or --force-resume); otherwise DataError saying why, since a
-    resumed run would see other images in another order."""
+    resumed run would see other images in another order. One that cannot be read is rebuilt:
+    the checkpoint records which images it was trained on (ImageIndex.identity), and a resume
+    compares the new index with that, not with this file."""
     layout, root = find_layout(data, train_list)
     note = f"built, saved to {file}"
     if os.path.exists(file):
@@ -300,7 +313,7 @@ def saved_or_built(data: str, train_list: str | None, file: str, rebuild_ok: boo
             index = ImageIndex.load(file, root)
             why = index.stale(layout, root, train_list)
         except DataError as e:
-            index, why = None, str(e)
+            index, why, rebuild_ok = None, str(e), True
         if why is None:
             return index, f"read from {file}"
         if not rebuild_ok:
