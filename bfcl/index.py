@@ -5,7 +5,8 @@ Three layouts of --data DIR (find_layout):
   imagefolder  DIR/train/<class>/...: labels from the class folders, torchvision ImageFolder's order
   folder       any other folder, searched recursively (hidden files and folders skipped, DIR/val
                left out: it holds the kNN monitor's queries); no labels; folders in path order
-  list         --train-list FILE: one image path a line, relative to DIR, in the file's order; no labels
+  list         --train-list FILE: one image path a line, relative to DIR and inside it, in the file's order
+               (bfcl/lists.py); no labels
 
 Memory: the paths, relative to the root, are one uint8 tensor of bytes plus an int64 tensor of
 end offsets; the labels one array('q') (-1: none), which reads as Python ints. A Python list of
@@ -30,6 +31,8 @@ from safetensors import SafetensorError, safe_open
 
 from bfcl.checkpoint import _sha256, save_file_atomic  # the checkpoints' own file hash
 from bfcl.folders import DataError, DataWarning, class_walks, folder_walk, refuse_empty, require_folder
+from bfcl.lists import read_list
+from bfcl.paths import printable
 
 INDEX_FORMAT = "bfcl-image-index-1"
 LAYOUTS = {"imagefolder": "ImageFolder", "folder": "folder searched recursively", "list": "list file"}
@@ -269,23 +272,15 @@ def index_folder(root: str, leave_out: tuple[str, ...] = ()) -> ImageIndex:
 
 
 def index_list(root: str, list_file: str) -> ImageIndex:
-    """The images named in `list_file`, one path a line relative to `root` (absolute paths kept),
-    in the file's order; empty lines skipped. A line naming no regular file is a DataError."""
+    """The images named in `list_file`, one path a line relative to `root` and inside it, in the
+    file's order (bfcl.lists.read_list's rules). A line naming no regular file is a DataError."""
     root = os.path.expanduser(root)
-    if not os.path.isfile(list_file):
-        raise DataError(f"--train-list {list_file} does not exist; pass a file with one image path a line")
-    packer, root_bytes = Packer(), os.fsencode(root)
-    with open(list_file, "rb") as f:
-        for number, line in enumerate(f, 1):
-            rel = line.rstrip(b"\r\n")
-            if not rel:
-                continue
-            if not os.path.isfile(os.path.join(root_bytes, rel)):
-                raise DataError(f"--train-list {list_file} line {number}: {os.fsdecode(rel)} is not a file in {root}; "
-                                "fix or remove the line")
-            packer.add(rel)
-    if not len(packer.ends):
-        raise DataError(f"--train-list {list_file} names no images; write one image path a line")
+    packer = Packer()
+    for number, rel in read_list(list_file, root):
+        if not os.path.isfile(os.path.join(root, rel)):
+            raise DataError(f"--train-list {printable(list_file)} line {number}: {printable(rel)} is not a file in "
+                            f"{printable(root)}; fix or remove the line")
+        packer.add(rel)
     empty = Packer()
     return _index(root, "list", packer, array("q", [-1]) * len(packer.ends), [], [],
                   source_of("list", root, list_file), empty, array("q"))
