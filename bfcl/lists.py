@@ -61,7 +61,10 @@ def read_list(list_file: str, root: str, what: str = "--train-list"):
     the duplicate and empty checks run when the last line has been read."""
     try:
         f = open_regular(list_file, what)
-    except (FileNotFoundError, NotRegularFileError) as e:
+    except FileNotFoundError:
+        raise DataError(f"{what} {printable(list_file)} does not exist; pass a file with one image path a line") \
+            from None
+    except NotRegularFileError as e:
         raise DataError(f"{e}; pass a file with one image path a line") from None
     except OSError as e:
         raise DataError(f"{what} {printable(list_file)} cannot be read ({e.strerror}); check its permissions") from None

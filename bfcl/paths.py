@@ -36,15 +36,14 @@ def describe_kind(mode: int) -> str:
 
 
 def check_regular(path: "str | bytes", what: str) -> None:
-    """Raise NotRegularFileError (one line: `what`, the path, what it is and the fix) unless
-    `path` is a regular file, or a symlink to one. FileNotFoundError if it does not exist."""
+    """Raise NotRegularFileError (one line: `what`, the path and what it is; the caller adds the
+    fix) unless `path` is a regular file, or a symlink to one. FileNotFoundError if it does not exist."""
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
-        raise FileNotFoundError(f"{what} {printable(path)} does not exist; check the path") from None
+        raise FileNotFoundError(f"{what} {printable(path)} does not exist") from None
     if not stat.S_ISREG(mode):
-        raise NotRegularFileError(f"{what} {printable(path)} is {describe_kind(mode)}, not a regular file; "
-                                  "pass a file")
+        raise NotRegularFileError(f"{what} {printable(path)} is {describe_kind(mode)}, not a regular file")
 
 
 def open_regular(path: "str | bytes", what: str, mode: str = "rb"):
@@ -54,8 +53,7 @@ def open_regular(path: "str | bytes", what: str, mode: str = "rb"):
     try:
         kind = os.fstat(fd).st_mode
         if not stat.S_ISREG(kind):
-            raise NotRegularFileError(f"{what} {printable(path)} is {describe_kind(kind)}, not a regular file; "
-                                      "pass a file")
+            raise NotRegularFileError(f"{what} {printable(path)} is {describe_kind(kind)}, not a regular file")
         os.set_blocking(fd, True)
         return os.fdopen(fd, mode)
     except BaseException:

@@ -97,3 +97,11 @@ def test_an_empty_list_is_refused(root, tmp_path, reader):
     listing.write_bytes(b"\xef\xbb\xbf\r\n  \n")
     with pytest.raises(DataError, match="names no images"):
         READERS[reader](root, listing)
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_a_missing_list_file_is_named(root, tmp_path, reader):
+    with pytest.raises(DataError) as e:
+        READERS[reader](root, tmp_path / "nope.txt")
+    missing = tmp_path / "nope.txt"
+    assert str(e.value) == f"--train-list {missing} does not exist; pass a file with one image path a line"
