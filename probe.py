@@ -71,7 +71,7 @@ from rich.console import Console
 from bfcl.cli import EXIT_PREEMPTED, HelpFormatter, check_output_dir, check_ranges, fail, format_summary
 from bfcl.evaluation import ProbeData, backbone_source, default_image_size, results_table
 from bfcl.finetune import finetune, finetune_recipe, run_lock
-from bfcl.folders import check_train_val
+from bfcl.folders import DataError, check_train_val, one_line
 from bfcl.images import DEFAULT_MAX_PIXELS, image_folder
 from bfcl.linear import FAST_LINEAR_BATCH, FAST_LINEAR_LR, LINEAR_LR, linear_epochs, linear_probe, quick_checks
 from bfcl.model import ARCHS, STEMS, is_vit
@@ -269,16 +269,19 @@ def main(argv=None) -> int:
         summary["fine-tuning warm-up"] = warmup_note
     accelerator.print(format_summary(summary))
 
-    results = quick_checks(args, modes, backbone, data, image_size, accelerator) \
-        if {"knn", "fast-linear"} & set(modes) else {}
-    if "linear" in modes:
-        results["linear"] = linear_probe(args, backbone, data, image_size, peak_lr, accelerator)
-    if "finetune" in modes:
-        with run_lock(args.output_dir, accelerator):
-            outcome = finetune(args, backbone, data, image_size, recipe, accelerator)
-        if outcome == EXIT_PREEMPTED:
-            return EXIT_PREEMPTED
-        results["finetune"] = outcome
+    try:  # images unreadable many in a row end in one line, also when a loader worker found them
+        results = quick_checks(args, modes, backbone, data, image_size, accelerator) \
+            if {"knn", "fast-linear"} & set(modes) else {}
+        if "linear" in modes:
+            results["linear"] = linear_probe(args, backbone, data, image_size, peak_lr, accelerator)
+        if "finetune" in modes:
+            with run_lock(args.output_dir, accelerator):
+                outcome = finetune(args, backbone, data, image_size, recipe, accelerator)
+            if outcome == EXIT_PREEMPTED:
+                return EXIT_PREEMPTED
+            results["finetune"] = outcome
+    except DataError as e:
+        fail(one_line(e))
 
     if accelerator.is_main_process:
         record = {"pretrained": args.pretrained or "random-init", "source": backbone.info["source"],

@@ -36,7 +36,7 @@ from bfcl.checkpoint import (CheckpointError, list_checkpoints, load_model_state
 from bfcl.cli import (EXIT_PREEMPTED, HelpFormatter, StopSignal, check_output_dir, check_ranges, code_version, fail,
                       format_summary)
 from bfcl.compiling import CompileOrEager
-from bfcl.folders import check_image_folder, check_train_val
+from bfcl.folders import check_image_folder, check_train_val, one_line
 from bfcl.images import DEFAULT_MAX_PIXELS, DataError, LabelledImages, image_folder
 from bfcl.index import ImageIndex, find_layout, saved_or_built
 from bfcl.export import export_backbone
@@ -382,6 +382,8 @@ def main(argv=None) -> int:
         if lock is not None and lock.message:
             accelerator.print(lock.message)
         return run(config, notes, accelerator, bf_loss, why, stop)
+    except DataError as e:  # images unreadable many in a row, raised in the loop (or a loader worker)
+        fail(one_line(e))
     finally:
         if lock is not None:
             lock.release()

@@ -22,6 +22,16 @@ class DataError(ValueError):
     """A data folder that cannot be used; the message says what is wrong and how to fix it."""
 
 
+def one_line(error: Exception) -> str:
+    """The message of a DataError, also after a DataLoader worker raised it: the loader raises it
+    again in the main process with the worker's traceback as its message ("Caught DataError in
+    DataLoader worker process 0. Original Traceback ... bfcl.folders.DataError: <message>")."""
+    lines = str(error).strip().splitlines()
+    if len(lines) <= 1:
+        return lines[0] if lines else type(error).__name__
+    return lines[-1].removeprefix(f"{type(error).__module__}.{type(error).__qualname__}: ")
+
+
 class DataWarning(UserWarning):
     """Something in a data folder that was left out; the data set is still usable."""
 
