@@ -131,7 +131,7 @@ class ImageIndex:
     def describe(self) -> str:
         what = f"{len(self.classes)} classes, " if self.classes else ""
         source = self.source.get("list_file") or self.root
-        return f"{LAYOUTS[self.layout]} {source}: {what}{len(self)} images"
+        return f"{LAYOUTS[self.layout]} {printable(source)}: {what}{len(self)} images"
 
     def save(self, file: str) -> None:
         """One safetensors file, written atomically (a temporary name, then a rename)."""
