@@ -382,8 +382,8 @@ def main(argv=None) -> int:
         if lock is not None and lock.message:
             accelerator.print(lock.message)
         return run(config, notes, accelerator, bf_loss, why, stop)
-    except DataError as e:  # images unreadable many in a row, raised in the loop (or a loader worker)
-        fail(one_line(e))
+    except (DataError, CheckpointError) as e:  # in the loop: images unreadable many in a row (perhaps in a
+        fail(one_line(e))                        # loader worker), a checkpoint that cannot be written
     finally:
         if lock is not None:
             lock.release()

@@ -73,12 +73,27 @@ def _save_tensors(tensors: dict, path: str, metadata: dict | None = None) -> Non
         os.fsync(f.fileno())
 
 
+def _write_error(what: str, e: Exception, kept: str) -> "CheckpointError":
+    """One line for a write that failed (a full disk, a file-size limit, a folder made read-only):
+    what was not written, why, what is still intact, and the fix."""
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:200]
+    return CheckpointError(f"cannot write {what} ({reason}); {kept}; free some space or make the folder writable, "
+                           "then run the same command again")
+
+
 def save_file_atomic(tensors: dict, path: str, metadata: dict | None = None) -> None:
-    """Write one safetensors file under a temporary name, then rename it over `path`."""
+    """Write one safetensors file under a temporary name, then rename it over `path`. A failed
+    write removes the temporary and raises CheckpointError in one line; `path` is left as it was."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    _save_tensors(tensors, tmp, metadata)
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    try:
+        _save_tensors(tensors, tmp, metadata)
+        os.replace(tmp, path)
+        _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    except (OSError, SafetensorError) as e:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        kept = f"{path} is unchanged" if os.path.exists(path) else "nothing was written"
+        raise _write_error(path, e, kept) from None
 
 
 def save_checkpoint(output_dir: str, step: int, model_state: dict, optimizer_state: dict,
@@ -93,17 +108,23 @@ def save_checkpoint(output_dir: str, step: int, model_state: dict, optimizer_sta
         if stale.startswith(".step-"):
             shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
     tmp = os.path.join(root, f".step-{step:08d}.tmp-{os.getpid()}")
-    os.makedirs(tmp)
-    files = {}
-    for name, tensors in (("model.safetensors", model_state), ("optimizer.safetensors", optimizer_state)):
-        path = os.path.join(tmp, name)
-        _save_tensors(tensors, path)
-        files[name] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
-    with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump({**meta, "format": CHECKPOINT_FORMAT, "step": step, "files": files}, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync_dir(tmp)
+    try:
+        os.makedirs(tmp)
+        files = {}
+        for name, tensors in (("model.safetensors", model_state), ("optimizer.safetensors", optimizer_state)):
+            path = os.path.join(tmp, name)
+            _save_tensors(tensors, path)
+            files[name] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump({**meta, "format": CHECKPOINT_FORMAT, "step": step, "files": files}, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+    except (OSError, SafetensorError) as e:  # the checkpoints already in place are untouched
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = list_checkpoints(output_dir)
+        kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+        raise _write_error(f"checkpoint step {step} in {root}", e, kept) from None
     if os.path.exists(final):  # a re-save of the same step (e.g. a stop right after a save)
         shutil.rmtree(final)
     os.rename(tmp, final)
