@@ -65,7 +65,7 @@ import sys
 
 from rich.console import Console
 
-from bfcl.errors import BfclError, ConfigError
+from bfcl.errors import BfclError, ConfigError, one_line
 from bfcl.evaluation import default_image_size, labelled_data, load_backbone, results_table
 from bfcl.finetune import RECIPE_FLAGS, FinetuneRun, finetune, finetune_recipe
 from bfcl.images import DEFAULT_MAX_PIXELS
@@ -228,8 +228,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         return probe(args)
-    except BfclError as e:  # one line naming the problem and the fix, exit status 1
-        sys.exit(f"error: {e}")
+    except BfclError as e:  # one line naming the problem and the fix, exit status 1 (one_line: also when a
+        sys.exit(f"error: {one_line(e)}")  # loader worker raised it, with its traceback as the message)
 
 
 def probe(args: argparse.Namespace) -> int:

@@ -33,7 +33,7 @@ from bfcl.batchformer import dropout_seed
 from bfcl.checkpoint import (list_checkpoints, load_model_state, load_optimizer_state, optimizer_state_tensors,
                              resume_checkpoint, save_checkpoint)
 from bfcl.compiling import CompileOrEager
-from bfcl.errors import BfclError, ConfigError, DataError, TrainingError
+from bfcl.errors import BfclError, ConfigError, DataError, TrainingError, one_line
 from bfcl.folders import check_image_folder, check_train_val
 from bfcl.images import DEFAULT_MAX_PIXELS, LabelledImages, image_folder
 from bfcl.index import ImageIndex, find_layout, saved_or_built
@@ -318,9 +318,11 @@ class Plan:
     bf_start_step: int  # BatchFormer on from this step (--bf-start-epoch)
     knn_source: str  # where the kNN monitor's labels come from (knn_source), 'off' for none
     knn_every: int  # --knn-every, or 0 where the monitor has no labelled images (no sync for it)
+    images: dict | None = None  # ImageIndex.identity(): recorded in every checkpoint, checked on resume
 
 
-def make_plan(config, num_images: int, processes: int, bf_loss: str | None, knn_source: str) -> Plan:
+def make_plan(config, num_images: int, processes: int, bf_loss: str | None, knn_source: str,
+              images: dict | None = None) -> Plan:
     steps_per_epoch = num_images // config.batch_size
     if steps_per_epoch == 0:
         raise ConfigError(f"{num_images} training images do not fill one global batch of {config.batch_size}; "
@@ -331,7 +333,7 @@ def make_plan(config, num_images: int, processes: int, bf_loss: str | None, knn_
                 last_step=min(total_steps, config.max_steps) if config.max_steps else total_steps,
                 peak_lr=config.lr * config.batch_size / 256, bf_loss=bf_loss,
                 bf_start_step=round(steps_per_epoch * config.bf_start_epoch), knn_source=knn_source,
-                knn_every=config.knn_every if knn_source != "off" else 0)
+                knn_every=config.knn_every if knn_source != "off" else 0, images=images)
 
 
 def build_model_and_optimizer(config, plan: Plan, device: torch.device):
@@ -356,8 +358,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         return pretrain(args, stop)
-    except BfclError as e:  # one line naming the problem and the fix, exit status 1
-        sys.exit(f"error: {e}")
+    except BfclError as e:  # one line naming the problem and the fix, exit status 1 (one_line: also when a
+        sys.exit(f"error: {one_line(e)}")  # loader worker raised it, with its traceback as the message)
 
 
 def pretrain(args: argparse.Namespace, stop: StopSignal) -> int:
@@ -403,12 +405,12 @@ def build_and_train(config, notes: dict[str, str | None], accelerator, bf_loss: 
     views = augment.dataset_transforms() if augment else pretrain_views(config.image_size, config.crop_min, config.blur)
     index, data_note = training_images(config, accelerator)
     dataset = PretrainDataset(index, views, max_pixels=config.max_image_pixels)
-    plan = make_plan(config, len(dataset), accelerator.num_processes, bf_loss, knn[0])
+    plan = make_plan(config, len(dataset), accelerator.num_processes, bf_loss, knn[0], index.identity())
     model, optimizer, param_names = build_model_and_optimizer(config, plan, accelerator.device)
     check_free_disk(config.output_dir, model.state_dict())
 
     path, resumed = resume_checkpoint(config.output_dir, config.resume, vars(config), RESUMABLE_CHANGES,
-                                      config.force_resume, plan.total_steps, ADDED_SINCE_0_1)
+                                      config.force_resume, plan.total_steps, ADDED_SINCE_0_1, plan.images)
     start_step = 0
     if resumed is not None:
         load_model_state(model, resumed["model"], path)
@@ -468,7 +470,7 @@ def save(run: TrainingRun, step: int) -> None:
     config, plan, accelerator = run.config, run.plan, run.accelerator
     if accelerator.is_main_process:
         meta = {"version": code_version(), "config": vars(config),
-                "epoch": step / plan.steps_per_epoch, "steps_per_epoch": plan.steps_per_epoch,
+                "epoch": step / plan.steps_per_epoch, "steps_per_epoch": plan.steps_per_epoch, "images": plan.images,
                 "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
                 "rng": "derived from (seed, step, process index): nothing to restore"}
         state = run.moco.state_dict()

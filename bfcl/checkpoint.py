@@ -49,20 +49,49 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def umask() -> int:
+    """This process's umask, read without changing it (Linux), else by setting and restoring it."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
 def _save_tensors(tensors: dict, path: str, metadata: dict | None = None) -> None:
     # safetensors refuses shared or non-contiguous storage; clone into plain CPU tensors.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     save_file(tensors, path, metadata=metadata)
+    # safetensors creates its files with mode 0600; like every other file bfcl writes (open()), they
+    # follow the umask, so that whoever may read the output folder may read the weights
+    os.chmod(path, 0o666 & ~umask())
     with open(path, "rb") as f:
         os.fsync(f.fileno())
 
 
+def _write_error(what: str, e: Exception, kept: str) -> "CheckpointError":
+    """One line for a write that failed (a full disk, a file-size limit, a folder made read-only):
+    what was not written, why, what is still intact, and the fix."""
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:200]
+    return CheckpointError(f"cannot write {what} ({reason}); {kept}; free some space or make the folder writable, "
+                           "then run the same command again")
+
+
 def save_file_atomic(tensors: dict, path: str, metadata: dict | None = None) -> None:
-    """Write one safetensors file under a temporary name, then rename it over `path`."""
+    """Write one safetensors file under a temporary name, then rename it over `path`. A failed
+    write removes the temporary and raises CheckpointError in one line; `path` is left as it was."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    _save_tensors(tensors, tmp, metadata)
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    try:
+        _save_tensors(tensors, tmp, metadata)
+        os.replace(tmp, path)
+        _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    except (OSError, SafetensorError) as e:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        kept = f"{path} is unchanged" if os.path.exists(path) else "nothing was written"
+        raise _write_error(path, e, kept) from None
 
 
 def save_checkpoint(output_dir: str, step: int, model_state: dict, optimizer_state: dict,
@@ -77,17 +106,23 @@ def save_checkpoint(output_dir: str, step: int, model_state: dict, optimizer_sta
         if stale.startswith(".step-"):
             shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
     tmp = os.path.join(root, f".step-{step:08d}.tmp-{os.getpid()}")
-    os.makedirs(tmp)
-    files = {}
-    for name, tensors in (("model.safetensors", model_state), ("optimizer.safetensors", optimizer_state)):
-        path = os.path.join(tmp, name)
-        _save_tensors(tensors, path)
-        files[name] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
-    with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump({**meta, "format": CHECKPOINT_FORMAT, "step": step, "files": files}, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync_dir(tmp)
+    try:
+        os.makedirs(tmp)
+        files = {}
+        for name, tensors in (("model.safetensors", model_state), ("optimizer.safetensors", optimizer_state)):
+            path = os.path.join(tmp, name)
+            _save_tensors(tensors, path)
+            files[name] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump({**meta, "format": CHECKPOINT_FORMAT, "step": step, "files": files}, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+    except (OSError, SafetensorError) as e:  # the checkpoints already in place are untouched
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = list_checkpoints(output_dir)
+        kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+        raise _write_error(f"checkpoint step {step} in {root}", e, kept) from None
     if os.path.exists(final):  # a re-save of the same step (e.g. a stop right after a save)
         shutil.rmtree(final)
     os.rename(tmp, final)
@@ -145,6 +180,10 @@ def _check_meta(meta, meta_path: str) -> None:
         refuse('"epoch"', "a finite number >= 0", epoch)
     if "steps_per_epoch" in meta and (not _is_int(meta["steps_per_epoch"]) or meta["steps_per_epoch"] < 1):
         refuse('"steps_per_epoch"', "an integer >= 1", meta["steps_per_epoch"])
+    images = meta.get("images")
+    if images is not None and not (isinstance(images, dict) and _is_int(images.get("count")) and images["count"] >= 0
+                                   and isinstance(images.get("sha256"), str) and _SHA256.match(images["sha256"])):
+        refuse('"images"', 'null or {"count": an integer >= 0, "sha256": 64 hex digits}', images)
     scaler = meta.get("scaler")
     if scaler is not None and (not isinstance(scaler, dict) or not all(
             (_is_int(v) or isinstance(v, float)) and math.isfinite(v) for v in scaler.values())):
@@ -300,14 +339,17 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, param_names: list[str
 
 
 def resume_checkpoint(output_dir: str, resume: str, config: dict, may_change: set, force: bool,
-                      total_steps: int, added: dict | None = None) -> tuple[str | None, dict | None]:
+                      total_steps: int, added: dict | None = None,
+                      images: dict | None = None) -> tuple[str | None, dict | None]:
     """What a script resumes from: (None, None) for a fresh start, else (path, {"model",
     "optimizer", "meta"}) of a verified checkpoint whose weights are sane, whose settings match
     `config` (except the keys in may_change, or anything with force) and whose step lies within
     the run. resume is 'auto' (the newest good checkpoint in output_dir, if any), 'none' (refused
     where checkpoints exist: a later 'auto' would pick up the old run's) or a checkpoint folder.
     `added` holds options that older checkpoints do not record, with the value they had then.
-    Every refusal is a one-line CheckpointError."""
+    `images` is the identity of this run's training images (bfcl.index.ImageIndex.identity):
+    where the checkpoint records one, a different list or order is refused unless `force`, whatever
+    files beside the checkpoint say. Every refusal is a one-line CheckpointError."""
     if resume == "none":
         if list_checkpoints(output_dir):
             raise CheckpointError(f"--output-dir {output_dir} already holds checkpoints of another run; continue it "
@@ -324,6 +366,13 @@ def resume_checkpoint(output_dir: str, resume: str, config: dict, may_change: se
     if changed and not force:
         raise CheckpointError(f"cannot resume {path}: settings differ ({'; '.join(changed)}); restore them or pass "
                               "--force-resume")
+    recorded = meta.get("images")
+    if images is not None and recorded is not None and recorded != images and not force:
+        raise CheckpointError(
+            f"cannot resume {path}: it was trained on {recorded['count']} images (list SHA-256 "
+            f"{recorded['sha256'][:12]}), the data now gives {images['count']} (SHA-256 {images['sha256'][:12]}): "
+            "other images or another order. Restore the data as it was, or pass --force-resume to continue "
+            "on these images")
     if meta["step"] > total_steps:
         raise CheckpointError(f"{path} is at step {meta['step']}, past this run's {total_steps} steps; resume it "
                               "with the settings it was made with, or pass --resume none")

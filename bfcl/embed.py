@@ -38,7 +38,7 @@ from bfcl.checkpoint import CheckpointError, _sha256, save_file_atomic
 from bfcl.embed_shards import (FORMAT, IndexImages, embed_shard, finished_shard, list_sha256, read_metadata,
                                refuse_other, save_shard, shard_names, weights_sha256, write_text_atomic)
 from bfcl.evaluation import Backbone
-from bfcl.folders import DataError
+from bfcl.errors import DataError
 from bfcl.images import DEFAULT_MAX_PIXELS
 from bfcl.index import ImageIndex, saved_or_built
 from bfcl.pretrained import set_head

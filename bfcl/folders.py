@@ -11,14 +11,30 @@ bfcl.index sorts the folders by path, which is torchvision ImageFolder's order.
 """
 
 import os
+import stat
 
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from bfcl.errors import DataError
+from bfcl.errors import DataError, one_line  # noqa: F401  (re-exported: bfcl.folders.one_line)
+from bfcl.paths import describe_kind, printable
 
 
 class DataWarning(UserWarning):
     """Something in a data folder that was left out; the data set is still usable."""
+
+
+def require_folder(path: str, fix: str) -> None:
+    """DataError in one line unless `path` is a folder (or a link to one): it does not exist, it
+    is a file (or a FIFO, a device...), or it cannot be read. `fix` ends the message."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise DataError(f"data folder {printable(path)} does not exist; {fix}") from None
+    except OSError as e:
+        raise DataError(f"data folder {printable(path)} cannot be read ({e.strerror}); {fix}") from None
+    if not stat.S_ISDIR(mode):
+        kind = "a file" if stat.S_ISREG(mode) else describe_kind(mode)
+        raise DataError(f"data folder {printable(path)} is {kind}, not a folder; {fix}")
 
 
 def _is_dir(entry: os.DirEntry) -> bool:
@@ -41,8 +57,7 @@ def _inside(path: str, folder: str) -> bool:
 
 def _class_folders(root: str) -> tuple[list[str], list[str]]:
     """(sorted class names, their real paths), or DataError."""
-    if not os.path.isdir(root):
-        raise DataError(f"data folder {root} does not exist; pass a folder with one subfolder per class")
+    require_folder(root, "pass a folder with one subfolder per class")
     try:
         classes = sorted(e.name for e in os.scandir(root) if _is_dir(e))
     except OSError as e:
@@ -124,8 +139,7 @@ def class_walks(root: str):
 def folder_walk(root: str, leave_out: tuple[str, ...] = ()):
     """(walk, skipped) of any folder, searched recursively with hidden files and folders skipped;
     the folders in `leave_out` (e.g. DIR/val, kept for the kNN monitor) are not read."""
-    if not os.path.isdir(root):
-        raise DataError(f"data folder {root} does not exist; pass a folder of images")
+    require_folder(root, "pass a folder of images")
     real, skipped = os.path.realpath(root), []
     left = frozenset(os.path.realpath(p) for p in leave_out)
     return walk(root, real, [real], {real}, skipped, hidden=False, leave_out=left), skipped
@@ -149,6 +163,7 @@ def check_image_folder(root: str) -> list[str]:
 def check_train_val(data_dir: str) -> list[str]:
     """The class names of DIR/train and DIR/val, which must hold the same class folders; DataError
     in one line otherwise (what the probe and the online kNN monitor need)."""
+    require_folder(os.path.expanduser(data_dir), "pass a folder holding train/<class>/ and val/<class>/")
     train_classes = check_image_folder(os.path.join(data_dir, "train"))
     val_classes = check_image_folder(os.path.join(data_dir, "val"))
     if train_classes != val_classes:

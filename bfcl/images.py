@@ -17,6 +17,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from bfcl.errors import DataError
+from bfcl.paths import printable
 from bfcl.index import ImageIndex, index_image_folder
 
 
@@ -28,7 +29,7 @@ class UnreadableImage(DataError):
         self.path, self.reason = path, reason
 
     def __str__(self) -> str:
-        return f"cannot read {self.path}: {self.reason}"
+        return f"cannot read {printable(self.path)}: {self.reason}"
 
 
 # PIL's own default: it warns above this many pixels and refuses above twice as many.
@@ -134,8 +135,9 @@ class LabelledImages(Dataset):
                 return read_image(self.index.path(i), self.max_pixels), self.index.label(i), failed
             except UnreadableImage as e:
                 last = e
-        raise DataError(f"{self.max_retries + 1} unreadable images in a row from {self.index.path(index)} "
-                        f"(last: {last}); check the data folder")
+        raise DataError(f"{self.max_retries + 1} unreadable images in a row, {printable(self.index.path(index))} to "
+                        f"{printable(last.path)} (the last: {last.reason}); replace or remove them, or check "
+                        f"the data folder {printable(self.root)}")
 
     def __getitem__(self, index: int):
         img, label, failed = self.read(index)

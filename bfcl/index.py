@@ -5,7 +5,8 @@ Three layouts of --data DIR (find_layout):
   imagefolder  DIR/train/<class>/...: labels from the class folders, torchvision ImageFolder's order
   folder       any other folder, searched recursively (hidden files and folders skipped, DIR/val
                left out: it holds the kNN monitor's queries); no labels; folders in path order
-  list         --train-list FILE: one image path a line, relative to DIR, in the file's order; no labels
+  list         --train-list FILE: one image path a line, relative to DIR and inside it, in the file's order
+               (bfcl/lists.py); no labels
 
 Memory: the paths, relative to the root, are one uint8 tensor of bytes plus an int64 tensor of
 end offsets; the labels one array('q') (-1: none), which reads as Python ints. A Python list of
@@ -19,6 +20,7 @@ since only names are indexed.
 """
 
 import ctypes
+import hashlib
 import json
 import os
 import warnings
@@ -28,7 +30,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from bfcl.checkpoint import _sha256, save_file_atomic  # the checkpoints' own file hash
-from bfcl.folders import DataError, DataWarning, class_walks, folder_walk, refuse_empty
+from bfcl.folders import DataError, DataWarning, class_walks, folder_walk, refuse_empty, require_folder
+from bfcl.lists import read_list
+from bfcl.paths import printable
 
 INDEX_FORMAT = "bfcl-image-index-1"
 LAYOUTS = {"imagefolder": "ImageFolder", "folder": "folder searched recursively", "list": "list file"}
@@ -114,10 +118,20 @@ class ImageIndex:
                           array("q", (self.labels[i] for i in indices)),
                           self.classes, self.skipped, self.source, self.folders, self.folder_mtimes)
 
+    def identity(self) -> dict:
+        """What a run trains on, for its checkpoints: the number of images and the SHA-256 of their
+        paths relative to the root and their labels, in order (so the same files moved to another
+        folder are the same run; a file added, removed, renamed or reordered is not)."""
+        h = hashlib.sha256()
+        for t in (self.paths.ends, self.paths.data):
+            h.update(_bytes_view(t))
+        h.update(self.labels.tobytes())
+        return {"count": len(self), "sha256": h.hexdigest()}
+
     def describe(self) -> str:
         what = f"{len(self.classes)} classes, " if self.classes else ""
         source = self.source.get("list_file") or self.root
-        return f"{LAYOUTS[self.layout]} {source}: {what}{len(self)} images"
+        return f"{LAYOUTS[self.layout]} {printable(source)}: {what}{len(self)} images"
 
     def save(self, file: str) -> None:
         """One safetensors file, written atomically (a temporary name, then a rename)."""
@@ -149,8 +163,8 @@ class ImageIndex:
                               labels, json.loads(meta["classes"]), skipped, json.loads(meta["source"]),
                               PackedStrings(t["folder_bytes"], t["folder_ends"]), t["folder_mtimes"])
         except (SafetensorError, OSError, ValueError, KeyError) as e:
-            raise DataError(f"image index {file} cannot be read ({type(e).__name__}: {str(e)[:200]}); delete it "
-                            "and it will be rebuilt") from None
+            raise DataError(f"image index {file} cannot be read ({type(e).__name__}: {str(e)[:200]}); it is "
+                            "rebuilt from the data on the next start") from None
 
     def stale(self, layout: str, root: str, list_file: str | None) -> str | None:
         """Why this index no longer describes the data (layout, root or list file differ, a folder
@@ -186,8 +200,7 @@ def find_layout(data: str, train_list: str | None = None) -> tuple[str, str]:
     """(layout, root) of --data: 'list' with --train-list, 'imagefolder' when DIR/train exists,
     else 'folder' (DIR itself, searched recursively)."""
     data = os.path.expanduser(data)
-    if not os.path.isdir(data):
-        raise DataError(f"data folder {data} does not exist; pass a folder of images")
+    require_folder(data, "pass a folder of images")
     if train_list is not None:
         return "list", data
     train = os.path.join(data, "train")
@@ -259,23 +272,15 @@ def index_folder(root: str, leave_out: tuple[str, ...] = ()) -> ImageIndex:
 
 
 def index_list(root: str, list_file: str) -> ImageIndex:
-    """The images named in `list_file`, one path a line relative to `root` (absolute paths kept),
-    in the file's order; empty lines skipped. A line naming no regular file is a DataError."""
+    """The images named in `list_file`, one path a line relative to `root` and inside it, in the
+    file's order (bfcl.lists.read_list's rules). A line naming no regular file is a DataError."""
     root = os.path.expanduser(root)
-    if not os.path.isfile(list_file):
-        raise DataError(f"--train-list {list_file} does not exist; pass a file with one image path a line")
-    packer, root_bytes = Packer(), os.fsencode(root)
-    with open(list_file, "rb") as f:
-        for number, line in enumerate(f, 1):
-            rel = line.rstrip(b"\r\n")
-            if not rel:
-                continue
-            if not os.path.isfile(os.path.join(root_bytes, rel)):
-                raise DataError(f"--train-list {list_file} line {number}: {os.fsdecode(rel)} is not a file in {root}; "
-                                "fix or remove the line")
-            packer.add(rel)
-    if not len(packer.ends):
-        raise DataError(f"--train-list {list_file} names no images; write one image path a line")
+    packer = Packer()
+    for number, rel in read_list(list_file, root):
+        if not os.path.isfile(os.path.join(root, rel)):
+            raise DataError(f"--train-list {printable(list_file)} line {number}: {printable(rel)} is not a file in "
+                            f"{printable(root)}; fix or remove the line")
+        packer.add(rel)
     empty = Packer()
     return _index(root, "list", packer, array("q", [-1]) * len(packer.ends), [], [],
                   source_of("list", root, list_file), empty, array("q"))
@@ -293,7 +298,9 @@ def saved_or_built(data: str, train_list: str | None, file: str, rebuild_ok: boo
     """(index, what happened) for --data/--train-list: the one saved in `file` if it still
     describes the data, else a new one, saved to `file`. A stale saved index is rebuilt only
     where rebuild_ok (a fresh run, or --force-resume); otherwise DataError saying why, since a
-    resumed run would see other images in another order."""
+    resumed run would see other images in another order. One that cannot be read is rebuilt:
+    the checkpoint records which images it was trained on (ImageIndex.identity), and a resume
+    compares the new index with that, not with this file."""
     layout, root = find_layout(data, train_list)
     note = f"built, saved to {file}"
     if os.path.exists(file):
@@ -301,7 +308,7 @@ def saved_or_built(data: str, train_list: str | None, file: str, rebuild_ok: boo
             index = ImageIndex.load(file, root)
             why = index.stale(layout, root, train_list)
         except DataError as e:
-            index, why = None, str(e)
+            index, why, rebuild_ok = None, str(e), True
         if why is None:
             return index, f"read from {file}"
         if not rebuild_ok:

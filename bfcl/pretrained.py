@@ -29,6 +29,7 @@ from torchvision.models import VisionTransformer
 from bfcl.checkpoint import CheckpointError, check_weights, read_meta
 from bfcl.export import BACKBONE_FORMAT, read_export_metadata
 from bfcl.model import ARCHS, STEMS, build_backbone, is_vit
+from bfcl.paths import NotRegularFileError, check_regular
 from bfcl.vit import is_timm_vit_state, timm_to_torchvision, vit_config_from_state
 
 # The modules of a torchvision ResNet or VisionTransformer that hold the backbone's tensors
@@ -56,6 +57,11 @@ def load_backbone_state(path: str) -> tuple[dict, dict]:
     """
     if not os.path.exists(path):
         raise CheckpointError(f"{path} does not exist; pass a checkpoint folder, backbone.safetensors or .pth.tar file")
+    if not os.path.isdir(path):  # a FIFO would block the read forever, /dev/zero never end (bfcl/paths.py)
+        try:
+            check_regular(path, "--pretrained")
+        except NotRegularFileError as e:
+            raise CheckpointError(f"{e}; pass a checkpoint folder, backbone.safetensors or .pth.tar file") from None
     if os.path.isdir(path):
         tensors, info = _read_folder(path)
     elif path.endswith(".safetensors"):

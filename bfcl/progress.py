@@ -1,6 +1,7 @@
 """Training progress for people (a rich bar, or plain lines in logs) and for programs (JSON lines)."""
 
 import json
+import os
 import sys
 import time
 
@@ -18,17 +19,46 @@ def format_metrics(metrics: dict) -> str:
     return " | ".join(parts)
 
 
+def _kept_step(line: str, start_step: int) -> bool:
+    """Whether a line of an earlier metrics.jsonl belongs to the run resumed at start_step: steps up
+    to the checkpoint's, which was written right after its step was logged. A fresh start keeps none;
+    a torn last line (a kill mid-write) is dropped."""
+    try:
+        step = json.loads(line).get("step")
+    except (ValueError, AttributeError):
+        return False
+    return start_step > 0 and isinstance(step, int) and step <= start_step
+
+
+def truncate_metrics(path: str, start_step: int) -> None:
+    """Drop the records of steps after start_step, which the resumed run logs again: a run killed
+    between its last checkpoint and the kill would otherwise hold those steps twice. Rewritten
+    under a temporary name and renamed, so a kill here leaves the old file or the new one."""
+    if not os.path.exists(path):
+        return
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(path, encoding="utf-8", errors="replace") as old, open(tmp, "w", encoding="utf-8") as new:
+        for line in old:
+            if line.endswith("\n") and _kept_step(line, start_step):
+                new.write(line)
+        new.flush()
+        os.fsync(new.fileno())
+    os.replace(tmp, path)
+
+
 class ProgressLog:
     """Appends every logged record to a JSON-lines file; shows a bar on a terminal, else prints.
 
     Only the main process should create one. `log(step, metrics)` records and displays;
-    `print(text)` writes a line without breaking the bar.
+    `print(text)` writes a line without breaking the bar. A resumed run (start_step > 0) continues
+    the file from its checkpoint's step; a fresh start begins it anew.
     """
 
     def __init__(self, metrics_path: str, total_steps: int, start_step: int, bar: bool | None = None,
                  tracker=None):
         self.tracker = tracker  # --report-to: bfcl.tracking.TrackerLog, given every record too
-        self.metrics_file = open(metrics_path, "a")  # appended: a resumed run continues the file
+        truncate_metrics(metrics_path, start_step)
+        self.metrics_file = open(metrics_path, "a")
         self.console = Console()
         self.total_steps = total_steps
         self.bar = self.console.is_terminal if bar is None else bar

@@ -17,19 +17,62 @@ gets a new one), is refused: its process cannot be checked from here, and the me
 how to remove the lock if that run is gone. Two runs taking over one stale lock at once cannot
 both win: the stale file is first renamed to a name of our own and checked to be the one that
 was judged stale; a lock another run created meanwhile is put back.
+
+Once the lock is taken, what an interrupted run left half-written in the folder is removed
+(remove_temporaries): files are written under NAME.tmp-PID and renamed into place, so such a
+name is never a finished output. This runs before the free-disk check, which so counts their space.
 """
 
 import json
 import os
+import re
 import shlex
+import shutil
 import socket
 import sys
 from datetime import datetime
 
 from bfcl.errors import RunLockError
+from bfcl.paths import printable
 
 LOCK_NAME = ".lock"
 _HELD = set()  # lock paths held by this process, so that a second RunLock here is refused
+# NAME.tmp-PID: bfcl.checkpoint's atomic writes (.step-N.tmp-PID folders in checkpoints/ too);
+# .write-test-PID: bfcl.runs.check_output_dir's probe file
+_TEMPORARY = re.compile(r".\.tmp-\d+$|^\.write-test-\d+$")
+_TEMPORARY_PLACES = (".", "checkpoints")
+
+
+def _size(path: str) -> int:
+    if os.path.isdir(path) and not os.path.islink(path):
+        return sum(os.lstat(os.path.join(folder, name)).st_size
+                   for folder, _, names in os.walk(path) for name in names)
+    return os.lstat(path).st_size
+
+
+def remove_temporaries(output_dir: str) -> tuple[list[str], int]:
+    """Delete the temporaries that an interrupted run left in output_dir and its checkpoints/ (see
+    the module docstring); (their paths, the bytes freed). Call only while holding the lock."""
+    removed, freed = [], 0
+    for place in _TEMPORARY_PLACES:
+        folder = os.path.join(output_dir, place)
+        try:
+            names = sorted(os.listdir(folder))
+        except OSError:
+            continue
+        for name in filter(_TEMPORARY.search, names):
+            path = os.path.normpath(os.path.join(folder, name))
+            try:
+                size = _size(path)
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path)
+                else:
+                    os.unlink(path)
+            except OSError:
+                continue  # gone meanwhile, or not ours to delete: the free-disk check still sees it
+            removed.append(path)
+            freed += size
+    return removed, freed
 
 
 def _process_start(pid: int) -> str | None:
@@ -94,6 +137,7 @@ class RunLock:
             if created:
                 self._record = record
                 _HELD.add(os.path.realpath(self.path))
+                self._remove_temporaries()
                 return self
             holder = self._read(self.path)
             if holder is None:
@@ -105,6 +149,13 @@ class RunLock:
                                 f"(started {holder.get('started')}), which is no longer running")
         raise RunLockError(f"--output-dir {self.output_dir}: another run is taking its lock at the same time; "
                            "start one run per --output-dir")
+
+    def _remove_temporaries(self) -> None:
+        removed, freed = remove_temporaries(self.output_dir)
+        if removed:
+            note = (f"removed {len(removed)} temporary file(s) an interrupted run left ({printable(removed[0])}"
+                    f"{', ...' if len(removed) > 1 else ''}; {freed / 2**20:.1f} MiB)")
+            self.message = f"{self.message}; {note}" if self.message else note
 
     def release(self) -> None:
         """Delete the lock file if it is still ours. Safe to call twice, or without the lock."""

@@ -2,8 +2,9 @@
 do with their ImageNet 1 % and 10 % lists, in every probe mode.
 
 A subset is written as a list of image paths relative to train/, one a line ('class/file.jpg'),
-in train/'s order; its SHA-256 tells whether two runs used the same labels. Lines of a list
-read back may also be bare file names as in SimCLR's published lists ('n01440764_10026.JPEG',
+in train/'s order; its SHA-256 tells whether two runs used the same labels. A list is read back
+by bfcl.lists.read_list, train.py's reader too (one set of rules for both scripts); its lines
+may also be bare file names as in SimCLR's published lists ('n01440764_10026.JPEG',
 found in train/n01440764/): the class is the part before the first '_'.
 
 Class-balanced subsets rank the images of each class by SHA-256(seed, relative path) and keep
@@ -24,6 +25,8 @@ from dataclasses import dataclass
 import torch
 
 from bfcl.images import DataError
+from bfcl.lists import read_list
+from bfcl.paths import printable
 
 LIST_NAME = "train_list.txt"
 
@@ -80,20 +83,13 @@ def balanced_subset(targets, paths: list[str], seed: int, labels_per_class: int 
 
 
 def read_train_list(list_path: str, paths: list[str], root: str) -> list[int]:
-    """Ascending indices of the images a list file names (relative to `root`, or SimCLR's bare
-    names); a line that names no image, or one named twice, is a DataError naming the line."""
+    """Ascending indices of the images a list file names (relative to `root` and inside it, read by
+    bfcl.lists.read_list as train.py reads its list, or SimCLR's bare names); a line that names no
+    image, or an image named twice, is a DataError naming the line."""
     where = {p: i for i, p in enumerate(paths)}
     by_name = None  # bare name -> indices, built only if a bare name is not under its prefix's class
     chosen: dict[int, int] = {}
-    try:
-        with open(list_path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read --train-list {list_path} ({e}); pass a text file, one image path a line")
-    for number, line in enumerate(lines, 1):
-        name = line.strip().replace("\\", "/").removeprefix("./")
-        if not name:
-            continue
+    for number, name in read_list(list_path, root):
         index = where.get(name)
         if index is None and "/" not in name:
             index = where.get(f"{name.split('_')[0]}/{name}")
@@ -102,14 +98,13 @@ def read_train_list(list_path: str, paths: list[str], root: str) -> list[int]:
                 found = by_name.get(name, [])
                 index = found[0] if len(found) == 1 else None
         if index is None:
-            raise DataError(f"--train-list {list_path} line {number}: {name} matches no image in {root}; "
-                            "list paths relative to train/ ('class/file.jpg') or SimCLR's bare names")
+            raise DataError(f"--train-list {printable(list_path)} line {number}: {printable(name)} matches no image "
+                            f"in {printable(root)}; list paths relative to train/ ('class/file.jpg') or SimCLR's "
+                            "bare names")
         if index in chosen:
-            raise DataError(f"--train-list {list_path} line {number}: {name} is already on line {chosen[index]}; "
-                            "list each image once")
+            raise DataError(f"--train-list {printable(list_path)} line {number}: {printable(name)} is already on "
+                            f"line {chosen[index]}; list each image once")
         chosen[index] = number
-    if not chosen:
-        raise DataError(f"--train-list {list_path} names no image; one path relative to train/ a line")
     return sorted(chosen)
 
 

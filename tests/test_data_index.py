@@ -13,7 +13,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 from torchvision.datasets import ImageFolder
 
-from bfcl.folders import DataError
+from bfcl.folders import DataError, check_train_val
 from bfcl.images import LabelledImages
 from bfcl.index import ImageIndex, Packer, find_layout, index_folder, index_image_folder, index_list, saved_or_built
 
@@ -85,9 +85,9 @@ def test_list_file_keeps_its_order_and_a_missing_file_is_a_one_line_error(tmp_pa
     for rel in ("b/1.png", "a/2.png", "c.png"):
         image(data / rel)
     listing = tmp_path / "train.txt"
-    listing.write_text("c.png\nb/1.png\n\na/2.png\r\nb/1.png\n")  # order kept, blank line skipped, repeat kept
+    listing.write_text("c.png\nb/1.png\n\na/2.png\r\n")  # order kept, blank line skipped
     index = index_list(str(data), str(listing))
-    assert relative(index) == ["c.png", "b/1.png", "a/2.png", "b/1.png"] and index.layout == "list"
+    assert relative(index) == ["c.png", "b/1.png", "a/2.png"] and index.layout == "list"
     listing.write_text("c.png\nb/missing.png\n")
     with pytest.raises(DataError) as e:
         index_list(str(data), str(listing))
@@ -124,9 +124,9 @@ def test_saved_index_is_reused_and_rebuilt_or_refused_when_the_data_changed(tmp_
     listing.write_text("d.png\n")
     assert saved_or_built(str(other), str(listing), file, rebuild_ok=True)[1].startswith("rebuilt (it was built")
     assert saved_or_built(str(other), str(listing), file, rebuild_ok=True)[1].startswith("read from")
-    listing.write_text("d.png\nd.png\n")
+    listing.write_text("./d.png\n")
     index, note = saved_or_built(str(other), str(listing), file, rebuild_ok=True)
-    assert "list.txt changed" in note and len(index) == 2
+    assert "list.txt changed" in note and len(index) == 1
 
     with open(file, "r+b") as f:
         f.truncate(100)
@@ -296,3 +296,14 @@ def test_a_monitor_without_labels_adds_no_sync_points(tmp_path):
     shutil.copytree(os.path.join(labelled, "val"), os.path.join(photos, "val"))
     source = knn_source(config.data, config.train_list, config.knn_every, config.knn_data)[0]
     assert source == "val-halves" and train.make_plan(config, 8192, 1, None, source).knn_every == 5
+
+
+@pytest.mark.parametrize("check", [lambda p: find_layout(p), lambda p: check_train_val(p),
+                                   lambda p: find_layout(p, "list.txt")])
+def test_data_naming_a_file_says_it_is_a_file(tmp_path, check):
+    file = tmp_path / "images.tar"
+    file.write_bytes(b"not a folder")
+    with pytest.raises(DataError) as e:
+        check(str(file))
+    assert str(e.value).startswith(f"data folder {file} is a file, not a folder; pass a folder ")
+    assert "does not exist" not in str(e.value)

@@ -16,7 +16,7 @@ import bfcl.neighbours
 from bfcl.checkpoint import CheckpointError
 from bfcl.embed import embed_images, embed_index, load, most_similar
 from bfcl.evaluation import load_backbone
-from bfcl.folders import DataError
+from bfcl.errors import DataError
 from bfcl.model import build_backbone
 from bfcl.neighbours import (CHUNK, _candidates, bf16_error_bound, duplicate_groups, neighbours, scores_to_first,
                              write_duplicates, write_neighbours)

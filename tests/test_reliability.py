@@ -80,7 +80,8 @@ def test_sigterm_then_sigkill_mid_run_then_resume_match_the_uninterrupted_run(ti
     resumed = run(cmd)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "resumed from" in resumed.stdout and "scratch" not in resumed.stdout
-    assert {r["step"]: r["loss"] for r in metrics(tmp_path)} == reference  # the last record of each step
+    # each step once: the resume dropped what the killed run logged after its last checkpoint
+    assert [(r["step"], r["loss"]) for r in metrics(tmp_path)] == sorted(reference.items())
     assert_same_weights(final_weights(tmp_path), final_weights(straight_run))
 
 
