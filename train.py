@@ -48,6 +48,7 @@ from bfcl.model import ARCHS, STEMS, MoCo, is_vit, uses_channels_last
 from bfcl.precision import CHOICES as PRECISIONS
 from bfcl.optim import OPTIMIZERS, build_optimizer, param_groups
 from bfcl.progress import ProgressLog
+from bfcl.recipes import RECIPES, apply_recipe
 from bfcl.runs import (EXIT_PREEMPTED, StopSignal, check_free_disk, check_output_dir, check_ranges, code_version,
                        format_summary, make_accelerator, run_lock, scaled_warmup)
 from bfcl.schedules import learning_rate, momentum
@@ -56,11 +57,11 @@ from bfcl.views import PretrainDataset, pretrain_views
 # Options that may change between a run and its resume; any other difference is refused.
 RESUMABLE_CHANGES = {"workers", "output_dir", "resume", "force_resume", "log_every", "save_every", "keep",
                      "knn_every", "knn_samples", "knn_data", "max_steps", "compile", "max_bad_image_share",
-                     "max_nonfinite_steps", "max_image_pixels", "export_format", "report_to"}
+                     "max_nonfinite_steps", "max_image_pixels", "recipe", "export_format", "report_to"}
 
 # Options that checkpoints of bfcl 0.1.0 do not record, with the value those runs had.
 ADDED_SINCE_0_1 = {"patch_size": 16, "stop_grad_conv1": True, "max_image_pixels": DEFAULT_MAX_PIXELS,
-                   "bf_context": "local", "bf_start_epoch": 0.0, "init_from": None}
+                   "bf_context": "local", "bf_start_epoch": 0.0, "recipe": None, "init_from": None}
 
 # MoCo v3's recipes. Flags left unset (None) take the value of the backbone's family; the
 # start-up summary names the ViT values that replaced the ResNet ones.
@@ -90,7 +91,28 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """The flags as typed, defaults filled; --recipe not applied (parse_with_recipe does that)."""
+    return build_parser().parse_args(argv)
+
+
+def parse_with_recipe(argv=None) -> tuple[argparse.Namespace, dict[str, str | None]]:
+    """The flags with --recipe's values under those typed explicitly; and the summary's notes on what the
+    recipe set and what was overridden (bfcl/recipes.py, docs/recipes.md)."""
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.recipe is None:
+        return args, {}
+    unset = object()  # parsed into a namespace argparse does not fill with defaults: only what was typed stays
+    typed = p.parse_args(argv, namespace=argparse.Namespace(**{dest: unset for dest in vars(args)}))
+    values, notes = apply_recipe(args.recipe, {k: v for k, v in vars(typed).items() if v is not unset})
+    return argparse.Namespace(**{**vars(args), **values}), notes
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=HelpFormatter)
+    p.add_argument("--recipe", choices=list(RECIPES), default=None,
+                   help="a named set of the flags below (docs/recipes.md: small-images, ...); flags typed "
+                        "explicitly override it, and the start-up summary lists what it set")
     a = p.add_argument_group("data")
     a.add_argument("--data", required=True,
                    help="the images: an ImageFolder (DIR/train/<class>/..., labels used by the kNN monitor only), "
@@ -190,7 +212,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="an ImageFolder with train/ (the kNN bank) and val/ (the queries) for --knn-every, when "
                         "--data has no labels")
     a.add_argument("--knn-samples", type=int, default=2000, help="train images in the kNN bank and val images queried")
-    return p.parse_args(argv)
+    return p
 
 
 def with_recipe(args: argparse.Namespace) -> tuple[argparse.Namespace, dict[str, str | None]]:
@@ -355,15 +377,16 @@ def build_model_and_optimizer(config, plan: Plan, device: torch.device):
 
 def main(argv=None) -> int:
     stop = StopSignal()  # first: a signal during start-up is honoured at the first step, not fatal
-    args = parse_args(argv)
     try:
-        return pretrain(args, stop)
+        args, recipe_notes = parse_with_recipe(argv)
+        return pretrain(args, stop, recipe_notes)
     except BfclError as e:  # one line naming the problem and the fix, exit status 1 (one_line: also when a
         sys.exit(f"error: {one_line(e)}")  # loader worker raised it, with its traceback as the message)
 
 
-def pretrain(args: argparse.Namespace, stop: StopSignal) -> int:
+def pretrain(args: argparse.Namespace, stop: StopSignal, recipe_notes: dict[str, str | None]) -> int:
     config, notes = with_recipe(args)
+    notes = {**recipe_notes, **notes}
     # A trainable BatchFormer switched on late has no gradient before: DDP must be told.
     unused = [DistributedDataParallelKwargs(find_unused_parameters=True)] \
         if config.bf_trainable and config.bf_start_epoch > 0 else []
