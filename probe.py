@@ -4,9 +4,13 @@
     accelerate launch probe.py --pretrained checkpoint_0099.pth.tar --data DIR --mode knn
     accelerate launch probe.py --random-init -a resnet50 --data DIR --mode all   # the baseline to beat
     accelerate launch probe.py --pretrained runs/pretrain --data DIR --mode finetune -b 256
+    accelerate launch probe.py --pretrained runs/pretrain --data PHOTOS --mode embed --neighbours 10 \
+        --duplicates 0.95 --output-dir runs/embed   # any folder of images, no labels needed
     torchrun --nproc_per_node 2 probe.py --pretrained ... --data DIR              # two CPU processes (gloo)
 
-DIR holds train/<class>/<image> and val/<class>/<image> with the same class folders.
+DIR holds train/<class>/<image> and val/<class>/<image> with the same class folders (every mode
+but embed, which reads whatever train.py reads: an ImageFolder, any nested folder of images, or
+--train-list FILE relative to --data).
 --pretrained takes a training checkpoint folder (checkpoints/step-*), a run folder or its
 backbone.safetensors, an original MoCo v3 / BatchFormer .pth.tar, or a torchvision state dict
 (.pth or .safetensors); nothing is unpickled beyond tensors, numbers and strings.
@@ -28,6 +32,12 @@ Modes (--mode):
                semi-supervised recipe (pretrained ResNets), torchvision's from-scratch one
                (--random-init ResNets) or DeiT's (ViTs), each field overridable by its flag
                (docs/finetune-recipes.md); exact resume, SIGTERM checkpoint, OUTPUT/finetuned.safetensors.
+  embed        one L2-normalised feature row per image of --data (no labels needed; bfcl/embed.py):
+               OUTPUT/embeddings.safetensors [N, C] in the index's order, images.txt (row i's path,
+               relative to --data), unreadable.txt (they get no row). Split across processes, in
+               shards a rerun resumes. --neighbours K adds neighbours.safetensors/.csv (each image's K
+               most cosine-similar others), --duplicates T adds duplicates.csv (groups at cosine >= T).
+               Read them back with bfcl.embed.load(OUTPUT) (docs/embed.md).
 
 Measured on 2 shared CPU cores, on `make smoke-test`'s data (4 classes, 384 / 128 images of
 32 px) with a random-init resnet18/small, the baseline a pretrained backbone must beat:
@@ -62,22 +72,31 @@ import argparse
 import json
 import os
 import sys
+import time
 
+from accelerate.utils import broadcast_object_list
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.text import Text
 
-from bfcl.errors import BfclError, ConfigError, one_line
+import bfcl.embed
+from bfcl.errors import BfclError, ConfigError, DataError, one_line
 from bfcl.evaluation import default_image_size, labelled_data, load_backbone, results_table
 from bfcl.finetune import RECIPE_FLAGS, FinetuneRun, finetune, finetune_recipe
-from bfcl.images import DEFAULT_MAX_PIXELS
+from bfcl.images import DEFAULT_MAX_PIXELS, UnreadableImage, read_image
+from bfcl.index import ImageIndex, find_layout
 from bfcl.linear import FAST_LINEAR_BATCH, FAST_LINEAR_LR, linear_epochs, linear_peak_lr, linear_probe, quick_checks
 from bfcl.model import ARCHS, STEMS, is_vit
+from bfcl.neighbours import (check_k, check_threshold, duplicate_groups, neighbours, scores_to_first,
+                             write_duplicates, write_neighbours)
 from bfcl.precision import CHOICES as PRECISIONS
+from bfcl.precision import cpu_has_native_bf16
 from bfcl.pretrained import describe
 from bfcl.runs import EXIT_PREEMPTED, check_output_dir, check_ranges, format_summary, make_accelerator, run_lock
 from bfcl.subsets import describe_subset
 from bfcl.tracking import REPORT_TO, log_results, start_trackers, tracker_objects, trackers_for
 
-MODES = ("linear", "knn", "fast-linear", "quick", "all", "finetune")
+MODES = ("linear", "knn", "fast-linear", "quick", "all", "finetune", "embed")
 
 INF = None
 FLAG_RANGES = {  # (low, high, low inclusive, high inclusive), checked before any work
@@ -91,7 +110,8 @@ FLAG_RANGES = {  # (low, high, low inclusive, high inclusive), checked before an
     "layer_decay": (0, 1, False, True), "save_every": (1, INF, True, True), "keep": (0, INF, True, True),
     "log_every": (1, INF, True, True), "max_steps": (0, INF, True, True), "eval_every": (0, INF, True, True),
     "labels_per_class": (1, INF, True, True), "label_fraction": (0, 1, False, True),
-    "subset_seed": (0, INF, True, True),
+    "subset_seed": (0, INF, True, True), "neighbours": (1, INF, True, True), "shard_size": (1, INF, True, True),
+    "neighbour_block": (1, INF, True, True),
 }
 
 
@@ -125,10 +145,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="ViTs: patch side; default: what the checkpoint records or its tensors say (16 for "
                         "--random-init)")
     a.add_argument("--mode", choices=MODES, default="linear",
-                   help="linear is the protocol; knn and fast-linear are quick checks")
+                   help="linear is the protocol; knn and fast-linear are quick checks; embed writes features of any "
+                        "image folder, with file names")
     a = p.add_argument_group("data")
     a.add_argument("--data", required=True,
-                   help="folder with train/ and val/, one subfolder per class, the same classes in both")
+                   help="folder with train/ and val/, one subfolder per class, the same classes in both (--mode "
+                        "embed: any folder of images, however nested, or an ImageFolder, as train.py reads it)")
     a.add_argument("--image-size", type=int, default=None,
                    help="crop side; default: the pretraining size if recorded (a ViT's is fixed by its position "
                         "embedding), else the data's image side with the small stem, else 224 (val: Resize 256 + "
@@ -143,7 +165,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "--subset-seed: 0.01 and 0.1 are the few-labels settings of SimCLR and BYOL")
     labels.add_argument("--train-list", default=None,
                         help="train on the images this file lists, one a line relative to train/ ('class/file.jpg', "
-                             "or bare names as in SimCLR's ImageNet 1 %% / 10 %% lists), e.g. a run's train_list.txt")
+                             "or bare names as in SimCLR's ImageNet 1 %% / 10 %% lists), e.g. a run's train_list.txt; "
+                        "--mode embed: the images to embed, relative to --data, as train.py's --train-list")
     a.add_argument("--subset-seed", type=int, default=0,
                    help="which images --labels-per-class / --label-fraction draw, in every mode, process and start")
     a.add_argument("--workers", type=int, default=8, help="data-loading processes per process")
@@ -205,9 +228,25 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"epochs of fast-linear (batch {FAST_LINEAR_BATCH}, lr {FAST_LINEAR_LR}, cosine)")
     a.add_argument("--save-features", action="store_true",
                    help="write the centre-crop features to --output-dir/features.safetensors")
+    a = p.add_argument_group("embeddings (--mode embed)")
+    a.add_argument("--embed-dtype", choices=tuple(bfcl.embed.DTYPES), default="float32",
+                   help="dtype of the rows written (float16 halves the file; neighbours are computed in float32)")
+    a.add_argument("--shard-size", type=int, default=65536,
+                   help="images per shard (rounded down to whole batches): a killed run resumes from the last "
+                        "finished shard")
+    a.add_argument("--neighbours", type=int, default=None, metavar="K",
+                   help="also write each image's K most cosine-similar other images (exact, blocked, on the "
+                        "training device): neighbours.safetensors, and neighbours.csv when N x K <= 1M")
+    a.add_argument("--duplicates", type=float, default=None, metavar="T",
+                   help="also write groups of near-duplicates (cosine >= T to a neighbour, joined transitively) to "
+                        "duplicates.csv, from the neighbour lists (K 10 unless --neighbours). No default yet: give T "
+                        "explicitly (0.95 is a reasonable start; bench/embed_bench.py --only duplicates measures it)")
+    a.add_argument("--neighbour-block", type=int, default=4096,
+                   help="rows per block of the neighbour search: peak memory 4 x block x N bytes")
     a = p.add_argument_group("run")
     a.add_argument("--seed", type=int, default=0)
-    a.add_argument("--output-dir", default="runs/probe", help="results.json (and features.safetensors) go here")
+    a.add_argument("--output-dir", default="runs/probe",
+                   help="results.json (and features.safetensors; --mode embed: its files) go here")
     a.add_argument("--report-to", choices=REPORT_TO, default="none",
                    help="also log fine-tuning's metrics.jsonl scalars, the results and the config to an experiment "
                         "tracker through Accelerate ('all': every installed one); bfcl/tracking.py")
@@ -241,6 +280,9 @@ def probe(args: argparse.Namespace) -> int:
         raise ConfigError(f"--batch-size {args.batch_size} is not divisible by the {world} processes; use a "
                           f"multiple of {world}")
     check_output_dir(args.output_dir, args.data)
+    if args.mode == "embed":  # any folder of images: no train/ + val/ needed
+        with run_lock(args.output_dir, accelerator):
+            return embed(args, accelerator, precision_reason)
     try:
         backbone = load_backbone(None if args.random_init else args.pretrained, args.arch, args.stem,
                                  args.patch_size, args.image_size, args.seed)
@@ -318,6 +360,189 @@ def probe(args: argparse.Namespace) -> int:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0
+
+
+LABEL_FLAGS = ("max_train_samples", "labels_per_class", "label_fraction")  # train/ subsets: meaningless to embed
+
+
+def embed(args: argparse.Namespace, accelerator, precision_reason: str) -> int:
+    """--mode embed: the rows of bfcl.embed.embed_images, then --neighbours / --duplicates on the main process."""
+    given = [f"--{f.replace('_', '-')}" for f in LABEL_FLAGS if getattr(args, f) not in (None, 0)]
+    if given:
+        raise ConfigError(f"{', '.join(given)} selects labelled train/ images; --mode embed embeds every image of "
+                          "--data (or of --train-list)")
+    k = args.neighbours or (10 if args.duplicates is not None else None)  # duplicates come from neighbour lists
+    try:
+        if args.duplicates is not None:
+            check_threshold(args.duplicates)  # before any work
+        backbone = load_backbone(None if args.random_init else args.pretrained, args.arch, args.stem,
+                                 args.patch_size, args.image_size, args.seed)
+        index, index_note = embed_index(args, accelerator)
+        if k is not None:
+            check_k(k, len(index))
+        image_size, size_reason = embed_image_size(backbone, index, args.image_size, args.max_image_pixels)
+        backbone.model(1, image_size=image_size)  # another arch or size than the file's: one line now
+    except ValueError as e:  # CheckpointError, DataError, K >= N, T outside (0, 1]
+        raise ConfigError(str(e)) from None
+    world = accelerator.num_processes
+    accelerator.print(format_summary({
+        "pretrained": args.pretrained or "random-init", "source": describe(backbone.info), "arch": backbone.arch,
+        "stem / patch": f"patch {backbone.patch_size}" if is_vit(backbone.arch) else backbone.stem,
+        "image size": f"{image_size}, {size_reason}", "images": f"{len(index)} ({index.describe()})",
+        "image index": index_note, "mode": "embed", "dtype": args.embed_dtype,
+        "neighbours": k or "off", "duplicates": f"cosine >= {args.duplicates}" if args.duplicates else "off",
+        "processes": world, "device": str(accelerator.device),
+        "precision": f"{accelerator.mixed_precision} ({precision_reason})",
+        "batch per process": args.batch_size // world, "output": args.output_dir,
+    }))
+    with EmbedProgress(len(index), accelerator.is_main_process) as advance:
+        result = bfcl.embed.embed_images(
+            backbone, index, args.output_dir, image_size=image_size, batch_size=args.batch_size // world,
+            workers=args.workers, dtype=bfcl.embed.DTYPES[args.embed_dtype], shard_size=args.shard_size,
+            max_pixels=args.max_image_pixels, backbone_file=args.pretrained, accelerator=accelerator,
+            progress=advance)
+    out = {"rows": result.rows, "width": result.width, "unreadable": len(result.unreadable),
+           "shards_computed": result.shards_computed, "shards_reused": result.shards_reused,
+           "embed_seconds": round(result.seconds, 2), "images_per_s": round(result.images_per_s, 1),
+           "files": [os.path.join(args.output_dir, f) for f in ("embeddings.safetensors", "images.txt",
+                                                                 "unreadable.txt")]}
+    outcome = None
+    if accelerator.is_main_process:  # the others wait: the search is one process's work on one device
+        try:
+            if k is not None:
+                check_k(k, result.rows)  # unreadable images have no row
+                found = neighbours_and_duplicates(args.output_dir, k, args.duplicates, args.neighbour_block,
+                                                  accelerator.device)
+                out = {**out, **found, "files": out["files"] + found["files"]}
+            outcome = ("ok", out)
+        except (ValueError, BfclError) as e:
+            outcome = ("error", str(e))
+    if world > 1:
+        outcome = broadcast_object_list([outcome])[0]
+    if outcome[0] == "error":
+        raise ConfigError(outcome[1])
+    out = outcome[1]
+    if accelerator.is_main_process:
+        path = os.path.join(args.output_dir, "results.json")
+        with open(path, "w") as f:
+            json.dump({"pretrained": args.pretrained or "random-init", "source": backbone.info["source"],
+                       "arch": backbone.arch, "stem": backbone.stem, "image_size": image_size, "processes": world,
+                       "config": vars(args), "results": {"embed": out}}, f, indent=1)
+        accelerator.print(format_summary(embed_summary(out, args.embed_dtype)))
+        accelerator.print(f"results in {path}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return 0
+
+
+def embed_index(args: argparse.Namespace, accelerator) -> tuple[ImageIndex, str]:
+    """The index train.py would read (train.py's training_images): the main process builds it, or
+    reads the one saved in --output-dir, the others read that file; an error reaches every process."""
+    outcome = None
+    if accelerator.is_main_process:
+        try:
+            index, note = bfcl.embed.embed_index(args.data, args.train_list, args.output_dir)
+            outcome = ("ok", note)
+        except DataError as e:
+            outcome = ("error", str(e))
+    if accelerator.num_processes > 1:
+        outcome = broadcast_object_list([outcome])[0]
+    if outcome[0] == "error":
+        raise DataError(outcome[1])
+    if not accelerator.is_main_process:
+        index = ImageIndex.load(os.path.join(args.output_dir, bfcl.embed.INDEX_FILE),
+                                find_layout(args.data, args.train_list)[1])
+    return index, outcome[1]
+
+
+def embed_image_size(backbone, index: ImageIndex, image_size: int | None, max_pixels: int) -> tuple[int, str]:
+    """default_image_size, with the small stem's data side read off the index's first readable image
+    (default_image_size reads train/, which a folder or a list has not)."""
+    if image_size or backbone.info.get("image_size") or backbone.stem != "small":
+        return default_image_size(backbone, "", image_size, max_pixels)
+    for i in range(min(len(index), 100)):
+        try:
+            return min(read_image(index.path(i), max_pixels).size), f"side of {index.paths[i]} (small stem)"
+        except UnreadableImage:
+            continue
+    raise DataError(f"none of the first 100 images of {index.root} can be read (e.g. {index.path(0)}); "
+                    "check the data, or pass --image-size")
+
+
+class RateColumn(ProgressColumn):
+    def render(self, task) -> Text:
+        return Text(f"{task.speed:,.0f} images/s" if task.speed else "? images/s")
+
+
+class EmbedProgress:
+    """A rich bar with images/s and the time left on a terminal, else a line every 10 %; yields the
+    progress(n) callback embed_images calls on the main process (None on the others)."""
+
+    def __init__(self, total: int, main: bool):
+        self.total, self.main, self.done, self.shown, self.started = total, main, 0, 0, time.time()
+        self.console = Console()
+        self.bar = None
+        if main and self.console.is_terminal:
+            self.bar = Progress(TextColumn("[bold]embed"), BarColumn(), MofNCompleteColumn(), RateColumn(),
+                                TimeRemainingColumn(), console=self.console)
+            self.task = self.bar.add_task("embed", total=total)
+
+    def __enter__(self):
+        if self.bar is not None:
+            self.bar.start()
+        return self.advance if self.main else None
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(self.task, advance=n)
+        elif self.done * 10 // self.total > self.shown or self.done == self.total:
+            self.shown = self.done * 10 // self.total
+            rate = self.done / max(time.time() - self.started, 1e-9)
+            print(f"embed {self.done}/{self.total} | {rate:,.0f} images/s | "
+                  f"eta {time.strftime('%H:%M:%S', time.gmtime((self.total - self.done) / rate))}", flush=True)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def neighbours_and_duplicates(output_dir: str, k: int, threshold: float | None, block: int, device) -> dict:
+    """--neighbours / --duplicates on the embeddings just written: their files, counts and times."""
+    emb = bfcl.embed.load(output_dir)
+    n = emb.matrix.shape[0]
+    matmul = "bfloat16" if device.type == "cpu" and cpu_has_native_bf16() else "float32"
+    started = time.time()
+    idx, scores = neighbours(emb.matrix, k, block=block, device=device, matmul=matmul)
+    out = {"neighbours": {"k": k, "matmul": matmul, "seconds": round(time.time() - started, 2),
+                          "peak_block_bytes": 4 * min(block, n) * n}}
+    files = write_neighbours(output_dir, idx, scores, emb.paths, {"images_sha256": emb.metadata["images_sha256"]})
+    if threshold is not None:
+        started = time.time()
+        groups = duplicate_groups(idx, scores, threshold)
+        files.append(write_duplicates(output_dir, groups, scores_to_first(emb.matrix, groups), emb.paths))
+        out["duplicates"] = {"threshold": threshold, "groups": len(groups), "images": sum(map(len, groups)),
+                             "seconds": round(time.time() - started, 2)}
+    out["files"] = files
+    return out
+
+
+def embed_summary(out: dict, dtype: str) -> dict:
+    """What embed wrote, for people: one 'name: value' a line."""
+    summary = {"rows": f"{out['rows']} x {out['width']} ({dtype})", "unreadable": out["unreadable"],
+               "shards": f"{out['shards_computed']} computed, {out['shards_reused']} reused",
+               "embed": f"{out['embed_seconds']} s, {out['images_per_s']:,.0f} images/s"}
+    if "neighbours" in out:
+        nb = out["neighbours"]
+        peak = nb["peak_block_bytes"]
+        peak = f"{peak / 2**20:,.1f} MiB" if peak >= 2**20 else f"{peak:,} bytes"
+        summary["neighbours"] = f"K {nb['k']} in {nb['seconds']} s ({nb['matmul']} matmul), peak {peak} of scores " \
+                                "(4 x block x N)
+    if "duplicates" in out:
+        d = out["duplicates"]
+        summary["duplicates"] = f"{d['groups']} groups of {d['images']} images at cosine >= {d['threshold']}"
+    summary["files"] = ", ".join(os.path.basename(f) for f in out["files"])
+    return summary
 
 
 if __name__ == "__main__":
