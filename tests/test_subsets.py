@@ -77,6 +77,24 @@ def test_subset_is_the_same_in_a_fresh_process_with_other_random_state(tmp_path)
     assert here.record["size"] == 10 and here.record["rule"] == "--label-fraction 0.5"
 
 
+@pytest.mark.parametrize("rank", ["1", "3"])
+def test_subset_does_not_depend_on_the_process_rank(tmp_path, monkeypatch, rank):
+    """Every process of a torchrun job draws the subset of a single process: with RANK, LOCAL_RANK and
+    WORLD_SIZE set as torchrun sets them on another rank, the draw is still the reference one."""
+    root = imagenet_like(str(tmp_path))
+    train = os.path.join(root, "train")
+    images = image_folder(train)
+    paths = [os.path.relpath(images.path(i), train) for i in range(len(images))]
+    members = [[i for i, t in enumerate(images.targets) if t == c] for c in range(3)]
+    reference = sorted(i for m in members for i in first_by_hash(paths, m, 4, min(3, len(m))))
+    for name, value in (("RANK", rank), ("LOCAL_RANK", rank), ("WORLD_SIZE", "4"), ("LOCAL_WORLD_SIZE", "4")):
+        monkeypatch.setenv(name, value)
+    drawn = label_subset(images, train, seed=4, labels_per_class=3)
+    assert drawn.indices == reference
+    assert balanced_subset(images.targets, paths, seed=4, fraction=0.5) == \
+        sorted(i for m in members for i in first_by_hash(paths, m, 4, per_class_count(0.5, len(m))))
+
+
 def test_train_list_reads_simclr_names_and_paths_and_round_trips(tmp_path):
     root = imagenet_like(str(tmp_path))
     train = os.path.join(root, "train")
