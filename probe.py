@@ -536,8 +536,8 @@ def embed_summary(out: dict, dtype: str) -> dict:
         nb = out["neighbours"]
         peak = nb["peak_block_bytes"]
         peak = f"{peak / 2**20:,.1f} MiB" if peak >= 2**20 else f"{peak:,} bytes"
-        summary["neighbours"] = f"K {nb['k']} in {nb['seconds']} s ({nb['matmul']} matmul), peak {peak} of scores " \
-                                "(4 x block x N)
+        summary["neighbours"] = (f"K {nb['k']} in {nb['seconds']} s ({nb['matmul']} matmul), peak {peak} of "
+                                 "scores (4 x block x N)")
     if "duplicates" in out:
         d = out["duplicates"]
         summary["duplicates"] = f"{d['groups']} groups of {d['images']} images at cosine >= {d['threshold']}"
