@@ -128,3 +128,50 @@ def test_batchformer_param_groups_follow_the_plain_classifiers_rules():
     assert setting["batchformer.encoder_layer.linear1.bias"] == (0.0, 1.0)
     assert isinstance(model.backbone.heads, torch.nn.Identity)  # the head went back to the wrapper
     assert model.backbone(torch.randn(2, 3, 32, 32)).shape == (2, vit.feature_dim)
+
+
+def test_fine_tuning_step_trains_on_all_2n_rows(tmp_path, monkeypatch):
+    """probe.py --mode finetune --bf-head 1, one step: the logged loss is the soft-target
+    cross-entropy over all 2N rows of the model's output (the labels twice), worked by hand, and
+    BatchFormer's weights moved (they get no gradient if its N extra rows are left out)."""
+    import json
+
+    import probe
+    from bfcl.finetune_recipe import MixupCutmix
+    from test_probe import TINY, colour_folder
+
+    seen = {"logits": [], "targets": []}
+    forward, mix = BatchFormerClassifier.forward, MixupCutmix.__call__
+
+    def recorded_forward(self, x):
+        out = forward(self, x)
+        if self.training:
+            if not seen["logits"]:
+                seen["model"], seen["before"] = self, {k: v.detach().clone()
+                                                       for k, v in self.batchformer.state_dict().items()}
+            seen["logits"].append(out.detach().float().clone())
+        return out
+
+    def recorded_mix(self, images, labels):
+        images, targets = mix(self, images, labels)
+        seen["targets"].append(targets.clone())
+        return images, targets
+
+    monkeypatch.setattr(BatchFormerClassifier, "forward", recorded_forward)
+    monkeypatch.setattr(MixupCutmix, "__call__", recorded_mix)
+    data = colour_folder(str(tmp_path / "data"), train_per_class=4, val_per_class=2, size=8)
+    out = tmp_path / "ft"
+    smoothing = 0.1
+    assert probe.main([*TINY, "--data", data, "--output-dir", str(out), "--mode", "finetune", "--bf-head", "1",
+                       "-b", "8", "--epochs", "1", "--warmup-epochs", "0", "--max-steps", "1", "--log-every", "1",
+                       "--mixup", "0", "--cutmix", "0", "--label-smoothing", str(smoothing)]) == 0
+
+    (logits,), (targets,) = seen["logits"], seen["targets"]
+    assert logits.shape == (16, 4) and targets.shape == (8, 4)  # [2N, K] rows for N = 8 one-hot targets
+    soft = torch.cat([targets, targets]) * (1 - smoothing) + smoothing / 4
+    by_hand = -(soft * torch.log_softmax(logits.double(), 1)).sum(1).mean()
+    logged = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert logged[0]["step"] == 1 and logged[0]["loss"] == pytest.approx(by_hand.item(), rel=1e-5)
+    after = seen["model"].batchformer.state_dict()
+    moved = [k for k, v in seen["before"].items() if not torch.equal(v, after[k])]
+    assert "encoder_layer.linear1.weight" in moved and "encoder_layer.self_attn.in_proj_weight" in moved
