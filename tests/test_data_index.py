@@ -133,6 +133,36 @@ def test_saved_index_is_reused_and_rebuilt_or_refused_when_the_data_changed(tmp_
     assert "cannot be read" in saved_or_built(str(other), str(listing), file, rebuild_ok=True)[1]
 
 
+@pytest.mark.parametrize("layout", ["folder", "imagefolder"])
+def test_resume_reads_the_saved_order_where_path_sort_and_name_sort_differ(tmp_path, monkeypatch, layout):
+    """Folders a/, a-b/ and a/x/: as folder paths a < a-b < a/x ('-' sorts before '/'), as file names
+    'a-b/1.png' < 'a/1.png'. The fresh index, the one a resume reads back (data named by its absolute
+    path or a relative one) and one rebuilt with --force-resume all keep torchvision's order."""
+    data = tmp_path / "data"
+    top = data / "train" / "c" if layout == "imagefolder" else data
+    for rel in ("a/1.png", "a/0.png", "a-b/1.png", "a/x/2.png", "a-b/c/3.png"):
+        image(top / rel)
+    reference = ["a/0.png", "a/1.png", "a-b/1.png", "a-b/c/3.png", "a/x/2.png"]
+    if layout == "imagefolder":
+        theirs = ImageFolder(str(data / "train")).samples
+        assert [os.path.relpath(p, top) for p, _ in theirs] == reference
+    assert reference != sorted(reference)  # the data tells the two sorts apart
+    file = str(tmp_path / "run" / "image-index.safetensors")
+    fresh, note = saved_or_built(str(data), None, file, rebuild_ok=True)
+    assert note.startswith("built") and fresh.layout == layout
+    prefix = "c/" if layout == "imagefolder" else ""
+    assert relative(fresh) == [prefix + f for f in reference]
+    monkeypatch.chdir(tmp_path)
+    for name in (str(data), "data", "./data/"):
+        resumed, note = saved_or_built(name, None, file, rebuild_ok=False)
+        assert note.startswith("read from") and relative(resumed) == relative(fresh)
+        assert resumed.identity() == fresh.identity()
+    assert relative(ImageIndex.load(file)) == relative(fresh)
+    os.remove(file)
+    rebuilt, _ = saved_or_built("data", None, file, rebuild_ok=True)
+    assert relative(rebuilt) == relative(fresh) and rebuilt.identity() == fresh.identity()
+
+
 def test_labelled_images_subset_and_packed_paths(tmp_path):
     root = tmp_path / "train"
     for rel in ("a/0.png", "a/1.png", "b/ü 2.png"):
