@@ -1,6 +1,7 @@
 """bench/downstream.py end to end at toy size on bfcl.synthetic data: label subsets, kNN and fast-linear,
-fine-tuning from both starts with and without BatchFormer, the table, results.json and the plot; and
-the guard that stops the benchmark when both arms loaded the same weights."""
+fine-tuning from both starts with and without BatchFormer, the table, results.json and the plot; the
+random-init arm's commands loading no weights (probe.py in this process, make test); and the guard that
+stops the benchmark when both arms loaded the same weights."""
 
 import json
 import os
@@ -80,6 +81,50 @@ def test_downstream_small(tmp_path):
         assert ft_bf == ("–" if start == "random-init" else f"{runs[start, True]['top1']:.1f}")
     svg = ET.parse(os.path.join(out, "downstream.svg")).getroot()
     assert len(svg.findall("{http://www.w3.org/2000/svg}polyline")) == 7  # 2 starts x 3 methods, + BatchFormer
+
+
+def test_random_init_arm_loads_no_weights(tmp_path, monkeypatch):
+    """bench/downstream.py's main with probe.py run in this process at toy size: every command of the
+    random-init arm (kNN/fast-linear and fine-tuning, with and without BatchFormer) has --random-init
+    and no --pretrained, every pretrained one loads the export, and the two arms' features differ."""
+    monkeypatch.syspath_prepend(os.path.join(REPO, "bench"))
+    import downstream
+    import probe
+    from test_probe import colour_folder
+
+    commands = []
+
+    def probe_here(cmd, log_path, env, stop_after_s=None):
+        assert cmd[:2] == [sys.executable, "probe.py"]  # --procs 1: no launcher
+        commands.append(cmd)
+        assert probe.main(cmd[2:]) == 0
+        return {"start": 0.0, "wall_s": 1.0, "stopped_at_budget": False}
+
+    monkeypatch.setattr(downstream, "run", probe_here)
+    data = colour_folder(str(tmp_path / "data"), train_per_class=8, val_per_class=2, size=16)
+    torch.manual_seed(1)
+    export = str(tmp_path / "backbone.safetensors")
+    export_backbone(MoCo("resnet18", "small", 16, 32).state_dict(), export, arch="resnet18", stem="small",
+                    image_size=16, step=1)
+    out = str(tmp_path / "out")
+    assert downstream.main(["--data", data, "--out", out, "--pretrained", export, "--fractions", "0.5",
+                            "--ft-min", "1", "--ft-steps", "1", "--bf-fractions", "0.5", "--bf-starts", "random-init",
+                            "--seeds", "1", "--batch-size", "8", "--procs", "1", "--fast-epochs", "2",
+                            "--precision", "no", "--image-size", "16"]) == 0
+
+    arms = {"random-init": [c for c in commands if "/random-init" in c[c.index("--output-dir") + 1]],
+            "pretrained": [c for c in commands if "/pretrained" in c[c.index("--output-dir") + 1]]}
+    assert len(arms["random-init"]) == 3 and len(arms["pretrained"]) == 2  # quick, fine-tune (+ BatchFormer)
+    for cmd in arms["random-init"]:
+        assert "--random-init" in cmd and "--pretrained" not in cmd, cmd
+    for cmd in arms["pretrained"]:
+        assert "--random-init" not in cmd and cmd[cmd.index("--pretrained") + 1] == export, cmd
+    results = json.load(open(os.path.join(out, "results.json")))
+    quick = {q["start"]: q for q in results["quick"]}
+    assert quick["random-init"]["loaded"] == "random-init" and quick["pretrained"]["loaded"] == export
+    assert quick["pretrained"]["features_sha256"] != quick["random-init"]["features_sha256"]
+    assert {(x["start"], x["bf"], x["loaded"]) for x in results["finetune"]} == \
+        {("pretrained", False, export), ("random-init", False, "random-init"), ("random-init", True, "random-init")}
 
 
 def test_report_over_fractions(tmp_path, monkeypatch):
