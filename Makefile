@@ -16,7 +16,7 @@ VIT_ARGS ?= -a vit_tiny --patch-size 8 --optimizer adamw --lr 5e-4 --wd 0.1 --mo
 	--moco-mlp-dim 1024 --crop-min 0.2
 
 .PHONY: venv lint test test-e2e test-fast smoke-test bench-speed bench-quality bench-quality-vit bench-finetune bench-bf \
-	bench-downstream bench-continue bench-recipe bench-data-index clean
+	bench-downstream bench-continue bench-recipe bench-data-index bench-embed clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -118,6 +118,15 @@ bench-bf: venv
 # memory of 8 loader workers (bench/data_index.py; docs/data.md). Writes and deletes ~2.8 M files in /tmp.
 bench-data-index: venv
 	$(BIN)/python bench/data_index.py
+
+# Embeddings (issue 35, bench/embed_bench.py; docs/embed.md): --neighbours 10 over 10 k, 50 k and 100 k random rows
+# (time, peak memory), the embed pass against the bare forward on 50 k CIFAR-10 images, retrieval on CIFAR-10 val
+# and planted near-duplicates over a sweep of T. Random init only unless EMBED_ARGS="--pretrained RUN/backbone.safetensors"
+# (e.g. a 15-minute make bench-quality backbone); sized for about 1 h on 2 cores (not timed end to end yet).
+OUT_EMBED ?= bench-results/embed
+EMBED_ARGS ?=
+bench-embed: venv
+	$(BIN)/python bench/embed_bench.py --out $(OUT_EMBED) $(EMBED_ARGS)
 
 clean:
 	rm -rf build bench-results .pytest_cache
