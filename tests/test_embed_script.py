@@ -1,10 +1,14 @@
 """probe.py --mode embed end to end, in process: rows and images.txt against the image index train.py
 builds, --neighbours against bfcl.neighbours on the loaded matrix, --duplicates against the planted
-copies and the components of the whole threshold graph, and each bad input's one-line error."""
+copies and the components of the whole threshold graph, each bad input's one-line error, and README.md's
+embed commands run as written (the snippet's answer against brute force)."""
 
 import json
 import os
+import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,11 +18,13 @@ from safetensors.torch import load_file, save_file
 
 import probe
 from bfcl.embed import load
+from bfcl.export import export_backbone
 from bfcl.index import ImageIndex
-from bfcl.model import build_backbone
+from bfcl.model import MoCo, build_backbone
 from bfcl.neighbours import neighbours
 from bfcl.synthetic import make_image_folder, make_unlabelled_folder
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--random-init", "-a", "resnet18", "--stem", "small", "--workers", "0", "-b", "4", "--mode", "embed"]
 
 
@@ -189,3 +195,49 @@ def test_bad_input_gives_one_line_errors(photos, labelled, tmp_path):
 
     message = error_of([*TINY, "--data", labelled, "--label-fraction", "0.5", "--output-dir", str(tmp_path / "o6")])
     assert "--label-fraction" in message and "--mode embed" in message
+
+
+def readme_blocks() -> tuple[str, str]:
+    """The ```bash block after README.md's `<!-- embed` marker and the ```python block after it."""
+    readme = open(os.path.join(REPO, "README.md")).read()
+    marker = readme.index("<!-- embed")
+    bash = re.compile(r"```bash\n(.*?)```", re.S).search(readme, marker)
+    python = re.compile(r"```python\n(.*?)```", re.S).search(readme, bash.end())
+    return bash.group(1), python.group(1)
+
+
+def test_the_readme_embed_commands_run_as_written(tmp_path, monkeypatch):
+    """On a toy run (runs/toy: a random-init export) and a photo folder holding the snippet's
+    2021/07/IMG_0042.jpg, a byte-identical copy of another image: the snippet finds that copy first."""
+    bash, python = readme_blocks()
+    data = make_unlabelled_folder(str(tmp_path / "photos"), images=12, size=16)
+    os.makedirs(os.path.join(data, "2021", "07"))
+    shutil.copy(os.path.join(data, "2020", "03", "IMG_00002.jpg"), os.path.join(data, "2021", "07", "IMG_0042.jpg"))
+    torch.manual_seed(0)
+    os.makedirs(tmp_path / "runs" / "toy")
+    export_backbone(MoCo("resnet18", "small", dim=16, mlp_dim=32).state_dict(),
+                    str(tmp_path / "runs" / "toy" / "backbone.safetensors"), arch="resnet18", image_size=16, step=0,
+                    stem="small")
+    os.symlink(os.path.join(REPO, "probe.py"), tmp_path / "probe.py")
+    env = dict(os.environ, DATA=data, OMP_NUM_THREADS="1",
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    result = subprocess.run(["bash", "-euo", "pipefail", "-c", bash], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for name in ("embeddings.safetensors", "images.txt", "neighbours.csv", "duplicates.csv"):
+        assert (tmp_path / "runs" / "embed" / name).exists()
+    monkeypatch.chdir(tmp_path)
+    *statements, last = python.strip().splitlines()
+    namespace = {}
+    exec("\n".join(statements), namespace)
+    found = eval(last, namespace)
+    emb = namespace["emb"]
+    assert emb.paths == saved_index(tmp_path / "runs" / "embed") and len(emb.paths) == 13
+    x = F.normalize(emb.matrix.float(), dim=1)
+    i = emb.paths.index("2021/07/IMG_0042.jpg")
+    s = x @ x[i]
+    s[i] = -2
+    top = s.topk(5)  # reference: brute force over all rows
+    assert [p for p, _ in found] == [emb.paths[j] for j in top.indices.tolist()]
+    torch.testing.assert_close(torch.tensor([c for _, c in found]), top.values, atol=1e-6, rtol=0)
+    assert found[0][0] == "2020/03/IMG_00002.jpg" and found[0][1] > 0.9999
