@@ -19,6 +19,27 @@ TINY = ["-a", "resnet18", "--stem", "small", "--image-size", "16", "-b", "8", "-
         "--moco-dim", "32", "--workers", "0", "--log-every", "1", "--epochs", "2", "--warmup-epochs", "1",
         "--add_bf", "1"]
 STEPS = 8
+# Variants, each for tests that need it so:
+# TINY with a trainable BatchFormer (the lr scaling of its parameter group)
+BF_TRAINABLE_TINY = [*TINY, "--bf-trainable"]
+# the ImageNet stem (torchvision's own ResNet), the epochs left to the test; IMAGENET_STEM_TINY adds
+# BatchFormer and a fixed lr, IMAGENET_STEM_ONE_EPOCH one epoch without warm-up on top
+IMAGENET_STEM = ["-a", "resnet18", "--stem", "imagenet", "--image-size", "16", "-b", "8", "--moco-mlp-dim", "64",
+                 "--moco-dim", "32", "--workers", "0", "--log-every", "1"]
+IMAGENET_STEM_TINY = [*IMAGENET_STEM, "--add_bf", "1", "--lr", "0.3"]
+IMAGENET_STEM_ONE_EPOCH = [*IMAGENET_STEM_TINY, "--epochs", "1", "--warmup-epochs", "0"]
+# batch 4, one epoch, no BatchFormer: the data-layout runs of 8-16 images
+BATCH4_TINY = ["-a", "resnet18", "--stem", "small", "--image-size", "16", "-b", "4", "--moco-mlp-dim", "64",
+               "--moco-dim", "32", "--workers", "0", "--log-every", "1", "--epochs", "1", "--warmup-epochs", "0.5"]
+# a ViT-Tiny with 8-pixel patches in place of the ResNet
+VIT_TINY = ["-a", "vit_tiny", "--patch-size", "8", "--image-size", "16", "-b", "8", "--moco-mlp-dim", "64",
+            "--moco-dim", "32", "--workers", "0", "--log-every", "1", "--epochs", "2", "--warmup-epochs", "1",
+            "--add_bf", "1"]
+# two steps of a ViT-Tiny with 4-pixel patches (timm export)
+VIT_TWO_STEPS = ["-a", "vit_tiny", "--patch-size", "4", "--image-size", "16", "-b", "8", "--moco-mlp-dim", "32",
+                 "--moco-dim", "16", "--workers", "0", "--epochs", "1", "--warmup-epochs", "0", "--max-steps", "2"]
+# probe.py on a random init of the small-stem ResNet-18
+PROBE_TINY = ["--random-init", "-a", "resnet18", "--stem", "small", "--workers", "0"]
 # One thread per process: the same arithmetic in every run, and two torchrun processes fit 2 cores.
 ENV = {"OMP_NUM_THREADS": "1"}
 

@@ -138,7 +138,8 @@ def test_fine_tuning_step_trains_on_all_2n_rows(tmp_path, monkeypatch):
 
     import probe
     from bfcl.finetune_recipe import MixupCutmix
-    from test_probe import TINY, colour_folder
+    from scripts import PROBE_TINY
+    from test_probe import colour_folder
 
     seen = {"logits": [], "targets": []}
     forward, mix = BatchFormerClassifier.forward, MixupCutmix.__call__
@@ -162,7 +163,7 @@ def test_fine_tuning_step_trains_on_all_2n_rows(tmp_path, monkeypatch):
     data = colour_folder(str(tmp_path / "data"), train_per_class=4, val_per_class=2, size=8)
     out = tmp_path / "ft"
     smoothing = 0.1
-    assert probe.main([*TINY, "--data", data, "--output-dir", str(out), "--mode", "finetune", "--bf-head", "1",
+    assert probe.main([*PROBE_TINY, "--data", data, "--output-dir", str(out), "--mode", "finetune", "--bf-head", "1",
                        "-b", "8", "--epochs", "1", "--warmup-epochs", "0", "--max-steps", "1", "--log-every", "1",
                        "--mixup", "0", "--cutmix", "0", "--label-smoothing", str(smoothing)]) == 0
 

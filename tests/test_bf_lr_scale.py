@@ -5,14 +5,11 @@ That the loop sets that group's lr at every step: test_train_loop_settings.py.""
 import torch
 
 import train
-
-TINY = ["-a", "resnet18", "--stem", "small", "--image-size", "16", "-b", "8", "--moco-mlp-dim", "64",
-        "--moco-dim", "32", "--workers", "0", "--log-every", "1", "--epochs", "2", "--warmup-epochs", "1",
-        "--add_bf", "1", "--bf-trainable"]
+from scripts import BF_TRAINABLE_TINY
 
 
 def test_batchformer_group_holds_exactly_its_weights_at_the_default_scale(tmp_path):
-    args = train.parse_args(["--data", str(tmp_path), "--output-dir", str(tmp_path / "run"), *TINY])
+    args = train.parse_args(["--data", str(tmp_path), "--output-dir", str(tmp_path / "run"), *BF_TRAINABLE_TINY])
     assert args.bf_lr_scale == 0.1  # the documented default
     config, _ = train.with_recipe(args)
     plan = train.make_plan(config, 32, 1, "pairs-sum", "off")

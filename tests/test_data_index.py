@@ -16,6 +16,7 @@ from torchvision.datasets import ImageFolder
 from bfcl.folders import DataError, check_train_val
 from bfcl.images import LabelledImages
 from bfcl.index import ImageIndex, Packer, find_layout, index_folder, index_image_folder, index_list, saved_or_built
+from scripts import BATCH4_TINY, REPO
 
 
 def image(path, value: int = 100) -> str:
@@ -231,16 +232,13 @@ def test_a_worker_touching_every_sample_does_not_copy_the_index(tmp_path):
 
 # ---------------------------------------------------------------- train.py on each layout
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["-a", "resnet18", "--stem", "small", "--image-size", "16", "-b", "4", "--moco-mlp-dim", "64",
-        "--moco-dim", "32", "--workers", "0", "--log-every", "1", "--epochs", "1", "--warmup-epochs", "0.5"]
 
 
 def train(data, out, *extra):
     import subprocess
     import sys
-    return subprocess.run([sys.executable, "train.py", "--data", str(data), "--output-dir", str(out), *TINY, *extra],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "train.py", "--data", str(data), "--output-dir", str(out), *BATCH4_TINY,
+                           *extra], cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")

@@ -18,12 +18,10 @@ from bfcl.knn import knn_scores
 from bfcl.linear import fast_linear, knn_eval
 from bfcl.model import MoCo
 from bfcl.synthetic import make_image_folder
+from scripts import PROBE_TINY
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
-TINY = ["--random-init", "-a", "resnet18", "--stem", "small", "--workers", "0"]
-
-
 def colour_folder(root, classes=4, train_per_class=12, val_per_class=6, size=16, seed=0) -> str:
     """Classes that differ in colour (a hue each, random brightness, pixel noise): separable
     even by a randomly initialised backbone, so the probes have a known right answer."""
@@ -103,7 +101,7 @@ def test_linear_probe_learns_separable_classes(tmp_path):
     lr follows the per-epoch cosine, and the frozen-backbone assertion passed (it raises)."""
     data = colour_folder(str(tmp_path / "data"), train_per_class=8, val_per_class=5, size=8)
     out = str(tmp_path / "out")
-    assert probe.main([*TINY, "--data", data, "--mode", "all", "--epochs", "3", "-b", "8", "--lr", "3.0",
+    assert probe.main([*PROBE_TINY, "--data", data, "--mode", "all", "--epochs", "3", "-b", "8", "--lr", "3.0",
                        "--fast-epochs", "50", "--output-dir", out]) == 0
     record = json.load(open(os.path.join(out, "results.json")))
     results = record["results"]
@@ -127,7 +125,7 @@ def test_quick_mode_equals_knn_and_fast_linear_run_apart(tmp_path):
     got = {}
     for mode in ("quick", "knn", "fast-linear"):
         out = str(tmp_path / mode)
-        assert probe.main([*TINY, "--data", data, "--mode", mode, "--fast-epochs", "5", "--seed", "3",
+        assert probe.main([*PROBE_TINY, "--data", data, "--mode", mode, "--fast-epochs", "5", "--seed", "3",
                            "--output-dir", out]) == 0
         got[mode] = json.load(open(os.path.join(out, "results.json")))["results"]
     assert set(got["quick"]) == {"knn", "fast_linear"}
@@ -138,7 +136,7 @@ def test_quick_mode_equals_knn_and_fast_linear_run_apart(tmp_path):
 def test_bn_head_probe_runs(tmp_path):
     data = colour_folder(str(tmp_path / "data"), train_per_class=8, val_per_class=4, size=8)
     out = str(tmp_path / "out")
-    probe.main([*TINY, "--data", data, "--epochs", "2", "-b", "16", "--bn-head", "--output-dir", out])
+    probe.main([*PROBE_TINY, "--data", data, "--epochs", "2", "-b", "16", "--bn-head", "--output-dir", out])
     linear = json.load(open(os.path.join(out, "results.json")))["results"]["linear"]
     assert linear["bn_head"] is True and linear["best"]["top1"] >= 90  # the BN head makes lr 0.1 enough
 
@@ -147,7 +145,7 @@ def test_bn_head_probe_runs(tmp_path):
 def test_auto_precision_is_fp32_on_a_cpu_without_bf16_and_says_why(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("BFCL_CPU_BF16", "0")  # as on an AVX2-only CPU, whatever this one is
     data = colour_folder(str(tmp_path / "data"), train_per_class=4, val_per_class=2, size=8)
-    assert probe.main([*TINY, "--data", data, "--mode", "knn", "--mixed-precision", "auto",
+    assert probe.main([*PROBE_TINY, "--data", data, "--mode", "knn", "--mixed-precision", "auto",
                        "--output-dir", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert "precision: no (auto: fp32, this CPU" in out and "warning" not in out
@@ -159,9 +157,9 @@ def test_bf16_on_a_cpu_without_it_warns(tmp_path):
     """An explicit bf16 where it is emulated still runs, with one warning line (a subprocess:
     Accelerate fixes the precision once per process)."""
     data = colour_folder(str(tmp_path / "data"), train_per_class=4, val_per_class=2, size=8)
-    result = subprocess.run([sys.executable, "probe.py", *TINY, "--data", data, "--mode", "knn", "--mixed-precision",
-                             "bf16", "--output-dir", str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True,
-                            timeout=300, env={**os.environ, "BFCL_CPU_BF16": "0"})
+    result = subprocess.run([sys.executable, "probe.py", *PROBE_TINY, "--data", data, "--mode", "knn",
+                             "--mixed-precision", "bf16", "--output-dir", str(tmp_path / "out")], cwd=REPO,
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "BFCL_CPU_BF16": "0"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "warning: --mixed-precision bf16 on a CPU without native bf16" in result.stdout
     assert "precision: bf16 (asked for; this CPU" in result.stdout
@@ -178,12 +176,12 @@ def error_of(argv) -> str:
 def test_bad_input_gives_one_line_errors(tmp_path):
     data = make_image_folder(str(tmp_path / "data"), classes=3, train_per_class=2, val_per_class=1, size=16)
     os.rename(os.path.join(data, "val", "class_2"), os.path.join(data, "val", "class_9"))
-    message = error_of([*TINY, "--data", data, "--output-dir", str(tmp_path / "o")])
+    message = error_of([*PROBE_TINY, "--data", data, "--output-dir", str(tmp_path / "o")])
     assert "different classes" in message and "class_2" in message and "class_9" in message
 
     os.makedirs(tmp_path / "flat" / "train")
     Image.new("RGB", (16, 16)).save(tmp_path / "flat" / "train" / "0.jpg")
-    assert "no class subfolders" in error_of([*TINY, "--data", str(tmp_path / "flat"), "--image-size", "16"])
+    assert "no class subfolders" in error_of([*PROBE_TINY, "--data", str(tmp_path / "flat"), "--image-size", "16"])
 
     os.rename(os.path.join(data, "val", "class_9"), os.path.join(data, "val", "class_2"))
     missing = str(tmp_path / "nope.pth.tar")
@@ -204,7 +202,7 @@ def test_two_processes_give_the_single_process_features(tmp_path):
     images (the second process gets none): the gathered features must be bit-identical to one
     process's with the same per-process batch, and so must kNN and fast-linear."""
     data = make_image_folder(str(tmp_path / "data"), classes=3, train_per_class=7, val_per_class=1, size=16)
-    common = [*TINY, "--data", data, "--mode", "all", "--epochs", "1", "--fast-epochs", "5", "--save-features"]
+    common = [*PROBE_TINY, "--data", data, "--mode", "all", "--epochs", "1", "--fast-epochs", "5", "--save-features"]
     two = subprocess.run([os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "probe.py", *common, "-b", "8",
                           "--output-dir", str(tmp_path / "two")], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]

@@ -17,7 +17,8 @@ from PIL import Image
 import probe
 from bfcl.images import DataError, image_folder
 from bfcl.subsets import balanced_subset, label_subset, per_class_count, read_train_list
-from test_probe import TINY, colour_folder, error_of
+from scripts import PROBE_TINY
+from test_probe import colour_folder, error_of
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGENET_CLASSES = ("n01440764", "n01443537", "n01484850")
@@ -136,7 +137,7 @@ def test_every_mode_uses_the_same_subset_and_the_list_round_trips(tmp_path, caps
     records = {}
     for name, argv in runs.items():
         out = str(tmp_path / name)
-        assert probe.main([*TINY, "--data", data, "--output-dir", out, *argv]) == 0
+        assert probe.main([*PROBE_TINY, "--data", data, "--output-dir", out, *argv]) == 0
         records[name] = json.load(open(os.path.join(out, "results.json")))
         text = open(os.path.join(out, "train_list.txt"), "rb").read()
         assert records[name]["subset"]["sha256"] == hashlib.sha256(text).hexdigest()
@@ -146,17 +147,17 @@ def test_every_mode_uses_the_same_subset_and_the_list_round_trips(tmp_path, caps
     assert records["finetune"]["results"]["finetune"]["steps"] == 2  # 16 images at batch 8: the subset trained
 
     out = str(tmp_path / "from-list")
-    assert probe.main([*TINY, "--data", data, "--output-dir", out, "--mode", "knn",
+    assert probe.main([*PROBE_TINY, "--data", data, "--output-dir", out, "--mode", "knn",
                        "--train-list", str(tmp_path / "quick" / "train_list.txt")]) == 0
     listed = json.load(open(os.path.join(out, "results.json")))["subset"]
     assert listed["sha256"] == records["quick"]["subset"]["sha256"] and listed["seed"] is None
 
     (tmp_path / "bad.txt").write_text("c0/0.png\nc1/missing.png\n")
-    message = error_of([*TINY, "--data", data, "--output-dir", str(tmp_path / "bad"), "--mode", "knn",
+    message = error_of([*PROBE_TINY, "--data", data, "--output-dir", str(tmp_path / "bad"), "--mode", "knn",
                         "--train-list", str(tmp_path / "bad.txt")])
     assert "line 2: c1/missing.png matches no image" in message
     with pytest.raises(SystemExit) as e:  # one way to choose the labels: argparse refuses two
-        probe.parse_args([*TINY, "--data", data, "--label-fraction", "0.5", "--labels-per-class", "2"])
+        probe.parse_args([*PROBE_TINY, "--data", data, "--label-fraction", "0.5", "--labels-per-class", "2"])
     assert e.value.code == 2 and "--labels-per-class: not allowed with argument --label-fraction" in \
         capsys.readouterr().err
 
@@ -165,7 +166,7 @@ def test_every_mode_uses_the_same_subset_and_the_list_round_trips(tmp_path, caps
 def test_two_processes_draw_the_subset_of_one(tmp_path):
     """torchrun, 2 CPU processes: the same list and the same kNN result as one process."""
     data = colour_folder(str(tmp_path / "data"), train_per_class=9, val_per_class=2, size=8)
-    common = [*TINY, "--data", data, "--mode", "knn", "--labels-per-class", "5"]
+    common = [*PROBE_TINY, "--data", data, "--mode", "knn", "--labels-per-class", "5"]
     two = subprocess.run([os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", "2",
                           "probe.py", *common, "-b", "4", "--output-dir", str(tmp_path / "two")],
                          cwd=REPO, capture_output=True, text=True, timeout=300)

@@ -15,7 +15,7 @@ from bfcl.export import export_backbone
 from bfcl.model import MoCo, build_backbone
 from bfcl.timm_export import TIMM_FILE, timm_key, torchvision_to_timm
 from bfcl.vit import timm_to_torchvision
-from scripts import REPO, run, train_cmd
+from scripts import REPO, VIT_TWO_STEPS, run, train_cmd
 
 timm = pytest.importorskip("timm")
 
@@ -97,14 +97,10 @@ def test_resnet_export_is_refused_in_one_line(tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-VIT_TINY = ["-a", "vit_tiny", "--patch-size", "4", "--image-size", "16", "-b", "8", "--moco-mlp-dim", "32",
-            "--moco-dim", "16", "--workers", "0", "--epochs", "1", "--warmup-epochs", "0", "--max-steps", "2"]
-
-
 @pytest.mark.slow
 def test_train_writes_the_timm_export_beside_the_usual_one(tiny_data, tmp_path):
     out = tmp_path / "run"
-    result = run(train_cmd(tiny_data, out, "--export-format", "timm", settings=VIT_TINY))
+    result = run(train_cmd(tiny_data, out, "--export-format", "timm", settings=VIT_TWO_STEPS))
     assert result.returncode == 0, result.stdout + result.stderr
     model, meta = timm_from_file(str(out / TIMM_FILE))
     assert meta["step"] == "2"

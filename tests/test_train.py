@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from scripts import STEPS, assert_same_weights, checkpoint_steps, final_weights, metrics, parameter_hash, run, train_cmd
+from scripts import (STEPS, VIT_TINY, assert_same_weights, checkpoint_steps, final_weights, metrics, parameter_hash,
+                     run, train_cmd)
 
 pytestmark = pytest.mark.slow
 
@@ -69,11 +70,6 @@ def test_bf16_on_cpu_matches_fp32_and_resume_refuses_another_precision(tiny_data
     assert refused.stderr.strip().startswith("error: ") and len(refused.stderr.strip().splitlines()) == 1, \
         refused.stderr
     assert "settings differ (--mixed-precision 'bf16' -> 'no')" in refused.stderr
-
-
-VIT_TINY = ["-a", "vit_tiny", "--patch-size", "8", "--image-size", "16", "-b", "8", "--moco-mlp-dim", "64",
-            "--moco-dim", "32", "--workers", "0", "--log-every", "1", "--epochs", "2", "--warmup-epochs", "1",
-            "--add_bf", "1"]
 
 
 def test_vit_resume_equals_straight_run(tiny_data, tmp_path):
