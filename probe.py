@@ -63,6 +63,11 @@ results.json in --output-dir (only the modes that ran appear under "results"):
      "finetune":    {"recipe": {...}, "steps": int, "batch_size": int, "lr": float,
                      "best": {"step": int, "top1": %, "top5": %, "loss": float, ...}, "last": {...},
                      "history": [one per evaluation], "model": "OUTPUT/finetuned.safetensors"}}}
+--mode embed writes {"pretrained", "source", "arch", "stem", "image_size", "processes", "config", "results":
+  {"embed": {"rows": int, "width": int, "unreadable": int, "shards_computed": int, "shards_reused": int,
+             "embed_seconds": float, "images_per_s": float, "files": [paths written],
+             "neighbours": {"k", "matmul", "seconds", "peak_block_bytes"}, "duplicates": {"threshold", "groups",
+             "images", "seconds"}}}} (the last two with --neighbours / --duplicates).
 top-5 is capped at the class count (100 % with 5 classes or fewer). "best" is picked on the
 val set, so it is optimistic; MoCo v3's main_lincls.py tracked it as best_acc1. Say which one
 you report.
@@ -230,7 +235,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="write the centre-crop features to --output-dir/features.safetensors")
     a = p.add_argument_group("embeddings (--mode embed)")
     a.add_argument("--embed-dtype", choices=tuple(bfcl.embed.DTYPES), default="float32",
-                   help="dtype of the rows written (float16 halves the file; neighbours are computed in float32)")
+                   help="dtype of the rows written (float16 halves the file; the neighbour search reads it as float32)")
     a.add_argument("--shard-size", type=int, default=65536,
                    help="images per shard (rounded down to whole batches): a killed run resumes from the last "
                         "finished shard")

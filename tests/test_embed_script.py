@@ -23,6 +23,7 @@ from bfcl.index import ImageIndex
 from bfcl.model import MoCo, build_backbone
 from bfcl.neighbours import neighbours
 from bfcl.synthetic import make_image_folder, make_unlabelled_folder
+from scripts import TORCHRUN, run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--random-init", "-a", "resnet18", "--stem", "small", "--workers", "0", "-b", "4", "--mode", "embed"]
@@ -241,3 +242,24 @@ def test_the_readme_embed_commands_run_as_written(tmp_path, monkeypatch):
     assert [p for p, _ in found] == [emb.paths[j] for j in top.indices.tolist()]
     torch.testing.assert_close(torch.tensor([c for _, c in found]), top.values, atol=1e-6, rtol=0)
     assert found[0][0] == "2020/03/IMG_00002.jpg" and found[0][1] > 0.9999
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_rows_of_one_and_share_errors(photos, tmp_path):
+    """torchrun, 2 CPU processes of batch 4 against 1 of batch 4: the same rows, neighbours and
+    duplicates; an output folder of another backbone stops both processes with the one line."""
+    extra = ["--data", photos, "--shard-size", "4", "--neighbours", "3", "--duplicates", "0.9"]
+    embed(photos, tmp_path / "one", *extra)
+    two = tmp_path / "two"
+    launch = [TORCHRUN, "--standalone", "--nproc_per_node", "2", "probe.py", *TINY, "-b", "8", *extra]  # 4 a process
+    result = run([*launch, "--output-dir", str(two)])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    one, both = load(str(tmp_path / "one")), load(str(two))
+    assert one.paths == both.paths and torch.equal(one.matrix, both.matrix)
+    assert (tmp_path / "one" / "duplicates.csv").read_bytes() == (two / "duplicates.csv").read_bytes()
+    nb_one, nb_two = (load_file(str(out / "neighbours.safetensors")) for out in (tmp_path / "one", two))
+    assert torch.equal(nb_one["indices"], nb_two["indices"]) and torch.equal(nb_one["scores"], nb_two["scores"])
+    refused = run([*launch, "--seed", "1", "--output-dir", str(two)], timeout=120)
+    assert refused.returncode != 0
+    errors = [line for line in (refused.stdout + refused.stderr).splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2 and all("another backbone weights" in line for line in errors)
