@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -70,6 +71,20 @@ sys.exit(train.main(sys.argv[1:]))
 def run(cmd, timeout=300, **env) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **ENV, **env})
+
+
+def run_script(script, *args) -> subprocess.CompletedProcess:
+    """A script as a user types it: this Python, the caller's environment."""
+    return subprocess.run([sys.executable, script, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def error_of(main, argv) -> str:
+    """The one-line message a script's main() exits with (SystemExit) for argv."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    message = str(e.value.code)
+    assert message.startswith("error: ") and "\n" not in message.strip(), message
+    return message
 
 
 def start(cmd) -> subprocess.Popen:

@@ -1,18 +1,22 @@
 """A full disk or a file-size limit during a write: one line, the previous checkpoint and export
-intact, no temporary left (docs/reliability.md)."""
+intact, no temporary left; too little free disk refused at start (docs/reliability.md)."""
 
 import errno
 import os
 import resource
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import bfcl.checkpoint
+import bfcl.runs
+import train
 from bfcl.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint, save_file_atomic
-from scripts import REPO
+from bfcl.synthetic import make_image_folder
+from scripts import IMAGENET_STEM_TINY, REPO, error_of
 
 STATE = {"w": torch.arange(1000.0)}
 
@@ -65,3 +69,15 @@ def test_a_real_file_size_limit_during_a_checkpoint(tmp_path):
         f"the previous checkpoint {previous} is intact" in result.stderr, result.stderr
     assert "\n" not in result.stderr.strip() and os.listdir(tmp_path / "checkpoints") == ["step-00000004"]
     load_checkpoint(previous)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_image_folder(str(tmp_path_factory.mktemp("data")), classes=4, train_per_class=12,
+                             val_per_class=4, size=16)
+
+
+def test_too_little_disk(data, tmp_path, monkeypatch):
+    monkeypatch.setattr(bfcl.runs.shutil, "disk_usage", lambda path: SimpleNamespace(total=10**12, used=0, free=1000))
+    message = error_of(train.main, ["--data", data, "--output-dir", str(tmp_path), *IMAGENET_STEM_TINY])
+    assert "GiB free" in message and "choose another --output-dir" in message

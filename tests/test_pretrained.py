@@ -1,5 +1,6 @@
 """Loading pretrained backbones: every accepted layout maps to torchvision keys with the right
-values, bad files fail in one line, and the frozen-backbone check catches any moved tensor."""
+values, bad files fail in one line, and the frozen-backbone check catches any moved tensor; probe.py
+refuses an export whose metadata or weights no run could have written."""
 
 import copy
 
@@ -9,11 +10,15 @@ import torchvision
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+import probe
+
 from bfcl.checkpoint import CheckpointError, save_checkpoint
 from bfcl.export import export_backbone
 from bfcl.model import MoCo, mlp
 from bfcl.pretrained import (assert_backbone_unchanged, backbone_tensors, guess_arch_stem, load_backbone_state,
                              probe_model)
+from bfcl.synthetic import make_image_folder
+from scripts import error_of
 
 
 def torchvision_backbone_keys(arch: str) -> set:
@@ -219,3 +224,64 @@ def test_bn_head_leaves_only_head_tensors_missing():
     model = probe_model("resnet18", "imagenet", state, num_classes=3, bn_head=True)
     assert not any(p.requires_grad for p in model.fc[0].parameters()) and model.fc[0].affine is False
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["fc.1.weight", "fc.1.bias"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_image_folder(str(tmp_path_factory.mktemp("data")), classes=4, train_per_class=8,
+                             val_per_class=4, size=16)
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory) -> str:
+    """A resnet18 backbone export (imagenet stem, 16 px, step 4), as train.py writes one."""
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp("export") / "backbone.safetensors")
+    export_backbone(MoCo("resnet18", "imagenet", 32, 64).state_dict(), path, arch="resnet18", stem="imagenet",
+                    image_size=16, step=4)
+    return path
+
+
+def export_file(export, tmp_path, metadata: dict | None = None, edit=None) -> str:
+    tensors = load_file(export)
+    if edit is not None:
+        edit(tensors)
+    path = str(tmp_path / "backbone.safetensors")
+    save_file(tensors, path, {"format": "bfcl-backbone-1", "arch": "resnet18", "stem": "imagenet",
+                              "image_size": "16", "step": "4", **(metadata or {})})
+    return path
+
+
+@pytest.mark.parametrize("metadata, expected", [
+    ({"image_size": "100000"}, "metadata image_size='100000' is not an integer in [8, 4096]"),
+    ({"step": "-3"}, "metadata step='-3' is not an integer"),
+    ({"arch": "resnet1000"}, "metadata arch='resnet1000' is not one of"),
+    ({"stem": "huge"}, "metadata stem='huge' is not one of"),
+])
+def test_export_metadata_is_validated(data, export, tmp_path, metadata, expected):
+    path = export_file(export, tmp_path, metadata)
+    message = error_of(probe.main, ["--pretrained", path, "--data", data, "--mode", "knn", "--workers", "0",
+                                    "--output-dir", str(tmp_path / "out")])
+    assert expected in message
+
+
+def nan_weight(t):
+    t["conv1.weight"][0, 0, 0, 0] = float("nan")
+
+
+def int_weight(t):
+    t["fc_like"] = torch.zeros(3, dtype=torch.int64)
+    t["conv1.weight"] = t["conv1.weight"].to(torch.int32)
+
+
+def negative_variance(t):
+    t["bn1.running_var"][0] = -1.0
+
+
+@pytest.mark.parametrize("edit, expected", [(nan_weight, "non-finite"), (int_weight, "not floating"),
+                                            (negative_variance, "negative")])
+def test_impossible_weights_are_refused_by_the_probe(data, export, tmp_path, edit, expected):
+    path = export_file(export, tmp_path, edit=edit)
+    message = error_of(probe.main, ["--pretrained", path, "--data", data, "--mode", "knn", "--workers", "0",
+                                    "--output-dir", str(tmp_path / "out")])
+    assert expected in message

@@ -1,9 +1,11 @@
-"""Schedules against their closed forms (docs/method.md#schedules)."""
+"""Schedules against their closed forms (docs/method.md#schedules), and train.py's warm-up of a
+shortened schedule."""
 
 import math
 
 import pytest
 
+import train
 from bfcl.schedules import learning_rate, momentum
 
 TOTAL, WARMUP, PEAK = 1000, 100, 0.6
@@ -45,3 +47,19 @@ def test_momentum_cosine(step, expected):
 
 def test_momentum_without_cosine_is_constant():
     assert {momentum(s, TOTAL, 0.996, cosine=False) for s in (0, 1, WARMUP, TOTAL // 2, TOTAL)} == {0.996}
+
+
+@pytest.mark.parametrize("argv, warmup, scaled", [
+    (["--epochs", "3"], 0.3, True),  # ResNet recipe: 10 of 100 epochs -> 10 % of 3
+    (["--epochs", "30"], 3.0, True),
+    (["--epochs", "300"], 10.0, False),  # a longer schedule keeps the recipe's 10 epochs, as MoCo v3's scripts
+    (["--epochs", "3", "--warmup-epochs", "1"], 1.0, False),  # the user's own value is never touched
+    (["--epochs", "3", "--warmup-epochs", "0.3"], 0.3, False),  # the user's, even where it equals the share
+    (["-a", "vit_small", "--epochs", "30"], 4.0, True),  # ViT recipe: 40 of 300 epochs
+    ([], 10.0, False),
+])
+def test_warmup_follows_a_shortened_schedule(argv, warmup, scaled):
+    config, notes = train.with_recipe(train.parse_args(["--data", "D", *argv]))
+    assert config.warmup_epochs == pytest.approx(warmup)
+    assert (notes["warm-up"] is not None) is scaled
+    assert not scaled or "--warmup-epochs" not in (notes["ViT recipe defaults"] or "")

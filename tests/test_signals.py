@@ -1,5 +1,5 @@
-"""Edges a user meets: a shortened schedule without --warmup-epochs, a file of random bytes
-passed as a checkpoint, and stop signals that arrive during start-up or between slow sync points."""
+"""Stop signals (bfcl/loop.py StopCheck, train.py): the check interval follows the wall clock, fast
+steps never check between sync points, and a signal during start-up checkpoints after the first step."""
 
 import os
 import signal
@@ -13,33 +13,8 @@ import torch
 import train
 from bfcl import loop
 from bfcl.checkpoint import list_checkpoints
-from bfcl.pretrained import CheckpointError, load_backbone_state
 from bfcl.synthetic import make_image_folder
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.mark.parametrize("argv, warmup, scaled", [
-    (["--epochs", "3"], 0.3, True),  # ResNet recipe: 10 of 100 epochs -> 10 % of 3
-    (["--epochs", "30"], 3.0, True),
-    (["--epochs", "300"], 10.0, False),  # a longer schedule keeps the recipe's 10 epochs, as MoCo v3's scripts
-    (["--epochs", "3", "--warmup-epochs", "1"], 1.0, False),  # the user's own value is never touched
-    (["--epochs", "3", "--warmup-epochs", "0.3"], 0.3, False),  # the user's, even where it equals the share
-    (["-a", "vit_small", "--epochs", "30"], 4.0, True),  # ViT recipe: 40 of 300 epochs
-    ([], 10.0, False),
-])
-def test_warmup_follows_a_shortened_schedule(argv, warmup, scaled):
-    config, notes = train.with_recipe(train.parse_args(["--data", "D", *argv]))
-    assert config.warmup_epochs == pytest.approx(warmup)
-    assert (notes["warm-up"] is not None) is scaled
-    assert not scaled or "--warmup-epochs" not in (notes["ViT recipe defaults"] or "")
-
-
-def test_random_bytes_are_not_a_checkpoint(tmp_path):
-    path = tmp_path / "model.pth.tar"
-    path.write_bytes(bytes(range(7, 256)) * 16)
-    with pytest.raises(CheckpointError, match="is not a checkpoint .*neither"):
-        load_backbone_state(str(path))
+from scripts import REPO
 
 
 def test_stop_check_interval_tracks_wall_clock(monkeypatch):
