@@ -87,6 +87,15 @@ def error_of(main, argv) -> str:
     return message
 
 
+def correct_of(percent: float, images: int) -> int:
+    """The count of correct images behind a top-k % of `images`: an accuracy that is not
+    100 x count / images for an integer count in [0, images] fails (a wrong denominator, a sample
+    counted twice or lost)."""
+    count = round(percent * images / 100)
+    assert 0 <= count <= images and abs(percent - 100 * count / images) < 1e-4, (percent, images)
+    return count
+
+
 def start(cmd) -> subprocess.Popen:
     """A script in the background, stdout and stderr together (for signal tests)."""
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

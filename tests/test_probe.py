@@ -18,7 +18,7 @@ from bfcl.knn import knn_scores
 from bfcl.linear import fast_linear, knn_eval
 from bfcl.model import MoCo
 from bfcl.synthetic import make_image_folder
-from scripts import PROBE_TINY
+from scripts import PROBE_TINY, correct_of
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
@@ -240,4 +240,10 @@ def test_makefile_smoke_path_train_then_knn(tmp_path):
     record = json.load(open(os.path.join(out, "results.json")))
     assert (record["arch"], record["stem"], record["step"], record["image_size"]) == ("resnet18", "small", 2, 16)
     assert record["source"] == "bfcl backbone export" and set(record["results"]) == {"knn"}
-    assert record["val_samples"] == 16 and 0 <= record["results"]["knn"]["k200"]["top1"] <= 100
+    knn = record["results"]["knn"]["k200"]
+    assert record["val_samples"] == 16 and knn["top5"] == 100.0  # 4 classes: top-5 covers them all
+    correct_of(knn["top1"], 16)
+    # the same probe in this process without loader workers: the same neighbours, the same result
+    assert probe.main(["--pretrained", os.path.join(run, "backbone.safetensors"), "--data", data, "--mode", "knn",
+                       "--workers", "0", "--output-dir", out + "-here"]) == 0
+    assert json.load(open(out + "-here/results.json"))["results"]["knn"] == record["results"]["knn"]

@@ -50,13 +50,15 @@ def test_resume_refuses_other_images_unless_forced(tmp_path):
     assert str(e.value).startswith(f"cannot resume {tmp_path}/checkpoints/step-00000003: it was trained on 3 images "
                                    "(list SHA-256 aaaaaaaaaaaa), the data now gives 4 (SHA-256 bbbbbbbbbbbb)")
     assert str(e.value).endswith("Restore the data as it was, or pass --force-resume to continue on these images")
-    assert resume_checkpoint(*args, True, 10, images={"count": 4, "sha256": "b" * 64})[0] is not None
+    assert resume_checkpoint(*args, True, 10, images={"count": 4, "sha256": "b" * 64})[0] == \
+        str(tmp_path / "checkpoints" / "step-00000003")
 
 
 def test_a_checkpoint_without_a_record_resumes_and_a_malformed_one_is_refused(tmp_path):
     _checkpoint(tmp_path / "old", None)  # written before checkpoints recorded their images
     assert resume_checkpoint(str(tmp_path / "old"), "auto", {"lr": 1.0}, set(), False, 10,
-                             images={"count": 1, "sha256": "c" * 64})[0] is not None
+                             images={"count": 1, "sha256": "c" * 64})[0] == \
+        str(tmp_path / "old" / "checkpoints" / "step-00000003")
     _checkpoint(tmp_path / "bad", {"count": -1, "sha256": "x"})
     with pytest.raises(CheckpointError, match='"images" must be null or'):
         read_meta(str(tmp_path / "bad" / "checkpoints" / "step-00000003"))

@@ -78,7 +78,9 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
 def test_lock_left_by_an_earlier_process_with_our_pid_is_stale(tmp_path):
     write_lock(tmp_path, pid=os.getpid(), pid_start="1")  # a restarted container: same pid, earlier run
     with RunLock(str(tmp_path)) as lock:
-        assert lock.message is not None
+        assert lock.message == (f"took over {tmp_path}/.lock of pid {os.getpid()} on host {socket.gethostname()} "
+                                "(started 2025-01-01T00:00:00), which is no longer running")
+        assert json.load(open(tmp_path / ".lock"))["pid_start"] != "1"  # now ours
 
 
 @pytest.mark.parametrize("fields, message", [
