@@ -10,7 +10,8 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from test_quality_small import CIFAR, REPO, assert_ran_as_planned, copy_subset, planned_steps, table_rows
+from test_quality_small import (CIFAR, REPO, TOY_BUDGET_MIN, TOY_TRAIN_ARGS, assert_ran_as_planned, copy_subset,
+                                planned_steps, table_rows)
 
 
 @pytest.mark.slow
@@ -20,15 +21,15 @@ def test_bf_study_small(tmp_path):
         pytest.skip(f"CIFAR-10 ImageFolder not found at {CIFAR} (see ../shared/data/README.md)")
     data, out = str(tmp_path / "cifar-small"), str(tmp_path / "out")
     copy_subset(data, train_per_class=40, val_per_class=20)
-    cmd = [sys.executable, "bench/bf_study.py", "--data", data, "--out", out, "--budget-min", "0.25", "--seeds", "1",
-           "--variants", "after-warmup", "--calibration-rounds", "2", "--calibration-steps", "15", "--equal-steps",
-           "--procs", "1", "--threads", "2", "--quality-args",
-           "--batch-size 32 --train-args '--image-size 16 --moco-mlp-dim 256' --knn-points 2 --knn-samples 100 "
+    cmd = [sys.executable, "bench/bf_study.py", "--data", data, "--out", out, "--budget-min", TOY_BUDGET_MIN,
+           "--seeds", "1", "--variants", "after-warmup", "--calibration-rounds", "2", "--calibration-steps", "15",
+           "--equal-steps", "--procs", "1", "--threads", "2", "--quality-args",
+           f"--batch-size 32 --train-args '{TOY_TRAIN_ARGS}' --knn-points 2 --knn-samples 100 "
            "--fast-epochs 20"]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
-    assert "# BatchFormer variants on cifar-small, 0.25 min per run" in r.stdout
+    assert f"# BatchFormer variants on cifar-small, {TOY_BUDGET_MIN} min per run" in r.stdout
     rows = table_rows(r.stdout)
     assert tuple(rows) == ("moco", "after-warmup")
     assert rows["moco"]["− MoCo v3 (paired)"] == "–" and "±" in rows["after-warmup"]["− MoCo v3 (paired)"]
