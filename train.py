@@ -49,8 +49,8 @@ from bfcl.precision import CHOICES as PRECISIONS
 from bfcl.optim import OPTIMIZERS, build_optimizer, param_groups
 from bfcl.progress import ProgressLog
 from bfcl.recipes import RECIPES, apply_recipe
-from bfcl.runs import (EXIT_PREEMPTED, StopSignal, check_free_disk, check_output_dir, check_ranges, code_version,
-                       format_summary, make_accelerator, run_lock, scaled_warmup)
+from bfcl.runs import (EXIT_PREEMPTED, StopSignal, check_finite_weights, check_free_disk, check_output_dir,
+                       check_ranges, code_version, format_summary, make_accelerator, run_lock, scaled_warmup)
 from bfcl.schedules import learning_rate, momentum
 from bfcl.views import PretrainDataset, pretrain_views
 
@@ -487,16 +487,18 @@ def build_and_train(config, notes: dict[str, str | None], accelerator, bf_loss: 
     return train(run, model, dataset, augment, start_step)
 
 
-def save(run: TrainingRun, step: int) -> None:
+def save(run: TrainingRun, step: int, lr: float) -> None:
     """Training checkpoint, then the backbone export from the same state. The main process
-    writes; the others wait so that no process runs ahead of a half-written checkpoint."""
+    writes; the others wait so that no process runs ahead of a half-written checkpoint.
+    Weights with a NaN or an infinity are never written: TrainingError, the last checkpoint kept."""
     config, plan, accelerator = run.config, run.plan, run.accelerator
+    state = run.moco.state_dict()
+    check_finite_weights(state, accelerator, step, lr, config.output_dir)
     if accelerator.is_main_process:
         meta = {"version": code_version(), "config": vars(config),
                 "epoch": step / plan.steps_per_epoch, "steps_per_epoch": plan.steps_per_epoch, "images": plan.images,
                 "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
                 "rng": "derived from (seed, step, process index): nothing to restore"}
-        state = run.moco.state_dict()
         save_checkpoint(config.output_dir, step, state,
                         optimizer_state_tensors(run.optimizer.optimizer, run.param_names), meta, config.keep)
         export(config, state, step)
@@ -608,7 +610,7 @@ def sync_point(run: TrainingRun, done: int, lr: float, m: float) -> str | None:
             log.print(f"epoch {done // plan.steps_per_epoch}: {totals['bad']} unreadable images so far, "
                       "each replaced by the next readable one")
     if save_now or sums["stop"]:
-        save(run, done)
+        save(run, done, lr)
     if not sums["stop"]:
         return None
     if log is not None:

@@ -27,7 +27,7 @@ from bfcl.loop import Window, batches
 from bfcl.model import is_vit
 from bfcl.optim import param_groups
 from bfcl.progress import ProgressLog
-from bfcl.runs import EXIT_PREEMPTED, StopSignal, code_version, format_summary, scaled_warmup
+from bfcl.runs import EXIT_PREEMPTED, StopSignal, check_finite_weights, code_version, format_summary, scaled_warmup
 from bfcl.tracking import tracker_log
 from bfcl.views import IMAGENET_MEAN, IMAGENET_STD, SeededImages
 
@@ -216,7 +216,7 @@ def finetune(backbone: Backbone, data: ProbeData, recipe: FinetuneRecipe, run: F
         if log is not None:
             log.log(done, metrics)
         if save_now or sums["stop"]:
-            save_finetune(run, accelerator, model, optimizer, param_names, done, config, history)
+            save_finetune(run, accelerator, model, optimizer, param_names, done, config, history, lr)
         if sums["stop"]:
             if log is not None:
                 log.print(f"stopped by a signal at step {done}; checkpoint written; run the same command to resume")
@@ -246,9 +246,10 @@ def classifier_metadata(backbone: Backbone, image_size: int, num_classes: int, s
 
 
 def save_finetune(run: FinetuneRun, accelerator, model, optimizer, param_names, step: int, config: dict,
-                  history: list) -> None:
+                  history: list, lr: float) -> None:
     """A fine-tuning checkpoint (bfcl/checkpoint.py): model, optimizer, config and the evaluations
-    so far. The main process writes; the others wait."""
+    so far. The main process writes; the others wait. Non-finite weights: TrainingError, nothing written."""
+    check_finite_weights(model.state_dict(), accelerator, step, lr, run.output_dir)
     if accelerator.is_main_process:
         meta = {"version": code_version(), "config": config, "history": history,
                 "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,

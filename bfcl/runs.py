@@ -18,7 +18,8 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
 from bfcl import __version__
-from bfcl.errors import ConfigError
+from bfcl.checkpoint import list_checkpoints
+from bfcl.errors import ConfigError, TrainingError
 from bfcl.precision import emulated_bf16_warning, launch_device_type
 from bfcl.precision import resolve as resolve_precision
 from bfcl.runlock import take_lock
@@ -121,6 +122,26 @@ def check_free_disk(output_dir: str, model_state: dict) -> None:
     if free < need:
         raise ConfigError(f"{free / 2**30:.2f} GiB free in {output_dir} but a checkpoint needs about "
                           f"{need / 2**30:.2f} GiB; free some space or choose another --output-dir")
+
+
+def check_finite_weights(model_state: dict, accelerator: Accelerator, step: int, lr: float, output_dir: str) -> None:
+    """TrainingError, on every process, if a floating-point tensor of model_state holds a NaN or an
+    infinity: called before a checkpoint or an export is written, so that a run never saves weights
+    that diverged after its last loss check (the loss is read only at sync points, and a tensor the
+    loss never sees, e.g. a kernel tap that only meets padding, can turn non-finite with the loss
+    still finite). One torch.isfinite pass over the state and one all-reduce of a flag: cheap next
+    to writing the same bytes to disk. Every process checks its own copy and all agree, so none waits
+    for a save that never comes."""
+    bad = next((name for name, t in model_state.items() if t.is_floating_point() and not torch.isfinite(t).all()),
+               None)
+    flag = torch.tensor(float(bad is not None), device=accelerator.device)
+    if accelerator.reduce(flag, reduction="sum").item() == 0:
+        return
+    kept = list_checkpoints(output_dir)
+    kept = f"the last good checkpoint is kept in {kept[-1]}" if kept else f"no checkpoint was written in {output_dir}"
+    raise TrainingError(f"the weights became non-finite by step {step} ({bad or 'on another process'}; lr {lr:.4g}, "
+                        f"precision {accelerator.mixed_precision}); {kept}; lower --lr, or use fp32 with "
+                        "--mixed-precision no")
 
 
 def format_summary(summary: dict, width: int = 20) -> str:
