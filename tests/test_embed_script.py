@@ -23,7 +23,7 @@ from bfcl.index import ImageIndex
 from bfcl.model import MoCo, build_backbone
 from bfcl.neighbours import neighbours
 from bfcl.synthetic import make_image_folder, make_unlabelled_folder
-from scripts import TORCHRUN, run
+from scripts import TORCHRUN, error_of, run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--random-init", "-a", "resnet18", "--stem", "small", "--workers", "0", "-b", "4", "--mode", "embed"]
@@ -35,17 +35,14 @@ def embed(data, out, *extra) -> dict:
         return json.load(f)["results"]["embed"]
 
 
+def refused(argv) -> str:
+    """probe.py's one-line error for argv."""
+    return error_of(probe.main, argv)
+
+
 def saved_index(out) -> list[str]:
     index = ImageIndex.load(os.path.join(out, "image-index.safetensors"))
     return [index.paths[i] for i in range(len(index))]
-
-
-def error_of(argv) -> str:
-    with pytest.raises(SystemExit) as e:
-        probe.main(argv)
-    message = str(e.value.code)
-    assert message.startswith("error: ") and "\n" not in message
-    return message
 
 
 @pytest.fixture(scope="module")
@@ -157,28 +154,28 @@ def test_bad_input_gives_one_line_errors(photos, labelled, tmp_path):
     empty = tmp_path / "empty"
     (empty / "a").mkdir(parents=True)
     (empty / "a" / "notes.txt").write_text("no images")
-    assert "holds no images" in error_of([*TINY, "--data", str(empty), "--output-dir", str(tmp_path / "o1")])
+    assert "holds no images" in refused([*TINY, "--data", str(empty), "--output-dir", str(tmp_path / "o1")])
 
     torch.manual_seed(0)
     resnet = build_backbone("resnet18", "small")
     file = str(tmp_path / "resnet18.safetensors")
     save_file({k: v for k, v in resnet.state_dict().items() if not k.startswith("fc.")}, file,
               {"arch": "resnet18", "stem": "small"})
-    message = error_of(["--pretrained", file, "--arch", "resnet50", "--mode", "embed", "--data", photos,
-                        "--workers", "0", "--output-dir", str(tmp_path / "o2")])
+    message = refused(["--pretrained", file, "--arch", "resnet50", "--mode", "embed", "--data", photos,
+                       "--workers", "0", "--output-dir", str(tmp_path / "o2")])
     assert "does not fit resnet50" in message
     vit = build_backbone("vit_tiny", "imagenet", image_size=32, patch_size=8)
     file = str(tmp_path / "vit.safetensors")
     save_file({k: v.contiguous() for k, v in vit.state_dict().items() if not k.startswith("head.")}, file,
               {"arch": "vit_tiny"})
-    message = error_of(["--pretrained", file, "--image-size", "16", "--mode", "embed", "--data", photos,
-                        "--workers", "0", "--output-dir", str(tmp_path / "o3")])
+    message = refused(["--pretrained", file, "--image-size", "16", "--mode", "embed", "--data", photos,
+                       "--workers", "0", "--output-dir", str(tmp_path / "o3")])
     assert "does not fit vit_tiny, patch 8, 16 px" in message
 
-    assert "1 <= K < N: there are 12 images" in error_of([*TINY, "--data", photos, "--neighbours", "12",
-                                                          "--output-dir", str(tmp_path / "o4")])
+    assert "1 <= K < N: there are 12 images" in refused([*TINY, "--data", photos, "--neighbours", "12",
+                                                         "--output-dir", str(tmp_path / "o4")])
     for bad in ("0", "1.5", "-0.2", "nan"):
-        message = error_of([*TINY, "--data", photos, "--duplicates", bad, "--output-dir", str(tmp_path / "o5")])
+        message = refused([*TINY, "--data", photos, "--duplicates", bad, "--output-dir", str(tmp_path / "o5")])
         assert f"--duplicates {float(bad)} is not a cosine similarity in (0, 1]" in message
     assert not (tmp_path / "o4" / "embeddings.safetensors").exists()
     assert not (tmp_path / "o5" / "embeddings.safetensors").exists()
@@ -186,15 +183,15 @@ def test_bad_input_gives_one_line_errors(photos, labelled, tmp_path):
     out = tmp_path / "out"
     embed(photos, out)
     first = load(str(out)).metadata
-    message = error_of([*TINY, "--data", photos, "--seed", "1", "--output-dir", str(out)])
+    message = refused([*TINY, "--data", photos, "--seed", "1", "--output-dir", str(out)])
     assert "another backbone weights" in message and first["weights_sha256"] in message and "start over" in message
     list_file = tmp_path / "list.txt"
     list_file.write_text("2020/01/IMG_00000.jpg\n")
-    message = error_of([*TINY, "--data", photos, "--train-list", str(list_file), "--output-dir", str(out)])
+    message = refused([*TINY, "--data", photos, "--train-list", str(list_file), "--output-dir", str(out)])
     assert "another image list" in message and first["list_sha256"] in message
     assert load(str(out)).metadata == first  # nothing overwritten
 
-    message = error_of([*TINY, "--data", labelled, "--label-fraction", "0.5", "--output-dir", str(tmp_path / "o6")])
+    message = refused([*TINY, "--data", labelled, "--label-fraction", "0.5", "--output-dir", str(tmp_path / "o6")])
     assert "--label-fraction" in message and "--mode embed" in message
 
 
