@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 import probe
 from bfcl.images import DataError, image_folder
@@ -164,9 +165,10 @@ def test_every_mode_uses_the_same_subset_and_the_list_round_trips(tmp_path, caps
 
 @pytest.mark.slow
 def test_two_processes_draw_the_subset_of_one(tmp_path):
-    """torchrun, 2 CPU processes: the same list and the same kNN result as one process."""
+    """torchrun, 2 CPU processes: the same list, the same train features (every process embedded
+    images of the one subset) and the same kNN result as one process."""
     data = colour_folder(str(tmp_path / "data"), train_per_class=9, val_per_class=2, size=8)
-    common = [*PROBE_TINY, "--data", data, "--mode", "knn", "--labels-per-class", "5"]
+    common = [*PROBE_TINY, "--data", data, "--mode", "knn", "--labels-per-class", "5", "--save-features"]
     two = subprocess.run([os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", "2",
                           "probe.py", *common, "-b", "4", "--output-dir", str(tmp_path / "two")],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -176,3 +178,6 @@ def test_two_processes_draw_the_subset_of_one(tmp_path):
     assert two_r["processes"] == 2 and one_r["subset"] == two_r["subset"] and one_r["train_samples"] == 20
     assert one_r["results"]["knn"] == two_r["results"]["knn"]
     assert (tmp_path / "one" / "train_list.txt").read_bytes() == (tmp_path / "two" / "train_list.txt").read_bytes()
+    one_f, two_f = (load_file(tmp_path / run / "features.safetensors") for run in ("one", "two"))
+    assert torch.equal(one_f["train_labels"], two_f["train_labels"])
+    torch.testing.assert_close(two_f["train_features"], one_f["train_features"], rtol=1e-4, atol=1e-5)
