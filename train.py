@@ -26,23 +26,22 @@ from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
 from bfcl.augment import BatchedTwoViews
 from bfcl.batchformer import dropout_seed
 from bfcl.checkpoint import (list_checkpoints, load_model_state, load_optimizer_state, optimizer_state_tensors,
                              resume_checkpoint, save_checkpoint)
 from bfcl.compiling import CompileOrEager
-from bfcl.errors import BfclError, ConfigError, DataError, TrainingError, one_line
-from bfcl.folders import check_image_folder, check_train_val
-from bfcl.images import DEFAULT_MAX_PIXELS, LabelledImages, image_folder
-from bfcl.index import ImageIndex, find_layout, saved_or_built
+from bfcl.errors import BfclError, ConfigError, TrainingError, one_line
+from bfcl.images import DEFAULT_MAX_PIXELS
+from bfcl.index import find_layout, training_index
 from bfcl.export import backbone_state, export_backbone
 from bfcl.init_from import load_into_both_encoders, read_init_weights  # --init-from
-from bfcl.knn import KnnMonitor, knn_source
+from bfcl.knn import KnnMonitor, check_knn_source, knn_monitor, knn_source
 from bfcl.timm_export import TIMM_FILE, export_timm  # --export-format timm
 from bfcl.tracking import REPORT_TO, start_trackers, tracker_log, tracker_objects, trackers_for
-from bfcl.loop import StopCheck, Window, batches
+from bfcl.loop import StopCheck, Window, batches, global_context
 from bfcl.loss import BF_LOSSES, bf_loss_from_add_bf, moco_loss
 from bfcl.model import ARCHS, STEMS, MoCo, is_vit, uses_channels_last
 from bfcl.precision import CHOICES as PRECISIONS
@@ -255,20 +254,7 @@ def validate(config, num_processes: int, bf_loss: str | None, knn: tuple[str, st
         raise ConfigError(f"--image-size {config.image_size} is not a multiple of --patch-size {config.patch_size}; "
                           "change one of them")
     find_layout(config.data, config.train_list)
-    source, _ = knn
-    try:
-        if source == "knn-data":
-            check_train_val(config.knn_data)
-        elif source == "train+val":
-            check_train_val(config.data)
-        elif source == "val-halves":
-            check_image_folder(os.path.join(config.data, "val"))
-    except DataError as e:
-        raise DataError({
-            "knn-data": f"--knn-data {config.knn_data} is not an ImageFolder with train/ and val/ ({e})",
-            "train+val": f"--knn-every needs the same class folders in train/ and val/ ({e}); or pass --knn-every 0",
-            "val-halves": f"--knn-every takes labels from {config.data}/val/<class>/ ({e}); or pass --knn-every 0"
-        }[source]) from None
+    check_knn_source(knn[0], config.data, config.knn_data)
     if config.export_format == "timm" and not is_vit(config.arch):
         raise ConfigError(f"--export-format timm is for ViTs; a {config.arch} export loads into timm as it is "
                           "(same key names)")
@@ -276,53 +262,6 @@ def validate(config, num_processes: int, bf_loss: str | None, knn: tuple[str, st
         raise ConfigError(f"--resume {config.resume} is not a checkpoint folder; pass checkpoints/step-* of a run, "
                           "auto or none")
     check_output_dir(config.output_dir, config.data)
-
-
-INDEX_FILE = "image-index.safetensors"  # in --output-dir
-
-
-def training_images(config, accelerator) -> tuple[ImageIndex, str]:
-    """(index of the training images, how it was obtained). Only the main process walks the data:
-    it reads the index saved in --output-dir if that still matches the data, else builds and saves
-    it; the others then read the file, which a resume or a restart after preemption reads too
-    (the output folder is shared by every node, as for checkpoints). Reading a file beats
-    broadcasting: no pickled copy of the index in every process, and no second format.
-    A saved index that no longer matches is rebuilt on a fresh start or with --force-resume and
-    refused on resume, where other images in another order would break the exact resume."""
-    file = os.path.join(config.output_dir, INDEX_FILE)
-    outcome = None
-    if accelerator.is_main_process:
-        resuming = config.resume != "none" and (config.resume != "auto" or bool(list_checkpoints(config.output_dir)))
-        try:
-            index, note = saved_or_built(config.data, config.train_list, file, config.force_resume or not resuming)
-            outcome = ("ok", note)
-        except DataError as e:
-            outcome = ("error", str(e))
-    if accelerator.num_processes > 1:
-        outcome = broadcast_object_list([outcome])[0]
-    if outcome[0] == "error":
-        raise DataError(outcome[1])
-    if not accelerator.is_main_process:
-        index = ImageIndex.load(file, find_layout(config.data, config.train_list)[1])
-    left_out = os.path.join(config.data, "val")
-    if index.layout == "folder" and os.path.isdir(left_out):
-        return index, f"{outcome[1]}; {left_out} left out (the kNN monitor's labelled images)"
-    return index, outcome[1]
-
-
-def knn_monitor(config, source: str, images: LabelledImages) -> KnnMonitor | None:
-    """The monitor knn_source named, on the main process; the training images are the bank of an
-    ImageFolder --data (no second walk of train/)."""
-    if source == "off":
-        return None
-    read = lambda folder: image_folder(folder, max_pixels=config.max_image_pixels)  # noqa: E731
-    if source == "knn-data":
-        bank, queries = read(os.path.join(config.knn_data, "train")), read(os.path.join(config.knn_data, "val"))
-    elif source == "train+val":
-        bank, queries = images, read(os.path.join(config.data, "val"))
-    else:
-        bank, queries = read(os.path.join(config.data, "val")), None
-    return KnnMonitor(bank, queries, config.image_size, config.knn_samples, config.seed, min(config.workers, 2))
 
 
 @dataclass(frozen=True)
@@ -426,7 +365,13 @@ def build_and_train(config, notes: dict[str, str | None], accelerator, bf_loss: 
     augment = BatchedTwoViews(config.image_size, config.crop_min, config.blur, compile=config.compile) \
         if config.augment == "batched" else None
     views = augment.dataset_transforms() if augment else pretrain_views(config.image_size, config.crop_min, config.blur)
-    index, data_note = training_images(config, accelerator)
+    # Only a fresh start (or --force-resume) may rebuild a saved index that no longer matches the data:
+    # a resume reading other images in another order would not be exact.
+    resuming = config.resume != "none" and (config.resume != "auto" or bool(list_checkpoints(config.output_dir)))
+    index, data_note = training_index(config.data, config.train_list, config.output_dir, accelerator,
+                                      rebuild_ok=config.force_resume or not resuming)
+    if index.layout == "folder" and os.path.isdir(os.path.join(config.data, "val")):
+        data_note += f"; {os.path.join(config.data, 'val')} left out (the kNN monitor's labelled images)"
     dataset = PretrainDataset(index, views, max_pixels=config.max_image_pixels)
     plan = make_plan(config, len(dataset), accelerator.num_processes, bf_loss, knn[0], index.identity())
     model, optimizer, param_names = build_model_and_optimizer(config, plan, accelerator.device)
@@ -481,7 +426,9 @@ def build_and_train(config, notes: dict[str, str | None], accelerator, bf_loss: 
     run = TrainingRun(config, plan, accelerator, moco, optimizer, param_names,
                       log=ProgressLog(metrics_path, plan.last_step, start_step,
                                       tracker=tracker_log(accelerator, metrics_path)) if main_process else None,
-                      knn=knn_monitor(config, plan.knn_source, dataset.folder) if main_process else None,
+                      knn=knn_monitor(plan.knn_source, config.data, config.knn_data, dataset.folder, config.image_size,
+                                      config.knn_samples, config.seed, min(config.workers, 2), config.max_image_pixels)
+                      if main_process else None,
                       stop=stop, window=Window(accelerator.device), check=StopCheck(start_step),
                       totals={"nonfinite": 0, "bad": 0, "images": 0})
     return train(run, model, dataset, augment, start_step)
@@ -555,18 +502,6 @@ def train(run: TrainingRun, model, dataset, augment, start_step: int) -> int:
     # The last step's sync point saved and exported; only a resume with nothing left to train (a
     # run killed between its last checkpoint and the export) must write the export here.
     return finish(run, max(start_step, plan.last_step), export_again=start_step >= plan.last_step)
-
-
-def global_context(accelerator):
-    """BatchFormer's context over the whole global batch (--bf-context global): every process's
-    features, gathered WITH gradients, so each sample's BatchFormer row attends to all samples
-    and the loss of every process reaches every backbone. Returns x [N, C] -> (x_all [P·N, C],
-    this process's first row). One process: the local batch itself."""
-    if accelerator.num_processes == 1:
-        return lambda x: (x, 0)
-    from torch.distributed.nn.functional import all_gather  # differentiable, unlike accelerator.gather
-    start = accelerator.process_index
-    return lambda x: (torch.cat(all_gather(x)), start * x.shape[0])
 
 
 def sync_point(run: TrainingRun, done: int, lr: float, m: float) -> str | None:

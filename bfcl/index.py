@@ -27,6 +27,7 @@ import warnings
 from array import array
 
 import torch
+from accelerate.utils import broadcast_object_list
 from safetensors import SafetensorError, safe_open
 
 from bfcl.checkpoint import _sha256, save_file_atomic  # the checkpoints' own file hash
@@ -320,3 +321,32 @@ def saved_or_built(data: str, train_list: str | None, file: str, rebuild_ok: boo
     index = build_index(layout, root, train_list, leave_out)
     index.save(file)
     return index, note
+
+
+INDEX_FILE = "image-index.safetensors"  # the saved index's name in a run's output folder
+
+
+def training_index(data: str, train_list: str | None, output_dir: str, accelerator,
+                   rebuild_ok: bool) -> tuple[ImageIndex, str]:
+    """(index of the images of data / train_list, how it was obtained), on every process of
+    `accelerator` (an accelerate.Accelerator). Only the main process walks the data: it reads the
+    index saved in output_dir/INDEX_FILE if that still matches the data, else builds and saves it
+    (saved_or_built; a stale one is rebuilt only where rebuild_ok); the others then read the file,
+    which a resume or a restart after preemption reads too (the output folder is shared by every
+    node, as for checkpoints). Reading a file beats broadcasting: no pickled copy of the index in
+    every process, and no second format. A DataError on the main process is raised on all of them."""
+    file = os.path.join(output_dir, INDEX_FILE)
+    outcome = None
+    if accelerator.is_main_process:
+        try:
+            index, note = saved_or_built(data, train_list, file, rebuild_ok)
+            outcome = ("ok", note)
+        except DataError as e:
+            outcome = ("error", str(e))
+    if accelerator.num_processes > 1:
+        outcome = broadcast_object_list([outcome])[0]
+    if outcome[0] == "error":
+        raise DataError(outcome[1])
+    if not accelerator.is_main_process:
+        index = ImageIndex.load(file, find_layout(data, train_list)[1])
+    return index, outcome[1]

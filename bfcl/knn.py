@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
-from bfcl.images import LabelledImages
+from bfcl.errors import DataError
+from bfcl.folders import check_image_folder, check_train_val
+from bfcl.images import LabelledImages, image_folder
 from bfcl.index import find_layout
 from bfcl.views import eval_transform
 
@@ -70,6 +72,40 @@ def knn_source(data: str, train_list: str | None, knn_every: int, knn_data: str 
     if find_layout(data, train_list)[0] == "imagefolder":
         return "train+val", "train/ as the bank, val/ as queries"
     return "val-halves", f"two halves of {val}, one the bank, one the queries"
+
+
+def check_knn_source(source: str, data: str, knn_data: str | None) -> None:
+    """DataError, before any work, where the labelled images knn_source named are not there: one
+    line naming the folder and the way out."""
+    try:
+        if source == "knn-data":
+            check_train_val(knn_data)
+        elif source == "train+val":
+            check_train_val(data)
+        elif source == "val-halves":
+            check_image_folder(os.path.join(data, "val"))
+    except DataError as e:
+        raise DataError({
+            "knn-data": f"--knn-data {knn_data} is not an ImageFolder with train/ and val/ ({e})",
+            "train+val": f"--knn-every needs the same class folders in train/ and val/ ({e}); or pass --knn-every 0",
+            "val-halves": f"--knn-every takes labels from {data}/val/<class>/ ({e}); or pass --knn-every 0"
+        }[source]) from None
+
+
+def knn_monitor(source: str, data: str, knn_data: str | None, images: LabelledImages, image_size: int,
+                samples: int, seed: int, workers: int, max_pixels: int) -> "KnnMonitor | None":
+    """The monitor knn_source named (None for 'off'); `images` (the training images) are the bank
+    of an ImageFolder `data`, so that train/ is not walked a second time."""
+    if source == "off":
+        return None
+    read = lambda folder: image_folder(folder, max_pixels=max_pixels)  # noqa: E731
+    if source == "knn-data":
+        bank, queries = read(os.path.join(knn_data, "train")), read(os.path.join(knn_data, "val"))
+    elif source == "train+val":
+        bank, queries = images, read(os.path.join(data, "val"))
+    else:
+        bank, queries = read(os.path.join(data, "val")), None
+    return KnnMonitor(bank, queries, image_size, samples, seed, workers)
 
 
 class KnnMonitor:

@@ -94,3 +94,16 @@ class StopCheck:
     def synced(self, done: int) -> None:
         """A full sync point just read every process's stop flag: count the next interval from here."""
         self.last_step, self.last_time = done, time.perf_counter()
+
+
+def global_context(accelerator):
+    """BatchFormer's context over the whole global batch (train.py --bf-context global): every
+    process's features, gathered WITH gradients, so each sample's BatchFormer row attends to all
+    samples and the loss of every process reaches every backbone. Returns x [N, C] -> (x_all
+    [P·N, C], this process's first row). One process: the local batch itself. Accelerate's gather
+    has no gradient, hence torch.distributed's differentiable all_gather, imported only here."""
+    if accelerator.num_processes == 1:
+        return lambda x: (x, 0)
+    from torch.distributed.nn.functional import all_gather
+    start = accelerator.process_index
+    return lambda x: (torch.cat(all_gather(x)), start * x.shape[0])

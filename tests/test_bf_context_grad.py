@@ -1,4 +1,4 @@
-"""--bf-context global across two real processes (gloo): train.global_context gathers the features WITH
+"""--bf-context global across two real processes (gloo): bfcl.loop.global_context gathers the features WITH
 gradients, so the loss of the other process reaches this process's backbone. A gather without
 gradients (accelerator.gather, dist.all_gather) still gives every process the right forward values
 and identical replicas; only this gradient tells them apart. The reference is the same layer over the
@@ -23,14 +23,13 @@ WORKER = r"""
 import os, sys
 import torch
 from accelerate import Accelerator
-sys.path.insert(0, os.getcwd())
-import train
+from bfcl.loop import global_context
 from test_bf_context_grad import build, inputs, loss_of
 
 accelerator = Accelerator(cpu=True)
 rank = accelerator.process_index
 backbone, bf = build()
-out = bf(backbone(inputs()[rank]), context=train.global_context(accelerator))
+out = bf(backbone(inputs()[rank]), context=global_context(accelerator))
 loss = loss_of(out) if rank == 1 else 0 * out.sum()
 loss.backward()
 torch.save({"out": out.detach(), "weight": backbone.weight.grad, "bias": backbone.bias.grad},
