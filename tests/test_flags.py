@@ -18,12 +18,14 @@ from scripts import IMAGENET_STEM, IMAGENET_STEM_ONE_EPOCH, IMAGENET_STEM_TINY, 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
+    """4 classes x 8 train and 4 val images, 16 px."""
     return make_image_folder(str(tmp_path_factory.mktemp("data")), classes=4, train_per_class=8,
                              val_per_class=4, size=16)
 
 
 @pytest.fixture(scope="module")
 def data_12(tmp_path_factory):
+    """4 classes x 12 train and 4 val images, 16 px (the settings checks' folder)."""
     return make_image_folder(str(tmp_path_factory.mktemp("data")), classes=4, train_per_class=12,
                              val_per_class=4, size=16)
 
