@@ -73,3 +73,37 @@ def test_check_finite_weights_names_the_tensor(tmp_path, bad):
         check_finite_weights(state, OneProcess(), 5, 0.1, str(tmp_path))
     assert str(e.value) == ("the weights became non-finite by step 5 (b.weight; lr 0.1, precision bf16); no checkpoint "
                             f"was written in {tmp_path}; lower --lr, or use fp32 with --mixed-precision no")
+
+
+def test_fine_tuning_refuses_a_nan_before_its_last_save(tmp_path, monkeypatch):
+    """probe.py --mode finetune, 8 steps, a checkpoint every 2: a NaN put into the classifier after the last
+    step's optimizer step stops the step-8 save; step 6's checkpoint stays and no classifier is exported."""
+    import bfcl.finetune
+    import probe
+    from bfcl.loop import Window
+    from bfcl.synthetic import make_image_folder
+
+    data = make_image_folder(str(tmp_path / "data"), classes=4, train_per_class=16, val_per_class=8, size=16)
+    models, calls = [], []
+    build, add = bfcl.finetune.finetune_model, Window.add
+    monkeypatch.setattr(bfcl.finetune, "finetune_model", lambda *a, **k: models.append(build(*a, **k)) or models[-1])
+
+    def add_then_poison(self, *args):  # Window.add follows the optimizer step
+        add(self, *args)
+        calls.append(1)
+        if len(calls) == 8:
+            with torch.no_grad():
+                models[0].get_parameter("fc.weight")[0, 0] = float("nan")
+
+    monkeypatch.setattr(Window, "add", add_then_poison)
+    out = tmp_path / "finetune"
+    message = error_of(probe.main, ["--random-init", "-a", "resnet18", "--stem", "small", "--image-size", "16",
+                                    "--data", data, "--output-dir", str(out), "--mode", "finetune", "-b", "16",
+                                    "--epochs", "2", "--warmup-epochs", "1", "--workers", "0", "--save-every", "2"])
+    kept = os.path.join(str(out), "checkpoints", "step-00000006")
+    assert message.startswith("error: the weights became non-finite by step 8 (fc.weight; lr ")
+    assert message.endswith(f", precision no); the last good checkpoint is kept in {kept}; lower --lr, or use fp32 "
+                            "with --mixed-precision no")
+    assert checkpoint_steps(out)[-1] == 6 and load_checkpoint(kept)[2]["step"] == 6
+    assert not os.path.exists(out / "finetuned.safetensors")
+    assert not [name for name in os.listdir(out / "checkpoints") if name.startswith(".")]
