@@ -77,26 +77,22 @@ import argparse
 import json
 import os
 import sys
-import time
 
 from accelerate.utils import broadcast_object_list
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
-from rich.text import Text
 
 import bfcl.embed
-from bfcl.errors import BfclError, ConfigError, DataError, one_line
+from bfcl.errors import BfclError, ConfigError, one_line
 from bfcl.evaluation import default_image_size, labelled_data, load_backbone, results_table
 from bfcl.finetune import RECIPE_FLAGS, FinetuneRun, finetune, finetune_recipe
-from bfcl.images import DEFAULT_MAX_PIXELS, UnreadableImage, read_image
-from bfcl.index import ImageIndex, find_layout
+from bfcl.images import DEFAULT_MAX_PIXELS
+from bfcl.index import training_index
 from bfcl.linear import FAST_LINEAR_BATCH, FAST_LINEAR_LR, linear_epochs, linear_peak_lr, linear_probe, quick_checks
 from bfcl.model import ARCHS, STEMS, is_vit
-from bfcl.neighbours import (check_k, check_threshold, duplicate_groups, neighbours, scores_to_first,
-                             write_duplicates, write_neighbours)
+from bfcl.neighbours import check_k, check_threshold, search_and_write
 from bfcl.precision import CHOICES as PRECISIONS
-from bfcl.precision import cpu_has_native_bf16
 from bfcl.pretrained import describe
+from bfcl.progress import CountProgress
 from bfcl.runs import EXIT_PREEMPTED, check_output_dir, check_ranges, format_summary, make_accelerator, run_lock
 from bfcl.subsets import describe_subset
 from bfcl.tracking import REPORT_TO, log_results, start_trackers, tracker_objects, trackers_for
@@ -382,10 +378,10 @@ def embed(args: argparse.Namespace, accelerator, precision_reason: str) -> int:
             check_threshold(args.duplicates)  # before any work
         backbone = load_backbone(None if args.random_init else args.pretrained, args.arch, args.stem,
                                  args.patch_size, args.image_size, args.seed)
-        index, index_note = embed_index(args, accelerator)
+        index, index_note = training_index(args.data, args.train_list, args.output_dir, accelerator, True)
         if k is not None:
             check_k(k, len(index))
-        image_size, size_reason = embed_image_size(backbone, index, args.image_size, args.max_image_pixels)
+        image_size, size_reason = bfcl.embed.image_size_for(backbone, index, args.image_size, args.max_image_pixels)
         backbone.model(1, image_size=image_size)  # another arch or size than the file's: one line now
     except ValueError as e:  # CheckpointError, DataError, K >= N, T outside (0, 1]
         raise ConfigError(str(e)) from None
@@ -400,7 +396,7 @@ def embed(args: argparse.Namespace, accelerator, precision_reason: str) -> int:
         "precision": f"{accelerator.mixed_precision} ({precision_reason})",
         "batch per process": args.batch_size // world, "output": args.output_dir,
     }))
-    with EmbedProgress(len(index), accelerator.is_main_process) as advance:
+    with CountProgress("embed", len(index), accelerator.is_main_process) as advance:
         result = bfcl.embed.embed_images(
             backbone, index, args.output_dir, image_size=image_size, batch_size=args.batch_size // world,
             workers=args.workers, dtype=bfcl.embed.DTYPES[args.embed_dtype], shard_size=args.shard_size,
@@ -416,7 +412,7 @@ def embed(args: argparse.Namespace, accelerator, precision_reason: str) -> int:
         try:
             if k is not None:
                 check_k(k, result.rows)  # unreadable images have no row
-                found = neighbours_and_duplicates(args.output_dir, k, args.duplicates, args.neighbour_block,
+                found = search_and_write(args.output_dir, k, args.duplicates, args.neighbour_block,
                                                   accelerator.device)
                 out = {**out, **found, "files": out["files"] + found["files"]}
             outcome = ("ok", out)
@@ -438,98 +434,6 @@ def embed(args: argparse.Namespace, accelerator, precision_reason: str) -> int:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0
-
-
-def embed_index(args: argparse.Namespace, accelerator) -> tuple[ImageIndex, str]:
-    """The index train.py would read (train.py's training_images): the main process builds it, or
-    reads the one saved in --output-dir, the others read that file; an error reaches every process."""
-    outcome = None
-    if accelerator.is_main_process:
-        try:
-            index, note = bfcl.embed.embed_index(args.data, args.train_list, args.output_dir)
-            outcome = ("ok", note)
-        except DataError as e:
-            outcome = ("error", str(e))
-    if accelerator.num_processes > 1:
-        outcome = broadcast_object_list([outcome])[0]
-    if outcome[0] == "error":
-        raise DataError(outcome[1])
-    if not accelerator.is_main_process:
-        index = ImageIndex.load(os.path.join(args.output_dir, bfcl.embed.INDEX_FILE),
-                                find_layout(args.data, args.train_list)[1])
-    return index, outcome[1]
-
-
-def embed_image_size(backbone, index: ImageIndex, image_size: int | None, max_pixels: int) -> tuple[int, str]:
-    """default_image_size, with the small stem's data side read off the index's first readable image
-    (default_image_size reads train/, which a folder or a list has not)."""
-    if image_size or backbone.info.get("image_size") or backbone.stem != "small":
-        return default_image_size(backbone, "", image_size, max_pixels)
-    for i in range(min(len(index), 100)):
-        try:
-            return min(read_image(index.path(i), max_pixels).size), f"side of {index.paths[i]} (small stem)"
-        except UnreadableImage:
-            continue
-    raise DataError(f"none of the first 100 images of {index.root} can be read (e.g. {index.path(0)}); "
-                    "check the data, or pass --image-size")
-
-
-class RateColumn(ProgressColumn):
-    def render(self, task) -> Text:
-        return Text(f"{task.speed:,.0f} images/s" if task.speed else "? images/s")
-
-
-class EmbedProgress:
-    """A rich bar with images/s and the time left on a terminal, else a line every 10 %; yields the
-    progress(n) callback embed_images calls on the main process (None on the others)."""
-
-    def __init__(self, total: int, main: bool):
-        self.total, self.main, self.done, self.shown, self.started = total, main, 0, 0, time.time()
-        self.console = Console()
-        self.bar = None
-        if main and self.console.is_terminal:
-            self.bar = Progress(TextColumn("[bold]embed"), BarColumn(), MofNCompleteColumn(), RateColumn(),
-                                TimeRemainingColumn(), console=self.console)
-            self.task = self.bar.add_task("embed", total=total)
-
-    def __enter__(self):
-        if self.bar is not None:
-            self.bar.start()
-        return self.advance if self.main else None
-
-    def advance(self, n: int) -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(self.task, advance=n)
-        elif self.done * 10 // self.total > self.shown or self.done == self.total:
-            self.shown = self.done * 10 // self.total
-            rate = self.done / max(time.time() - self.started, 1e-9)
-            print(f"embed {self.done}/{self.total} | {rate:,.0f} images/s | "
-                  f"eta {time.strftime('%H:%M:%S', time.gmtime((self.total - self.done) / rate))}", flush=True)
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.stop()
-
-
-def neighbours_and_duplicates(output_dir: str, k: int, threshold: float | None, block: int, device) -> dict:
-    """--neighbours / --duplicates on the embeddings just written: their files, counts and times."""
-    emb = bfcl.embed.load(output_dir)
-    n = emb.matrix.shape[0]
-    matmul = "bfloat16" if device.type == "cpu" and cpu_has_native_bf16() else "float32"
-    started = time.time()
-    idx, scores = neighbours(emb.matrix, k, block=block, device=device, matmul=matmul)
-    out = {"neighbours": {"k": k, "matmul": matmul, "seconds": round(time.time() - started, 2),
-                          "peak_block_bytes": 4 * min(block, n) * n}}
-    files = write_neighbours(output_dir, idx, scores, emb.paths, {"images_sha256": emb.metadata["images_sha256"]})
-    if threshold is not None:
-        started = time.time()
-        groups = duplicate_groups(idx, scores, threshold)
-        files.append(write_duplicates(output_dir, groups, scores_to_first(emb.matrix, groups), emb.paths))
-        out["duplicates"] = {"threshold": threshold, "groups": len(groups), "images": sum(map(len, groups)),
-                             "seconds": round(time.time() - started, 2)}
-    out["files"] = files
-    return out
 
 
 def embed_summary(out: dict, dtype: str) -> dict:

@@ -37,9 +37,9 @@ from safetensors import safe_open
 from bfcl.checkpoint import CheckpointError, _sha256, save_file_atomic
 from bfcl.embed_shards import (FORMAT, IndexImages, embed_shard, finished_shard, list_sha256, read_metadata,
                                refuse_other, save_shard, shard_names, weights_sha256, write_text_atomic)
-from bfcl.evaluation import Backbone
+from bfcl.evaluation import Backbone, default_image_size
 from bfcl.errors import DataError
-from bfcl.images import DEFAULT_MAX_PIXELS
+from bfcl.images import DEFAULT_MAX_PIXELS, UnreadableImage, read_image
 from bfcl.index import ImageIndex, saved_or_built
 from bfcl.pretrained import set_head
 from bfcl.views import eval_resize
@@ -72,6 +72,20 @@ def embed_index(data: str, train_list: str | None, output_dir: str) -> tuple[Ima
     saved in output_dir as train.py does (the same layouts and rules); DataError for a folder
     without images."""
     return saved_or_built(data, train_list, os.path.join(output_dir, INDEX_FILE), rebuild_ok=True)
+
+
+def image_size_for(backbone: Backbone, index: ImageIndex, image_size: int | None, max_pixels: int) -> tuple[int, str]:
+    """default_image_size, with the small stem's data side read off the index's first readable image
+    (default_image_size reads train/, which a folder or a list has not)."""
+    if image_size or backbone.info.get("image_size") or backbone.stem != "small":
+        return default_image_size(backbone, "", image_size, max_pixels)
+    for i in range(min(len(index), 100)):
+        try:
+            return min(read_image(index.path(i), max_pixels).size), f"side of {index.paths[i]} (small stem)"
+        except UnreadableImage:
+            continue
+    raise DataError(f"none of the first 100 images of {index.root} can be read (e.g. {index.path(0)}); "
+                    "check the data, or pass --image-size")
 
 
 def _backbone_meta(backbone: Backbone, backbone_file: str | None, image_size: int) -> dict:

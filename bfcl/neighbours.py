@@ -14,6 +14,7 @@ matmul, the same neighbours), 243 / 328 MB above the rows. The time grows as N²
 
 import csv
 import os
+import time
 
 import torch
 import torch.nn.functional as F
@@ -248,3 +249,28 @@ def write_duplicates(output_dir: str, groups: list[list[int]], group_scores: lis
             for i, s in zip(members, sc))
     _atomic_csv(path, ["group", "path", "score_to_first"], rows)
     return path
+
+
+def search_and_write(output_dir: str, k: int, threshold: float | None, block: int, device) -> dict:
+    """probe.py --neighbours / --duplicates on the embeddings in output_dir (bfcl.embed): writes their
+    files; returns what they hold, their times and the peak of the score blocks. bf16 matmul on a CPU
+    that computes it natively (exact: see neighbours)."""
+    from bfcl.embed import load  # here, not above: the search itself needs none of the models bfcl.embed loads
+    from bfcl.precision import cpu_has_native_bf16
+
+    emb = load(output_dir)
+    n = emb.matrix.shape[0]
+    matmul = "bfloat16" if device.type == "cpu" and cpu_has_native_bf16() else "float32"
+    started = time.time()
+    idx, scores = neighbours(emb.matrix, k, block=block, device=device, matmul=matmul)
+    out = {"neighbours": {"k": k, "matmul": matmul, "seconds": round(time.time() - started, 2),
+                          "peak_block_bytes": 4 * min(block, n) * n}}
+    files = write_neighbours(output_dir, idx, scores, emb.paths, {"images_sha256": emb.metadata["images_sha256"]})
+    if threshold is not None:
+        started = time.time()
+        groups = duplicate_groups(idx, scores, threshold)
+        files.append(write_duplicates(output_dir, groups, scores_to_first(emb.matrix, groups), emb.paths))
+        out["duplicates"] = {"threshold": threshold, "groups": len(groups), "images": sum(map(len, groups)),
+                             "seconds": round(time.time() - started, 2)}
+    out["files"] = files
+    return out

@@ -6,7 +6,8 @@ import sys
 import time
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.text import Text
 
 
 def format_metrics(metrics: dict) -> str:
@@ -97,3 +98,41 @@ class ProgressLog:
         if self.progress is not None:
             self.progress.stop()
         self.metrics_file.close()
+
+
+class RateColumn(ProgressColumn):
+    def render(self, task) -> Text:
+        return Text(f"{task.speed:,.0f} images/s" if task.speed else "? images/s")
+
+
+class CountProgress:
+    """A bar of `what` with images/s and the time left on a terminal, else a line every 10 %; yields
+    the progress(n) callback (bfcl.embed.embed_images's) on the main process, None on the others."""
+
+    def __init__(self, what: str, total: int, main: bool):
+        self.what, self.total, self.main, self.done, self.shown, self.started = what, total, main, 0, 0, time.time()
+        self.console = Console()
+        self.bar = None
+        if main and self.console.is_terminal:
+            self.bar = Progress(TextColumn(f"[bold]{what}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
+                                TimeRemainingColumn(), console=self.console)
+            self.task = self.bar.add_task(what, total=total)
+
+    def __enter__(self):
+        if self.bar is not None:
+            self.bar.start()
+        return self.advance if self.main else None
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(self.task, advance=n)
+        elif self.done * 10 // self.total > self.shown or self.done == self.total:
+            self.shown = self.done * 10 // self.total
+            rate = self.done / max(time.time() - self.started, 1e-9)
+            print(f"{self.what} {self.done}/{self.total} | {rate:,.0f} images/s | "
+                  f"eta {time.strftime('%H:%M:%S', time.gmtime((self.total - self.done) / rate))}", flush=True)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.stop()
