@@ -89,7 +89,7 @@ from bfcl.images import DEFAULT_MAX_PIXELS
 from bfcl.index import training_index
 from bfcl.linear import FAST_LINEAR_BATCH, FAST_LINEAR_LR, linear_epochs, linear_peak_lr, linear_probe, quick_checks
 from bfcl.model import ARCHS, STEMS, is_vit
-from bfcl.neighbours import check_k, check_threshold, search_and_write
+from bfcl.neighbours import DUPLICATE_THRESHOLD, check_k, check_threshold, search_and_write
 from bfcl.precision import CHOICES as PRECISIONS
 from bfcl.pretrained import describe
 from bfcl.progress import CountProgress
@@ -238,10 +238,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.add_argument("--neighbours", type=int, default=None, metavar="K",
                    help="also write each image's K most cosine-similar other images (exact, blocked, on the "
                         "training device): neighbours.safetensors, and neighbours.csv when N x K <= 1M")
-    a.add_argument("--duplicates", type=float, default=None, metavar="T",
+    a.add_argument("--duplicates", type=float, nargs="?", const=DUPLICATE_THRESHOLD, default=None, metavar="T",
                    help="also write groups of near-duplicates (cosine >= T to a neighbour, joined transitively) to "
-                        "duplicates.csv, from the neighbour lists (K 10 unless --neighbours). No default yet: give T "
-                        "explicitly (0.95 is a reasonable start; bench/embed_bench.py --only duplicates measures it)")
+                        f"duplicates.csv, from the neighbour lists (K 10 unless --neighbours). T alone: "
+                        f"{DUPLICATE_THRESHOLD}, the lowest T with precision >= 0.99 on planted CIFAR-10 duplicates "
+                        "(docs/results.md#embeddings-neighbours-and-near-duplicates)")
     a.add_argument("--neighbour-block", type=int, default=4096,
                    help="rows per block of the neighbour search: peak memory 4 x block x N bytes")
     a = p.add_argument_group("run")
