@@ -194,10 +194,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.add_argument("--max-steps", type=int, default=0,
                    help="stop after this many steps in total (0: all epochs); the schedule still spans --epochs")
     a.add_argument("--eval-every", type=int, default=0,
-                   help="also evaluate on val/ every N steps (0: at epoch ends and at the end only)")
-    a.add_argument("--eval-epoch-ends", action=argparse.BooleanOptionalAction, default=True,
-                   help="evaluate at every epoch end (--no-eval-epoch-ends: at the end and --eval-every only, "
-                        "for runs on a wall-clock budget)")
+                   help="also evaluate on val/ every N steps (0: only where --eval-epoch-ends says)")
+    a.add_argument("--eval-epoch-ends", action=argparse.BooleanOptionalAction, default=None,
+                   help="evaluate at every epoch end (--no-eval-epoch-ends: at the end and --eval-every only). "
+                        "Default: at up to 10 evenly spread epoch ends, the end included, as many as keep "
+                        "evaluation within a tenth of training (steps x batch x 3 forward passes >= 10 x val "
+                        "images per evaluation); the summary lists the steps")
     a = p.add_argument_group("quick checks")
     a.add_argument("--knn-k", type=int, nargs="+", default=[20, 200], help="neighbour counts")
     a.add_argument("--knn-t", type=float, default=0.07, help="temperature of the exp(cos / T) vote weights")

@@ -61,7 +61,7 @@ def test_resnet_backbone_moves_and_the_classifier_loads_into_torchvision(data, t
     export = str(tmp_path / "backbone.safetensors")
     export_backbone(moco.state_dict(), export, arch="resnet18", stem="imagenet", image_size=16, step=5)
     out = tmp_path / "ft"
-    result = run("--pretrained", export, "--data", data, "--output-dir", str(out), *COMMON)
+    result = run("--pretrained", export, "--data", data, "--output-dir", str(out), *COMMON, "--eval-epoch-ends")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "simclr-semi-supervised" in result.stdout and "finetune, last step" in result.stdout  # a pretrained start
 
