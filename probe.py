@@ -73,7 +73,8 @@ from bfcl.linear import FAST_LINEAR_BATCH, FAST_LINEAR_LR, linear_epochs, linear
 from bfcl.model import ARCHS, STEMS, is_vit
 from bfcl.precision import CHOICES as PRECISIONS
 from bfcl.pretrained import describe
-from bfcl.runs import EXIT_PREEMPTED, check_output_dir, check_ranges, format_summary, make_accelerator, run_lock
+from bfcl.runs import (EXIT_PREEMPTED, MAX_EPOCHS, check_output_dir, check_ranges, format_summary, make_accelerator,
+                       run_lock)
 from bfcl.subsets import describe_subset
 from bfcl.tracking import REPORT_TO, log_results, start_trackers, tracker_objects, trackers_for
 
@@ -83,9 +84,10 @@ INF = None
 FLAG_RANGES = {  # (low, high, low inclusive, high inclusive), checked before any work
     "image_size": (8, 4096, True, True), "patch_size": (1, 4096, True, True), "max_train_samples": (0, INF, True, True),
     "workers": (0, 256, True, True), "batch_size": (1, INF, True, True), "lr": (0, INF, False, True),
-    "epochs": (0, INF, False, True), "knn_k": (1, INF, True, True), "knn_t": (0, INF, False, True),
-    "fast_epochs": (1, INF, True, True), "seed": (0, 2**31 - 1, True, True), "max_image_pixels": (1, INF, True, True),
-    "max_bad_image_share": (0, 1, True, True), "wd": (0, INF, True, True), "warmup_epochs": (0, INF, True, True),
+    "epochs": (0, MAX_EPOCHS, False, True), "knn_k": (1, INF, True, True), "knn_t": (0, INF, False, True),
+    "fast_epochs": (1, MAX_EPOCHS, True, True), "seed": (0, 2**31 - 1, True, True),
+    "max_image_pixels": (1, INF, True, True),
+    "max_bad_image_share": (0, 1, True, True), "wd": (0, INF, True, True), "warmup_epochs": (0, MAX_EPOCHS, True, True),
     "min_lr": (0, INF, True, True), "label_smoothing": (0, 1, True, False), "mixup": (0, INF, True, True),
     "cutmix": (0, INF, True, True), "reprob": (0, 1, True, True), "drop_path": (0, 1, True, False),
     "layer_decay": (0, 1, False, True), "save_every": (1, INF, True, True), "keep": (0, INF, True, True),

@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 
+import psutil
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
@@ -26,6 +27,9 @@ from bfcl.runlock import take_lock
 # A flag's allowed range: (low, high, low inclusive, high inclusive); None for an open end.
 # Listed once per script (train.FLAG_RANGES, probe.FLAG_RANGES) and checked before any work.
 Range = tuple
+# Upper bounds where "no bound" would overflow later: a step count (steps per epoch x epochs) must stay
+# an exact integer, and a layer's width must be a tensor size (its memory is then estimated too).
+MAX_EPOCHS, MAX_WIDTH = 1e6, 2**24
 
 
 def check_ranges(values: dict, ranges: dict[str, Range]) -> None:
@@ -38,7 +42,10 @@ def check_ranges(values: dict, ranges: dict[str, Range]) -> None:
         for v in value if isinstance(value, list) else [value]:
             if v is None:
                 continue
-            ok = math.isfinite(v)
+            try:
+                ok = math.isfinite(v)
+            except OverflowError:  # an integer beyond any float (--save-every 1e400 as digits)
+                ok = False
             if ok and low is not None:
                 ok = v >= low if low_in else v > low
             if ok and high is not None:
@@ -46,6 +53,21 @@ def check_ranges(values: dict, ranges: dict[str, Range]) -> None:
             if not ok:
                 raise ConfigError(f"--{dest.replace('_', '-')} {v!r} is outside its range "
                                   f"{describe_range(low, high, low_in, high_in)}; pass a value inside it")
+
+
+def check_memory(needed: int, available: int, what: str) -> None:
+    """ConfigError when `needed` bytes exceed `available`, naming `what` asked for them and both sizes."""
+    if needed > available:
+        raise ConfigError(f"{what} needs about {needed / 2**30:.3g} GiB for the model's weights, gradients and "
+                          f"optimizer state alone, more than the {available / 2**30:.3g} GiB available; lower it")
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes a process may use: free memory of its GPU, or its share of the host's available memory
+    (LOCAL_WORLD_SIZE: the processes on this host, set by torchrun and accelerate launch)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return psutil.virtual_memory().available // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def describe_range(low, high, low_in: bool, high_in: bool) -> str:
