@@ -216,7 +216,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also log fine-tuning's metrics.jsonl scalars, the results and the config to an experiment "
                         "tracker through Accelerate ('all': every installed one); bfcl/tracking.py")
     a.add_argument("--mixed-precision", choices=PRECISIONS, default=None,
-                   help="overrides accelerate launch's setting (default: theirs; the way to set it under torchrun). "
+                   help="overrides accelerate launch's setting (default: theirs; auto where the launcher names "
+                        "none, as torchrun and plain python). "
                         "'auto': bf16 on GPUs that support it (else fp16) and on CPUs that compute it natively "
                         "(AVX512-BF16, AMX), fp32 on other CPUs, where bf16 is emulated")
     return p.parse_args(argv)

@@ -205,9 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ViTs: 'timm' also writes backbone-timm.safetensors (timm's key names; its metadata names "
                         "the timm model) beside backbone.safetensors, which probe.py and resumes read")
     a.add_argument("--mixed-precision", choices=PRECISIONS, default=None,
-                   help="overrides accelerate launch's --mixed_precision / config file (default: theirs; "
-                   "the way to set it under torchrun). 'auto': bf16 on GPUs that support it (else fp16) and on "
-                   "CPUs that compute it natively (AVX512-BF16, AMX), fp32 on other CPUs, where bf16 is emulated")
+                   help="overrides accelerate launch's --mixed_precision / config file (default: theirs; auto "
+                   "where the launcher names none, as torchrun and plain python). 'auto': bf16 on GPUs that "
+                   "support it (else fp16) and on CPUs that compute it natively (AVX512-BF16, AMX), fp32 on other "
+                   "CPUs, where bf16 is emulated")
     a.add_argument("--knn-every", type=int, default=0,
                    help="kNN top-1 on a held-out subset every N steps (0: off); labels from DIR/val/<class>/ (with "
                         "DIR/train as the bank for an ImageFolder, else two halves of DIR/val) or from --knn-data")

@@ -110,9 +110,9 @@ def run_lock(output_dir: str, accelerator: Accelerator):
 
 def make_accelerator(precision: str | None = None, kwargs_handlers=(), log_with=None) -> tuple[Accelerator, str]:
     """(the Accelerator, why its precision): the launcher's processes and devices, with precision
-    from --mixed-precision (None: the launcher's setting; 'auto': bf16 where the device computes
-    it, bfcl/precision.py). log_with: Accelerate's trackers (bfcl/tracking.py), or None. Prints the
-    one-line warning for bf16 emulated on a CPU."""
+    from --mixed-precision (None: the launcher's setting, 'auto' where it names none; 'auto': bf16
+    where the device computes it, bfcl/precision.py). log_with: Accelerate's trackers
+    (bfcl/tracking.py), or None. Prints the one-line warning for bf16 emulated on a CPU."""
     # torchrun without GPUs: Accelerate starts gloo only when told the processes are CPU ones.
     cpu = "LOCAL_RANK" in os.environ and not torch.cuda.is_available()
     mixed_precision, why = resolve_precision(precision, launch_device_type(cpu))
