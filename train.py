@@ -51,7 +51,7 @@ from bfcl.progress import ProgressLog
 from bfcl.recipes import RECIPES, apply_recipe
 from bfcl.runs import (EXIT_PREEMPTED, MAX_EPOCHS, MAX_WIDTH, StopSignal, available_memory, check_free_disk,
                        check_memory, check_output_dir, check_ranges, code_version, format_summary, make_accelerator,
-                       run_lock, scaled_warmup)
+                       mark_stopped, run_lock, scaled_warmup)
 from bfcl.schedules import learning_rate, momentum
 from bfcl.views import PretrainDataset, pretrain_views
 
@@ -623,6 +623,7 @@ def sync_point(run: TrainingRun, done: int, lr: float, m: float) -> str | None:
     if log is not None:
         log.print(f"stopped by a signal at step {done}; checkpoint written; run the same command to resume")
         log.close()
+        mark_stopped(config.output_dir, done)
     return "stop"
 
 

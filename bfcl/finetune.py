@@ -27,7 +27,7 @@ from bfcl.loop import Window, batches
 from bfcl.model import is_vit
 from bfcl.optim import param_groups
 from bfcl.progress import ProgressLog
-from bfcl.runs import EXIT_PREEMPTED, StopSignal, code_version, format_summary, scaled_warmup
+from bfcl.runs import EXIT_PREEMPTED, StopSignal, code_version, format_summary, mark_stopped, scaled_warmup
 from bfcl.tracking import tracker_log
 from bfcl.views import IMAGENET_MEAN, IMAGENET_STD, SeededImages
 
@@ -245,6 +245,7 @@ def finetune(backbone: Backbone, data: ProbeData, recipe: FinetuneRecipe, run: F
             if log is not None:
                 log.print(f"stopped by a signal at step {done}; checkpoint written; run the same command to resume")
                 log.close()
+                mark_stopped(run.output_dir, done)
             return EXIT_PREEMPTED
     if log is not None:
         log.close()

@@ -101,6 +101,8 @@ def run_lock(output_dir: str, accelerator: Accelerator):
     OUTPUT/.lock while the body runs (yields the lock there, None elsewhere) and every process learns
     whether it was refused (RunLockError, bfcl/runlock.py)."""
     lock = take_lock(output_dir, accelerator.is_main_process, lambda m: broadcast_object_list([m])[0])
+    if lock is not None:  # this run now owns the folder: a previous run's clean stop is no longer its state
+        clear_stop_marker(output_dir)
     try:
         yield lock
     finally:
@@ -186,3 +188,21 @@ class StopSignal:
 # The exit status of a run stopped by SIGTERM/SIGINT after a checkpoint (EX_TEMPFAIL): run the same
 # command again to resume. The loops return it; the scripts exit with it.
 EXIT_PREEMPTED = 75
+# ... and the marker such a run leaves in its output folder, since a launcher's own status does not
+# say it (torchrun exits 1 when it was signalled, whatever its processes returned). The next run
+# on the folder removes it once it holds the lock (run_lock).
+STOP_MARKER = "STOPPED"
+
+
+def mark_stopped(output_dir: str, step: int) -> None:
+    """Write OUTPUT/STOPPED, atomically: 'stopped cleanly at step N; run the same command to resume'."""
+    path = os.path.join(output_dir, STOP_MARKER)
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with open(temporary, "w") as f:
+        f.write(f"stopped cleanly at step {step}; run the same command to resume\n")
+    os.replace(temporary, path)
+
+
+def clear_stop_marker(output_dir: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(output_dir, STOP_MARKER))

@@ -103,11 +103,13 @@ def test_sigterm_and_sigkill_then_resume_equal_the_straight_run(data, vit_straig
     output, code = start_and_signal(signal.SIGTERM, 2)
     assert code == EXIT_PREEMPTED, output
     assert "stopped by a signal" in output
+    assert (out / "STOPPED").read_text().startswith("stopped cleanly at step ")  # the marker, as train.py's
     output, code = start_and_signal(signal.SIGKILL, 5)
     assert code == -signal.SIGKILL, output
     final = run(*VIT, "--data", data, "--output-dir", str(out), *COMMON, "--save-every", "1")
     assert final.returncode == 0, final.stdout + final.stderr
     assert "resumed from" in final.stdout
+    assert not (out / "STOPPED").exists()
 
     expected = load_file(vit_straight / "finetuned.safetensors")
     got = load_file(out / "finetuned.safetensors")
