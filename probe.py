@@ -93,7 +93,8 @@ from bfcl.neighbours import DUPLICATE_THRESHOLD, check_k, check_threshold, searc
 from bfcl.precision import CHOICES as PRECISIONS
 from bfcl.pretrained import describe
 from bfcl.progress import CountProgress
-from bfcl.runs import EXIT_PREEMPTED, check_output_dir, check_ranges, format_summary, make_accelerator, run_lock
+from bfcl.runs import (EXIT_PREEMPTED, MAX_EPOCHS, check_output_dir, check_ranges, format_summary, make_accelerator,
+                       run_lock)
 from bfcl.subsets import describe_subset
 from bfcl.tracking import REPORT_TO, log_results, start_trackers, tracker_objects, trackers_for
 
@@ -103,9 +104,10 @@ INF = None
 FLAG_RANGES = {  # (low, high, low inclusive, high inclusive), checked before any work
     "image_size": (8, 4096, True, True), "patch_size": (1, 4096, True, True), "max_train_samples": (0, INF, True, True),
     "workers": (0, 256, True, True), "batch_size": (1, INF, True, True), "lr": (0, INF, False, True),
-    "epochs": (0, INF, False, True), "knn_k": (1, INF, True, True), "knn_t": (0, INF, False, True),
-    "fast_epochs": (1, INF, True, True), "seed": (0, 2**31 - 1, True, True), "max_image_pixels": (1, INF, True, True),
-    "max_bad_image_share": (0, 1, True, True), "wd": (0, INF, True, True), "warmup_epochs": (0, INF, True, True),
+    "epochs": (0, MAX_EPOCHS, False, True), "knn_k": (1, INF, True, True), "knn_t": (0, INF, False, True),
+    "fast_epochs": (1, MAX_EPOCHS, True, True), "seed": (0, 2**31 - 1, True, True),
+    "max_image_pixels": (1, INF, True, True),
+    "max_bad_image_share": (0, 1, True, True), "wd": (0, INF, True, True), "warmup_epochs": (0, MAX_EPOCHS, True, True),
     "min_lr": (0, INF, True, True), "label_smoothing": (0, 1, True, False), "mixup": (0, INF, True, True),
     "cutmix": (0, INF, True, True), "reprob": (0, 1, True, True), "drop_path": (0, 1, True, False),
     "layer_decay": (0, 1, False, True), "save_every": (1, INF, True, True), "keep": (0, INF, True, True),
@@ -218,10 +220,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.add_argument("--max-steps", type=int, default=0,
                    help="stop after this many steps in total (0: all epochs); the schedule still spans --epochs")
     a.add_argument("--eval-every", type=int, default=0,
-                   help="also evaluate on val/ every N steps (0: at epoch ends and at the end only)")
-    a.add_argument("--eval-epoch-ends", action=argparse.BooleanOptionalAction, default=True,
-                   help="evaluate at every epoch end (--no-eval-epoch-ends: at the end and --eval-every only, "
-                        "for runs on a wall-clock budget)")
+                   help="also evaluate on val/ every N steps (0: only where --eval-epoch-ends says)")
+    a.add_argument("--eval-epoch-ends", action=argparse.BooleanOptionalAction, default=None,
+                   help="evaluate at every epoch end (--no-eval-epoch-ends: at the end and --eval-every only). "
+                        "Default: at up to 10 evenly spread epoch ends, the end included, as many as keep "
+                        "evaluation within a tenth of training (steps x batch x 3 forward passes >= 10 x val "
+                        "images per evaluation); the summary lists the steps")
     a = p.add_argument_group("quick checks")
     a.add_argument("--knn-k", type=int, nargs="+", default=[20, 200], help="neighbour counts")
     a.add_argument("--knn-t", type=float, default=0.07, help="temperature of the exp(cos / T) vote weights")
@@ -253,7 +257,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also log fine-tuning's metrics.jsonl scalars, the results and the config to an experiment "
                         "tracker through Accelerate ('all': every installed one); bfcl/tracking.py")
     a.add_argument("--mixed-precision", choices=PRECISIONS, default=None,
-                   help="overrides accelerate launch's setting (default: theirs; the way to set it under torchrun). "
+                   help="overrides accelerate launch's setting (default: theirs; auto where the launcher names "
+                        "none, as torchrun and plain python). "
                         "'auto': bf16 on GPUs that support it (else fp16) and on CPUs that compute it natively "
                         "(AVX512-BF16, AMX), fp32 on other CPUs, where bf16 is emulated")
     return p.parse_args(argv)

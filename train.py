@@ -43,13 +43,14 @@ from bfcl.timm_export import TIMM_FILE, export_timm  # --export-format timm
 from bfcl.tracking import REPORT_TO, start_trackers, tracker_log, tracker_objects, trackers_for
 from bfcl.loop import StopCheck, Window, batches, global_context
 from bfcl.loss import BF_LOSSES, bf_loss_from_add_bf, moco_loss
-from bfcl.model import ARCHS, STEMS, MoCo, is_vit, uses_channels_last
+from bfcl.model import ARCHS, STEMS, MoCo, is_vit, training_memory, uses_channels_last
 from bfcl.precision import CHOICES as PRECISIONS
 from bfcl.optim import OPTIMIZERS, build_optimizer, param_groups
 from bfcl.progress import ProgressLog
 from bfcl.recipes import RECIPES, apply_recipe
-from bfcl.runs import (EXIT_PREEMPTED, StopSignal, check_finite_weights, check_free_disk, check_output_dir,
-                       check_ranges, code_version, format_summary, make_accelerator, run_lock, scaled_warmup)
+from bfcl.runs import (EXIT_PREEMPTED, MAX_EPOCHS, MAX_WIDTH, StopSignal, available_memory, check_finite_weights,
+                       check_free_disk, check_memory, check_output_dir, check_ranges, code_version, format_summary,
+                       make_accelerator, mark_stopped, run_lock, scaled_warmup)
 from bfcl.schedules import learning_rate, momentum
 from bfcl.views import PretrainDataset, pretrain_views
 
@@ -74,14 +75,16 @@ INF = None
 FLAG_RANGES = {
     "workers": (0, 256, True, True), "image_size": (8, 4096, True, True), "crop_min": (0, 1, False, True),
     "patch_size": (1, 4096, True, True), "max_image_pixels": (1, INF, True, True),
-    "moco_dim": (1, INF, True, True), "moco_mlp_dim": (1, INF, True, True), "moco_t": (0, INF, False, True),
+    "moco_dim": (1, MAX_WIDTH, True, True), "moco_mlp_dim": (1, MAX_WIDTH, True, True), "moco_t": (0, INF, False, True),
     "moco_m": (0, 1, True, True), "add_bf": (0, INF, True, True), "bf_lr_scale": (0, INF, True, True),
-    "bf_start_epoch": (0, INF, True, True),
+    "bf_start_epoch": (0, MAX_EPOCHS, True, True),
     "batch_size": (1, INF, True, True), "lr": (0, INF, False, True), "wd": (0, INF, True, True),
-    "epochs": (0, INF, False, True), "warmup_epochs": (0, INF, True, True), "seed": (0, 2**31 - 1, True, True),
+    "epochs": (0, MAX_EPOCHS, False, True), "warmup_epochs": (0, MAX_EPOCHS, True, True),
+    "seed": (0, 2**31 - 1, True, True),
     "save_every": (1, INF, True, True), "keep": (0, INF, True, True), "log_every": (1, INF, True, True),
     "max_steps": (0, INF, True, True), "max_nonfinite_steps": (0, INF, True, True),
-    "max_bad_image_share": (0, 1, True, True), "knn_every": (0, INF, True, True), "knn_samples": (1, INF, True, True),
+    "max_bad_image_share": (0, 1, True, True), "knn_every": (0, INF, True, True),
+    "knn_samples": (1, INF, True, True),
 }
 
 
@@ -201,9 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ViTs: 'timm' also writes backbone-timm.safetensors (timm's key names; its metadata names "
                         "the timm model) beside backbone.safetensors, which probe.py and resumes read")
     a.add_argument("--mixed-precision", choices=PRECISIONS, default=None,
-                   help="overrides accelerate launch's --mixed_precision / config file (default: theirs; "
-                   "the way to set it under torchrun). 'auto': bf16 on GPUs that support it (else fp16) and on "
-                   "CPUs that compute it natively (AVX512-BF16, AMX), fp32 on other CPUs, where bf16 is emulated")
+                   help="overrides accelerate launch's --mixed_precision / config file (default: theirs; auto "
+                   "where the launcher names none, as torchrun and plain python). 'auto': bf16 on GPUs that "
+                   "support it (else fp16) and on CPUs that compute it natively (AVX512-BF16, AMX), fp32 on other "
+                   "CPUs, where bf16 is emulated")
     a.add_argument("--knn-every", type=int, default=0,
                    help="kNN top-1 on a held-out subset every N steps (0: off); labels from DIR/val/<class>/ (with "
                         "DIR/train as the bank for an ImageFolder, else two halves of DIR/val) or from --knn-data")
@@ -334,6 +338,11 @@ def pretrain(args: argparse.Namespace, stop: StopSignal, recipe_notes: dict[str,
     bf_loss = config.bf_loss or bf_loss_from_add_bf(config.add_bf)
     knn = knn_source(config.data, config.train_list, config.knn_every, config.knn_data)
     validate(config, accelerator.num_processes, bf_loss, knn)
+    # Before anything is allocated: the MLP widths alone can exhaust the memory.
+    needed = training_memory(config.arch, config.stem, config.moco_dim, config.moco_mlp_dim,
+                             batchformer=bool(bf_loss), image_size=config.image_size, patch_size=config.patch_size)[1]
+    check_memory(needed, available_memory(accelerator.device),
+                 f"--moco-mlp-dim {config.moco_mlp_dim} with --moco-dim {config.moco_dim}: the model")
     # One output folder, one run: the main process holds <output-dir>/.lock until the end.
     with run_lock(config.output_dir, accelerator) as lock:
         if lock is not None and lock.message:
@@ -551,6 +560,7 @@ def sync_point(run: TrainingRun, done: int, lr: float, m: float) -> str | None:
     if log is not None:
         log.print(f"stopped by a signal at step {done}; checkpoint written; run the same command to resume")
         log.close()
+        mark_stopped(config.output_dir, done)
     return "stop"
 
 

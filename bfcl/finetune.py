@@ -27,7 +27,8 @@ from bfcl.loop import Window, batches
 from bfcl.model import is_vit
 from bfcl.optim import param_groups
 from bfcl.progress import ProgressLog
-from bfcl.runs import EXIT_PREEMPTED, StopSignal, check_finite_weights, code_version, format_summary, scaled_warmup
+from bfcl.runs import (EXIT_PREEMPTED, StopSignal, check_finite_weights, code_version, format_summary, mark_stopped,
+                       scaled_warmup)
 from bfcl.tracking import tracker_log
 from bfcl.views import IMAGENET_MEAN, IMAGENET_STD, SeededImages
 
@@ -35,6 +36,9 @@ from bfcl.views import IMAGENET_MEAN, IMAGENET_STD, SeededImages
 FINETUNE_RESUMABLE = {"workers", "output_dir", "resume", "force_resume", "log_every", "save_every", "keep", "max_steps",
                       "eval_every", "eval_epoch_ends", "max_bad_image_share", "max_image_pixels", "knn_k", "knn_t",
                       "fast_epochs", "save_features", "report_to"}
+# The default evaluation schedule (evaluation_steps): at most this many evaluations on val/, costing at
+# most a tenth of the training, where a training image costs 3 forward passes (forward + backward).
+MAX_EVAL_POINTS, EVAL_SHARE_TENTHS, TRAIN_PASSES = 10, 1, 3
 # probe.py's flag -> the FinetuneRecipe field it overrides
 RECIPE_FLAGS = {"epochs": "epochs", "lr": "base_lr", "wd": "weight_decay", "warmup_epochs": "warmup_epochs",
                 "min_lr": "min_lr", "label_smoothing": "label_smoothing", "mixup": "mixup", "cutmix": "cutmix",
@@ -88,8 +92,23 @@ class FinetuneRun:
     keep: int = 2
     log_every: int = 10
     eval_every: int = 0
-    eval_epoch_ends: bool = True
+    eval_epoch_ends: bool | None = None  # None: evaluation_steps' bounded default
     max_bad_image_share: float = 0.01
+
+
+def evaluation_steps(total_steps: int, steps_per_epoch: int, batch_size: int, val_size: int,
+                     every_epoch: bool | None) -> list[int]:
+    """The steps after which fine-tuning evaluates on val/ (besides --eval-every), ascending, the
+    schedule's last step always. every_epoch True: each epoch end; False: the end only; None: as many
+    evenly spread epoch ends as keep evaluation within a tenth of the training's cost (a training image
+    counts TRAIN_PASSES forward passes, a val image one), at most MAX_EVAL_POINTS, the end included.
+    A pure function of the run's settings, so a resumed run evaluates at the same steps."""
+    epochs = total_steps // steps_per_epoch
+    if every_epoch:
+        return sorted({e * steps_per_epoch for e in range(1, epochs + 1)} | {total_steps})
+    affordable = EVAL_SHARE_TENTHS * TRAIN_PASSES * total_steps * batch_size // (10 * max(val_size, 1))
+    points = 1 if every_epoch is False else max(1, min(MAX_EVAL_POINTS, epochs, affordable))
+    return sorted({round(i * epochs / points) * steps_per_epoch for i in range(1, points)} | {total_steps})
 
 
 def finetune_model(backbone: Backbone, recipe: FinetuneRecipe, num_classes: int, image_size: int, world: int,
@@ -140,6 +159,7 @@ def finetune(backbone: Backbone, data: ProbeData, recipe: FinetuneRecipe, run: F
     last_step = min(total_steps, run.max_steps) if run.max_steps else total_steps
     warmup_steps = round(steps_per_epoch * recipe.warmup_epochs)
     peak_lr, min_lr = recipe.scaled_lr(run.batch_size), recipe.min_lr  # DeiT scales the peak, not the floor
+    eval_steps = evaluation_steps(total_steps, steps_per_epoch, run.batch_size, len(data.val), run.eval_epoch_ends)
 
     record = dataclasses.asdict(run) if record is None else record
     config = {**record, "recipe": dataclasses.asdict(recipe), "image_size": image_size}
@@ -166,6 +186,11 @@ def finetune(backbone: Backbone, data: ProbeData, recipe: FinetuneRecipe, run: F
         "drop path / layer decay": f"{recipe.drop_path if family == 'vit' else '-'} / {recipe.layer_decay}",
         "BatchFormer in the classifier": "[x ; BF(x)] through the shared head, labels twice; removed at evaluation "
                                          "and in the export" if run.bf_head else "no",
+        "evaluation on val/": f"after steps {', '.join(map(str, eval_steps))}"
+                              + (f" and every {run.eval_every}" if run.eval_every else "") + " ("
+                              + {True: "every epoch end", False: "the end only"}.get(
+                                  run.eval_epoch_ends, "within a tenth of the training's cost; --eval-epoch-ends: "
+                                                       "every epoch") + ")",
         "resumed from": f"{path} (step {start})" if resumed else "scratch"}))
 
     metrics_path = os.path.join(run.output_dir, "metrics.jsonl")
@@ -195,7 +220,7 @@ def finetune(backbone: Backbone, data: ProbeData, recipe: FinetuneRecipe, run: F
 
         done = step + 1
         end_of_epoch = done % steps_per_epoch == 0
-        evaluate_now = (end_of_epoch and run.eval_epoch_ends) or done == last_step or \
+        evaluate_now = done in eval_steps or done == last_step or \
             (run.eval_every and done % run.eval_every == 0)
         save_now = done % run.save_every == 0 or end_of_epoch or done == last_step
         if done % run.log_every and not (evaluate_now or save_now):
@@ -221,6 +246,7 @@ def finetune(backbone: Backbone, data: ProbeData, recipe: FinetuneRecipe, run: F
             if log is not None:
                 log.print(f"stopped by a signal at step {done}; checkpoint written; run the same command to resume")
                 log.close()
+                mark_stopped(run.output_dir, done)
             return EXIT_PREEMPTED
     if log is not None:
         log.close()

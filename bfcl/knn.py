@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
-from bfcl.errors import DataError
+from bfcl.errors import DataError, TrainingError
 from bfcl.folders import check_image_folder, check_train_val
 from bfcl.images import LabelledImages, image_folder
 from bfcl.index import find_layout
@@ -51,7 +51,17 @@ def knn_scores(features, bank, bank_labels, num_classes: int, k: int = 200,
 
 
 def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict:
-    """{"top1": %, "top5": %} of scores [M, K] against labels [M]; k is capped at the class count."""
+    """{"top1": %, "top5": %} of scores [M, K] against labels [M]; k is capped at the class count.
+
+    No number from nothing: NaN scores rank arbitrarily (a NaN head once scored "top-1 25.00"), and
+    the mean over no samples is NaN, so both refuse (TrainingError, DataError) instead."""
+    if scores.shape[0] == 0:
+        raise DataError("no samples to evaluate: an accuracy over no images is undefined; add images to val/")
+    bad = int((~torch.isfinite(scores)).any(dim=1).sum())
+    if bad:
+        raise TrainingError(f"{bad} of {scores.shape[0]} rows of class scores are not finite (NaN or inf): no "
+                            "accuracy is reported; the backbone or head gives non-finite outputs (check the "
+                            "checkpoint, or lower the lr)")
     ranked = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices
     hits = ranked == labels[:, None]
     return {f"top{k}": 100.0 * hits[:, :k].any(dim=1).float().mean().item() for k in ks}

@@ -6,6 +6,8 @@ probe.py (or a notebook, through bfcl/api.py) picks the backbone and the data an
 linear_probe or quick_checks; both split their passes over the processes with bfcl/evaluation.py.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -14,7 +16,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
 from bfcl.bf_head import BatchFormerClassifier, targets_for
-from bfcl.errors import ConfigError
+from bfcl.errors import ConfigError, DataError, TrainingError
 from bfcl.evaluation import Backbone, ProbeData, check_failed_reads, evaluate, features, summed
 from bfcl.knn import knn_scores, topk_accuracy
 from bfcl.model import is_vit
@@ -43,8 +45,15 @@ def fast_linear(train_x, train_y, val_x, val_y, num_classes: int, epochs: int, s
     N(0, 0.01²) init, SGD momentum 0.9, no weight decay, per-epoch cosine; init and batch order
     drawn from `seed` alone, so the same features and seed give the same result.
     """
+    if len(train_x) < 2:  # the variance of one sample is NaN, and every standardised feature with it
+        raise DataError(f"fast-linear standardises features with their train variance, which needs at least 2 "
+                        f"train images; got {len(train_x)}: pass more labels (--labels-per-class, "
+                        "--label-fraction or a longer --train-list)")
     mean, var = train_x.mean(0), train_x.var(0)
     std = (var + 0.01 * var.mean()).sqrt()
+    if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
+        raise TrainingError("the train features' mean or variance is not finite (NaN or inf): the backbone gives "
+                            "non-finite features; check the checkpoint (or its precision)")
     train_x, val_x = (train_x - mean) / std, (val_x - mean) / std
     with torch.random.fork_rng(devices=[]):  # the head's init from `seed` too, leaving the global RNG as it was
         torch.manual_seed(seed)
@@ -154,6 +163,9 @@ def linear_probe(backbone: Backbone, data: ProbeData, accelerator: Accelerator, 
         # different numbers of val batches.
         top = evaluate(model, data.val, len(data.classes), local_batch, accelerator, workers, max_bad_image_share)
         loss = accelerator.reduce(loss_sum, reduction="mean").item() / max(steps, 1)
+        if not math.isfinite(loss):  # a head trained on a NaN loss scores NaNs: refuse, write no result
+            raise TrainingError(f"non-finite linear-protocol loss in epoch {epoch + 1} (lr {lr:.4g}); "
+                                "lower --lr, or check the checkpoint")
         history.append({"epoch": epoch + 1, "lr": lr, "loss": loss, **top})
         accelerator.print(f"linear epoch {epoch + 1}/{epochs} | lr {lr:.4g} | loss {loss:.4f} | "
                           f"top1 {top['top1']:.2f} | top5 {top['top5']:.2f}")

@@ -156,3 +156,14 @@ class MoCo(nn.Module):
         base, momentum = [q for q, _ in pairs], [k for _, k in pairs]
         torch._foreach_mul_(momentum, m)
         torch._foreach_add_(momentum, base, alpha=1.0 - m)
+
+
+def training_memory(arch: str, stem: str, dim: int, mlp_dim: int, **moco_options) -> tuple[int, int]:
+    """(parameters, bytes) of a MoCo model in training, counted on the meta device without allocating:
+    fp32 weights of all parameters, plus a gradient and an optimizer momentum for each trained one
+    (LARS and SGD keep one buffer; AdamW would keep two). Activations are not counted."""
+    with torch.device("meta"):
+        model = MoCo(arch, stem, dim, mlp_dim, **moco_options)
+    parameters = sum(p.numel() for p in model.parameters())
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return parameters, 4 * (parameters + 2 * trained)

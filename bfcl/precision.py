@@ -68,9 +68,15 @@ def launch_device_type(cpu: bool = False) -> str:
 
 
 def resolve(requested: str | None, device_type: str) -> tuple[str | None, str]:
-    """(the precision to hand Accelerate, why). `requested` None keeps the launcher's choice."""
+    """(the precision to hand Accelerate, why). `requested` None: the launcher's choice where it
+    names one (accelerate launch exports ACCELERATE_MIXED_PRECISION), else 'auto' (torchrun, plain
+    python: nothing names a precision, and fp32 on a GPU or a bf16-native CPU would cost speed)."""
     if requested is None:
-        return None, "accelerate launch's setting"
+        launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
+        if launcher:
+            return None, f"accelerate launch's setting: {launcher}"
+        chosen, why = resolve("auto", device_type)
+        return chosen, why.replace("auto: ", "auto (no --mixed-precision, none from the launcher): ", 1)
     if device_type == "cpu" and requested == "bf16" and not cpu_has_native_bf16():
         return "bf16", (f"asked for; this CPU ({cpu_capability()}) has no native bf16, so it is emulated and "
                         "likely several times slower than --mixed-precision no (about 9x for a ResNet on AVX2)")

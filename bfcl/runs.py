@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 
+import psutil
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
@@ -27,6 +28,9 @@ from bfcl.runlock import take_lock
 # A flag's allowed range: (low, high, low inclusive, high inclusive); None for an open end.
 # Listed once per script (train.FLAG_RANGES, probe.FLAG_RANGES) and checked before any work.
 Range = tuple
+# Upper bounds where "no bound" would overflow later: a step count (steps per epoch x epochs) must stay
+# an exact integer, and a layer's width must be a tensor size (its memory is then estimated too).
+MAX_EPOCHS, MAX_WIDTH = 1e6, 2**24
 
 
 def check_ranges(values: dict, ranges: dict[str, Range]) -> None:
@@ -39,7 +43,10 @@ def check_ranges(values: dict, ranges: dict[str, Range]) -> None:
         for v in value if isinstance(value, list) else [value]:
             if v is None:
                 continue
-            ok = math.isfinite(v)
+            try:
+                ok = math.isfinite(v)
+            except OverflowError:  # an integer beyond any float (--save-every 1e400 as digits)
+                ok = False
             if ok and low is not None:
                 ok = v >= low if low_in else v > low
             if ok and high is not None:
@@ -47,6 +54,21 @@ def check_ranges(values: dict, ranges: dict[str, Range]) -> None:
             if not ok:
                 raise ConfigError(f"--{dest.replace('_', '-')} {v!r} is outside its range "
                                   f"{describe_range(low, high, low_in, high_in)}; pass a value inside it")
+
+
+def check_memory(needed: int, available: int, what: str) -> None:
+    """ConfigError when `needed` bytes exceed `available`, naming `what` asked for them and both sizes."""
+    if needed > available:
+        raise ConfigError(f"{what} needs about {needed / 2**30:.3g} GiB for the model's weights, gradients and "
+                          f"optimizer state alone, more than the {available / 2**30:.3g} GiB available; lower it")
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes a process may use: free memory of its GPU, or its share of the host's available memory
+    (LOCAL_WORLD_SIZE: the processes on this host, set by torchrun and accelerate launch)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return psutil.virtual_memory().available // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def describe_range(low, high, low_in: bool, high_in: bool) -> str:
@@ -80,6 +102,8 @@ def run_lock(output_dir: str, accelerator: Accelerator):
     OUTPUT/.lock while the body runs (yields the lock there, None elsewhere) and every process learns
     whether it was refused (RunLockError, bfcl/runlock.py)."""
     lock = take_lock(output_dir, accelerator.is_main_process, lambda m: broadcast_object_list([m])[0])
+    if lock is not None:  # this run now owns the folder: a previous run's clean stop is no longer its state
+        clear_stop_marker(output_dir)
     try:
         yield lock
     finally:
@@ -89,9 +113,9 @@ def run_lock(output_dir: str, accelerator: Accelerator):
 
 def make_accelerator(precision: str | None = None, kwargs_handlers=(), log_with=None) -> tuple[Accelerator, str]:
     """(the Accelerator, why its precision): the launcher's processes and devices, with precision
-    from --mixed-precision (None: the launcher's setting; 'auto': bf16 where the device computes
-    it, bfcl/precision.py). log_with: Accelerate's trackers (bfcl/tracking.py), or None. Prints the
-    one-line warning for bf16 emulated on a CPU."""
+    from --mixed-precision (None: the launcher's setting, 'auto' where it names none; 'auto': bf16
+    where the device computes it, bfcl/precision.py). log_with: Accelerate's trackers
+    (bfcl/tracking.py), or None. Prints the one-line warning for bf16 emulated on a CPU."""
     # torchrun without GPUs: Accelerate starts gloo only when told the processes are CPU ones.
     cpu = "LOCAL_RANK" in os.environ and not torch.cuda.is_available()
     mixed_precision, why = resolve_precision(precision, launch_device_type(cpu))
@@ -185,3 +209,21 @@ class StopSignal:
 # The exit status of a run stopped by SIGTERM/SIGINT after a checkpoint (EX_TEMPFAIL): run the same
 # command again to resume. The loops return it; the scripts exit with it.
 EXIT_PREEMPTED = 75
+# ... and the marker such a run leaves in its output folder, since a launcher's own status does not
+# say it (torchrun exits 1 when it was signalled, whatever its processes returned). The next run
+# on the folder removes it once it holds the lock (run_lock).
+STOP_MARKER = "STOPPED"
+
+
+def mark_stopped(output_dir: str, step: int) -> None:
+    """Write OUTPUT/STOPPED, atomically: 'stopped cleanly at step N; run the same command to resume'."""
+    path = os.path.join(output_dir, STOP_MARKER)
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with open(temporary, "w") as f:
+        f.write(f"stopped cleanly at step {step}; run the same command to resume\n")
+    os.replace(temporary, path)
+
+
+def clear_stop_marker(output_dir: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(output_dir, STOP_MARKER))

@@ -11,6 +11,11 @@ import torch
 from bfcl.synthetic import make_image_folder
 from scripts import PARAM_HASHES, STEPS, TINY, TORCHRUN, checkpoint_steps, run, train_cmd
 
+# Whole-script tests compare runs with each other and with fp32 references: fp32, named as accelerate
+# launch names a precision, since without it train.py and probe.py now pick auto (bf16 on a CPU that
+# computes it). Tests of the default itself remove it (tests/test_precision.py).
+os.environ.setdefault("ACCELERATE_MIXED_PRECISION", "no")
+
 if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two pytest workers on two cores: one thread each
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)

@@ -61,7 +61,7 @@ def test_resnet_backbone_moves_and_the_classifier_loads_into_torchvision(data, t
     export = str(tmp_path / "backbone.safetensors")
     export_backbone(moco.state_dict(), export, arch="resnet18", stem="imagenet", image_size=16, step=5)
     out = tmp_path / "ft"
-    result = run("--pretrained", export, "--data", data, "--output-dir", str(out), *COMMON)
+    result = run("--pretrained", export, "--data", data, "--output-dir", str(out), *COMMON, "--eval-epoch-ends")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "simclr-semi-supervised" in result.stdout and "finetune, last step" in result.stdout  # a pretrained start
 
@@ -103,11 +103,13 @@ def test_sigterm_and_sigkill_then_resume_equal_the_straight_run(data, vit_straig
     output, code = start_and_signal(signal.SIGTERM, 2)
     assert code == EXIT_PREEMPTED, output
     assert "stopped by a signal" in output
+    assert (out / "STOPPED").read_text().startswith("stopped cleanly at step ")  # the marker, as train.py's
     output, code = start_and_signal(signal.SIGKILL, 5)
     assert code == -signal.SIGKILL, output
     final = run(*VIT, "--data", data, "--output-dir", str(out), *COMMON, "--save-every", "1")
     assert final.returncode == 0, final.stdout + final.stderr
     assert "resumed from" in final.stdout
+    assert not (out / "STOPPED").exists()
 
     expected = load_file(vit_straight / "finetuned.safetensors")
     got = load_file(out / "finetuned.safetensors")

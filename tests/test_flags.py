@@ -45,7 +45,7 @@ def export(tmp_path_factory) -> str:
     ("--log-every", "0", "--log-every 0 is outside its range [1, inf)"),
     ("-b", "0", "--batch-size 0 is outside its range [1, inf)"),
     ("-b", "-8", "--batch-size -8 is outside its range [1, inf)"),
-    ("--epochs", "nan", "--epochs nan is outside its range (0, inf)"),
+    ("--epochs", "nan", "--epochs nan is outside its range (0, 1e+06]"),
     ("--image-size", "0", "--image-size 0 is outside its range [8, 4096]"),
     ("--crop-min", "1.5", "--crop-min 1.5 is outside its range (0, 1]"),
     ("--workers", "-1", "--workers -1 is outside its range [0, 256]"),
@@ -64,7 +64,7 @@ def test_train_flag_domains(data, tmp_path, flag, value, expected):
 
 
 @pytest.mark.parametrize("flag, value, expected", [
-    ("--epochs", "0", "--epochs 0.0 is outside its range (0, inf)"),
+    ("--epochs", "0", "--epochs 0.0 is outside its range (0, 1e+06]"),
     ("--knn-t", "0", "--knn-t 0.0 is outside its range (0, inf)"),
     ("-b", "0", "--batch-size 0 is outside its range [1, inf)"),
     ("--knn-k", "0", "--knn-k 0 is outside its range [1, inf)"),

@@ -55,9 +55,19 @@ def test_auto_on_a_gpu(monkeypatch, bf16_supported, expected):
 def test_explicit_choices_are_kept_and_none_defers_to_the_launcher(monkeypatch):
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
     assert precision.resolve("no", "cpu") == ("no", "asked for")
-    assert precision.resolve(None, "cpu")[0] is None
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # accelerate launch names one
+    assert precision.resolve(None, "cpu") == (None, "accelerate launch's setting: no")
     chosen, why = precision.resolve("bf16", "cpu")  # honoured, with the reason it is slow
     assert chosen == "bf16" and "emulated" in why
+
+
+@pytest.mark.parametrize("native, expected", [(False, "no"), (True, "bf16")])
+def test_no_flag_and_no_launcher_setting_is_auto(monkeypatch, native, expected):
+    """torchrun or plain python set no ACCELERATE_MIXED_PRECISION: the default is auto, not fp32."""
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+    chosen, why = precision.resolve(None, "cpu")
+    assert chosen == expected and why.startswith("auto (no --mixed-precision, none from the launcher): ")
 
 
 def test_warning_only_for_emulated_bf16_on_a_cpu(monkeypatch):
@@ -90,14 +100,16 @@ def tiny_data(tmp_path_factory):
 @pytest.mark.parametrize("native, requested, summary, warned", [
     ("0", "auto", "precision: no (auto: fp32, this CPU", False),
     ("0", "bf16", "precision: bf16 (asked for; this CPU", True),
+    ("1", None, "precision: bf16 (auto (no --mixed-precision, none from the launcher): this CPU computes", False),
 ])
 def test_train_py_reports_its_choice(tiny_data, tmp_path, native, requested, summary, warned):
     cmd = [sys.executable, "train.py", "--data", tiny_data, "--output-dir", str(tmp_path), "-a", "resnet18",
            "--stem", "small", "--image-size", "16", "-b", "8", "--moco-mlp-dim", "32", "--moco-dim", "16",
            "--workers", "0", "--epochs", "1", "--warmup-epochs", "0", "--max-steps", "1",
-           "--mixed-precision", requested]
+           *(["--mixed-precision", requested] if requested else [])]
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_MIXED_PRECISION"}  # as under torchrun
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "BFCL_CPU_BF16": native})
+                            env={**env, "BFCL_CPU_BF16": native})
     assert result.returncode == 0, result.stderr
     assert summary in result.stdout
     assert ("warning: --mixed-precision bf16 on a CPU without native bf16" in result.stdout) is warned

@@ -21,6 +21,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torchvision
@@ -164,6 +165,55 @@ def test_slurm_script_starts_one_launcher_per_node_with_ranks_from_slurm(tmp_pat
             ("accelerate_configs/multi_node.yaml", 2, processes, rank)
         assert (args.main_process_ip, args.main_process_port) == ("gpu-a17", 29500)
         assert args.training_script == "train.py" and args.training_script_args == script_args
+
+
+REQUEUE_STUBS = {
+    **STUBS,
+    # scontrol: hostnames as above; `requeue JOB` recorded
+    "scontrol": 'if test "$1" = requeue; then echo "requeue $2" >> "$STUB_LOG/scontrol"; '
+                'else tr , "\\n" <<< "$3"; fi',
+    # srun: as SLURM, passes a SIGTERM on to its task
+    "srun": 'while [[ $1 == --* ]]; do shift; done\n'
+            'trap \'kill -TERM $task\' TERM\n'
+            'SLURM_NODEID=0 "$@" & task=$!\n'
+            'wait $task; while kill -0 $task 2>/dev/null; do wait $task; done; wait $task',
+    # accelerate: a run that trains until a SIGTERM, then stops as train.py does (or, STUB_CRASH, fails)
+    "accelerate": 'trap \'if [ -z "$STUB_CRASH" ]; then echo "stopped cleanly at step 7; run the same command '
+                  'to resume" > "$STUB_OUT/STOPPED"; fi; exit 1\' TERM\n'
+                  'touch "$STUB_LOG/started"; while true; do sleep 0.05; done',
+}
+
+
+@pytest.mark.parametrize("crash", [False, True])
+def test_slurm_script_stops_cleanly_on_the_warning_signal_and_requeues(tmp_path, crash):
+    """#SBATCH --signal=B:USR1@180: on USR1 the batch script sends SIGTERM to the run, waits for its
+    clean stop (OUTPUT/STOPPED) and requeues the job; a run that fails on the signal is not requeued."""
+    bin_dir, log, out = tmp_path / "bin", tmp_path / "log", tmp_path / "out dir"
+    for folder in (bin_dir, log, out):
+        folder.mkdir()
+    for name, body in REQUEUE_STUBS.items():
+        (bin_dir / name).write_text("#!/bin/bash\n" + body + "\n")
+        (bin_dir / name).chmod(0o755)
+    script = open(os.path.join(REPO, "accelerate_configs", "slurm.sbatch")).read()
+    assert "#SBATCH --signal=B:USR1@" in script and "#SBATCH --requeue" in script
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", STUB_LOG=str(log), STUB_OUT=str(out),
+               SLURM_JOB_NODELIST="gpu-a17", SLURM_NNODES="1", SLURM_JOB_ID="4242", SLURM_SUBMIT_DIR=REPO,
+               SLURM_GPUS_ON_NODE="8", **({"STUB_CRASH": "1"} if crash else {}))
+    job = subprocess.Popen(["bash", os.path.join(REPO, "accelerate_configs", "slurm.sbatch"), "--data", "d",
+                            "--output-dir", str(out)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 30
+    while not (log / "started").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    job.send_signal(signal.SIGUSR1)  # what SLURM sends 180 s before the time limit
+    output = job.communicate(timeout=30)[0]
+    if crash:
+        assert job.returncode != 0 and not (log / "scontrol").exists(), output
+    else:
+        assert job.returncode == 0, output
+        assert (log / "scontrol").read_text() == "requeue 4242\n"
+        assert "stopped cleanly at step 7" in output and "requeueing job 4242" in output
 
 
 def test_slurm_script_outside_slurm_says_how_to_run_it(tmp_path):
