@@ -5,6 +5,8 @@ import os
 
 import pytest
 
+import bfcl.runs
+
 import train
 from bfcl.runlock import RunLock
 from scripts import TINY
@@ -50,7 +52,7 @@ def test_the_free_disk_check_sees_the_space_of_removed_temporaries(tiny_data, tm
         seen.append([name for name in left if os.path.lexists(out / name)])
         raise RuntimeError("stop after the free-disk check")
 
-    monkeypatch.setattr(train.shutil, "disk_usage", disk_usage)
+    monkeypatch.setattr(bfcl.runs.shutil, "disk_usage", disk_usage)  # check_free_disk's
     with pytest.raises(RuntimeError, match="stop after the free-disk check"):
         train.main(["--data", tiny_data, "--output-dir", str(out), *TINY])
     assert seen == [[]]
