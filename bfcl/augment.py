@@ -9,7 +9,7 @@ is the usual bottleneck at 224 px. This module splits the work in two:
 - on the training device, per batch: crop, jitter, grey, blur, solarize, flip and normalise all
   2B views at once (`BatchedTwoViews.__call__`), with no host synchronisation.
 
-The parameter distributions are those of method.md §1 and of torchvision's transforms
+The parameter distributions are those of docs/method.md#resnet-recipe and of torchvision's transforms
 (RandomResizedCrop's ten tries and fallback, ColorJitter's random order, ...); the pixels differ
 slightly from the PIL path: float arithmetic instead of uint8 rounding, a bilinear crop with
 box-filter antialiasing (roi_align) instead of PIL's, and a truncated Gaussian instead of

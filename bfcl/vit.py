@@ -2,7 +2,7 @@
 
 The model is torchvision's `VisionTransformer` (so exported weights load into torchvision), given
 MoCo v3's fixed 2-D sin-cos position embedding, its initialisation and its frozen patch projection
-(method.md §5). `timm_to_torchvision` renames the timm keys of the original checkpoints.
+(docs/method.md#vit-recipe). `timm_to_torchvision` renames the timm keys of the original checkpoints.
 
 torchvision's defaults already match MoCo v3's architecture (timm's ViT with qkv_bias=True):
 LayerNorm eps 1e-6, biases on every Linear, exact GELU, dropout 0, pre-norm blocks, the cls token
@@ -43,7 +43,7 @@ def sincos_pos_embedding(grid_size: int, dim: int) -> torch.Tensor:
 
 
 def _init_moco_v3(vit: VisionTransformer) -> None:
-    """Redo torchvision's init the way MoCo v3's `vits.py` does (method.md §5).
+    """Redo torchvision's init the way MoCo v3's `vits.py` does (docs/method.md#vit-recipe).
 
     torchvision draws in_proj as one [3D, D] xavier matrix (bound sqrt(6/4D)), out_proj with
     PyTorch's default Linear init, MLP biases N(0, 1e-6), a learned pos embedding N(0, 0.02),

@@ -259,4 +259,5 @@ def test_two_processes_write_the_rows_of_one_and_share_errors(photos, tmp_path):
     refused = run([*launch, "--seed", "1", "--output-dir", str(two)], timeout=120)
     assert refused.returncode != 0
     errors = [line for line in (refused.stdout + refused.stderr).splitlines() if line.startswith("error: ")]
-    assert len(errors) == 2 and all("another backbone weights" in line for line in errors)
+    # both raise it; torchrun may stop the second process before it prints, once the first has exited
+    assert 1 <= len(errors) <= 2 and all("another backbone weights" in line for line in errors)

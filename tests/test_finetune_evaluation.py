@@ -9,7 +9,8 @@ import pytest
 
 import probe
 from bfcl.finetune import evaluation_steps
-from test_probe import TINY, colour_folder
+from scripts import PROBE_TINY as TINY
+from test_probe import colour_folder
 
 
 def test_the_issue_run_evaluates_once_at_the_end():

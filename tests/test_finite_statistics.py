@@ -10,7 +10,8 @@ import torch
 from bfcl.errors import DataError, TrainingError
 from bfcl.knn import topk_accuracy
 from bfcl.linear import fast_linear
-from test_probe import TINY, colour_folder, error_of
+from scripts import PROBE_TINY as TINY
+from test_probe import colour_folder, error_of
 
 
 def test_fast_linear_refuses_a_variance_of_one_sample():

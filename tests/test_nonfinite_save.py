@@ -75,9 +75,10 @@ def test_check_finite_weights_names_the_tensor(tmp_path, bad):
                             f"was written in {tmp_path}; lower --lr, or use fp32 with --mixed-precision no")
 
 
-def test_fine_tuning_refuses_a_nan_before_its_last_save(tmp_path, monkeypatch):
-    """probe.py --mode finetune, 8 steps, a checkpoint every 2: a NaN put into the classifier after the last
-    step's optimizer step stops the step-8 save; step 6's checkpoint stays and no classifier is exported."""
+def test_fine_tuning_refuses_a_nan_before_a_save(tmp_path, monkeypatch):
+    """probe.py --mode finetune, 8 steps, a checkpoint every 2: a NaN put into the classifier after step 6's
+    optimizer step stops the step-6 save (no evaluation there: by default this run evaluates at its end
+    only, which would refuse the NaN scores first); step 4's checkpoint stays and no classifier is exported."""
     import bfcl.finetune
     import probe
     from bfcl.loop import Window
@@ -91,7 +92,7 @@ def test_fine_tuning_refuses_a_nan_before_its_last_save(tmp_path, monkeypatch):
     def add_then_poison(self, *args):  # Window.add follows the optimizer step
         add(self, *args)
         calls.append(1)
-        if len(calls) == 8:
+        if len(calls) == 6:
             with torch.no_grad():
                 models[0].get_parameter("fc.weight")[0, 0] = float("nan")
 
@@ -100,10 +101,10 @@ def test_fine_tuning_refuses_a_nan_before_its_last_save(tmp_path, monkeypatch):
     message = error_of(probe.main, ["--random-init", "-a", "resnet18", "--stem", "small", "--image-size", "16",
                                     "--data", data, "--output-dir", str(out), "--mode", "finetune", "-b", "16",
                                     "--epochs", "2", "--warmup-epochs", "1", "--workers", "0", "--save-every", "2"])
-    kept = os.path.join(str(out), "checkpoints", "step-00000006")
-    assert message.startswith("error: the weights became non-finite by step 8 (fc.weight; lr ")
+    kept = os.path.join(str(out), "checkpoints", "step-00000004")
+    assert message.startswith("error: the weights became non-finite by step 6 (fc.weight; lr ")
     assert message.endswith(f", precision no); the last good checkpoint is kept in {kept}; lower --lr, or use fp32 "
                             "with --mixed-precision no")
-    assert checkpoint_steps(out)[-1] == 6 and load_checkpoint(kept)[2]["step"] == 6
+    assert checkpoint_steps(out)[-1] == 4 and load_checkpoint(kept)[2]["step"] == 4
     assert not os.path.exists(out / "finetuned.safetensors")
     assert not [name for name in os.listdir(out / "checkpoints") if name.startswith(".")]

@@ -33,14 +33,21 @@ def first_record_per_step(out) -> dict[int, dict]:
     return records
 
 
-def assert_tracker_equals_metrics(out, tags=SCALARS, extra=()) -> None:
+TIMING = ("img_per_s", "data_wait")
+
+
+def assert_tracker_equals_metrics(out, tags=SCALARS, extra=(), retrained=()) -> None:
+    """TensorBoard holds metrics.jsonl's scalars, each step once. A step in `retrained` was logged by a run
+    killed before its checkpoint and trained again on resume: metrics.jsonl keeps the second record, the
+    tracker the first (it cannot take a step back), so only their timings may differ."""
     scalars, records = tensorboard_scalars(out), first_record_per_step(out)
     assert set(scalars) == set(tags) | set(extra)
     for tag in tags:
         expected = [(step, r[tag]) for step, r in sorted(records.items()) if tag in r]
         assert [s for s, _ in scalars[tag]] == [s for s, _ in expected], tag  # same steps, each once
-        for (_, got), (_, want) in zip(scalars[tag], expected):
-            assert got == pytest.approx(want, rel=1e-6, abs=1e-9), tag  # TensorBoard stores float32
+        for (step, got), (_, want) in zip(scalars[tag], expected):
+            if not (tag in TIMING and step in retrained):
+                assert got == pytest.approx(want, rel=1e-6, abs=1e-9), tag  # TensorBoard stores float32
 
 
 class FlakyAccelerator:
@@ -111,15 +118,16 @@ def test_tensorboard_equals_metrics_also_across_a_resume(tiny_data, tmp_path):
     assert_tracker_equals_metrics(straight)
     assert max(s for s, _ in tensorboard_scalars(straight)["loss"]) == STEPS
 
-    # killed after logging step 3 but before its checkpoint: the resume from step 2 logs step 3 again
+    # killed after logging step 3 but before its checkpoint: the resume from step 2 trains step 3 again;
+    # metrics.jsonl drops the first step 3 (bfcl/progress.py), the tracker skips the second
     out = tmp_path / "resumed"
     first = run(train_cmd(tiny_data, out, "--report-to", "tensorboard", "--max-steps", "3", "--save-every", "2"))
     assert first.returncode == 0, first.stdout + first.stderr
     shutil.rmtree(out / "checkpoints" / "step-00000003")
     second = run(train_cmd(tiny_data, out, "--report-to", "tensorboard", "--save-every", "2"))
     assert second.returncode == 0, second.stdout + second.stderr
-    assert [r["step"] for r in metrics(out)] == [1, 2, 3, 3, 4, 5, 6, 7, 8]
-    assert_tracker_equals_metrics(out)  # steps 1..8 once each, in the same folder
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert_tracker_equals_metrics(out, retrained=(3,))  # steps 1..8 once each, in the same folder
     run_file = json.load(open(out / "tracker.json"))
     assert run_file["name"] == "resumed"
     # and the losses of the resumed run are those of the straight one (the tracker changed nothing)
