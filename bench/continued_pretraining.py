@@ -7,9 +7,9 @@
    deer), the rest the target, each as a train.py --train-list file (source-train.txt,
    target-train.txt: paths relative to --data), and target/, an ImageFolder of the target classes
    (symlinked class folders) for the kNN monitor and probe.py.
-2. Calibration: one timed run of bench/quality.py's CIFAR-10 recipe on the source list turns
-   --budget-min into a step count S (bench/quality.py calibrate / steps_for_budget). Source and
-   target halves have the same size, so S is every pretraining run's length.
+2. Calibration: one timed run of bench/cifar_pretraining.py's CIFAR-10 recipe on the source list
+   turns --budget-min into a step count S (cifar_pretraining calibrate / steps_for_budget). Source
+   and target halves have the same size, so S is every pretraining run's length.
 3. Source: train.py, the recipe, S steps on the source list, seed 0: the source backbone.
 4. Target, seeds 0..--seeds-1, S steps each, the same recipe, the online kNN monitor on target/
    (--knn-points evaluations, step 0 included): (a) MoCo v3 from random init, (b) --init-from the
@@ -32,7 +32,7 @@ same --out reuses finished runs whose command is unchanged.
 """
 
 import argparse
-import datetime
+import dataclasses
 import json
 import math
 import os
@@ -42,10 +42,10 @@ import statistics
 import sys
 
 import downstream
-import quality
+from cifar_pretraining import Setup, calibrate, monitor_every, steps_for_budget, train_cmd
 from downstream_report import signed
-from quality import REPO, fail, git_commit, hardware, launcher, read_metrics, run
-from quality_report import mean_std
+from harness import (DEFAULT_DATA, REPO, count_images, fail, fresh_dir, launcher, mean_std, now, read_metrics,
+                     reusable, run, run_info, write_results)
 
 ARMS = {"a": "random init, target", "b": "--init-from source, target", "c": "source, not continued"}
 
@@ -53,7 +53,7 @@ ARMS = {"a": "random init, target", "b": "--init-from source, target", "c": "sou
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
-    p.add_argument("--data", default=quality.DEFAULT_DATA, help="ImageFolder root with train/ and val/")
+    p.add_argument("--data", default=DEFAULT_DATA, help="ImageFolder root with train/ and val/")
     p.add_argument("--out", default=os.path.join(REPO, "bench-results", "continue"), help="results folder")
     p.add_argument("--budget-min", type=float, default=15, help="wall-clock minutes the pretraining step count fits")
     p.add_argument("--steps", type=int, default=0, help="fixed pretraining steps instead of --budget-min (toy runs)")
@@ -106,25 +106,30 @@ def split(data: str, out: str) -> dict:
     return info
 
 
-def pretrain_settings(args, train_list: str, knn_data: str, extra: str = "") -> argparse.Namespace:
-    """bench/quality.py's settings for train.py on one half, with the kNN monitor on the target classes."""
-    q = ["--data", args.data, "--out", args.out, "--procs", str(args.procs), "--threads", str(args.threads),
-         "--knn-samples", str(args.knn_samples), "--calibration-steps", str(args.calibration_steps),
-         "--train-args", f"--train-list {shlex.quote(train_list)} --knn-data {shlex.quote(knn_data)} "
-                         f"{args.train_args} {extra}"]
-    return quality.parse_args(q + (["--batch-size", str(args.batch_size)] if args.batch_size else []))
+def pretrain_settings(args, train_list: str, knn_data: str, extra: str = "") -> Setup:
+    """The recipe's Setup for train.py on one half, with the kNN monitor on the target classes."""
+    return Setup(data=args.data, out=args.out, procs=args.procs, batch_size=args.batch_size,
+                 train_args=f"--train-list {shlex.quote(train_list)} --knn-data {shlex.quote(knn_data)} "
+                            f"{args.train_args} {extra}",
+                 knn_points=args.knn_points, knn_samples=args.knn_samples, calibration_steps=args.calibration_steps)
+
+
+def earlier_record(out_dir: str, cmd: list[str]) -> dict | None:
+    """The record an earlier run of the same command left in out_dir; else None, and out_dir emptied."""
+    record = reusable(os.path.join(out_dir, "record.json"), shlex.join(cmd))
+    if record is None:
+        fresh_dir(out_dir)
+    return record
 
 
 def pretrain(args, env, name: str, seed: int, train_list: str, steps: int, steps_per_epoch: int,
              extra: str = "") -> dict:
     """One train.py run of `steps` steps; its backbone, steps and monitor curve. Reused if unchanged."""
     run_dir = os.path.join(args.out, "runs", name, f"seed{seed}")
-    q = pretrain_settings(args, train_list, args.split["target"]["folder"], extra)
-    cmd = quality.train_cmd(q, run_dir, seed, False, steps, steps_per_epoch, max(1, math.ceil(steps / args.knn_points)))
-    record_path = os.path.join(run_dir, "record.json")
-    if (record := downstream.reusable(record_path, cmd)) is not None:
+    setup = pretrain_settings(args, train_list, args.split["target"]["folder"], extra)
+    cmd = train_cmd(setup, run_dir, seed, False, steps, steps_per_epoch, monitor_every(setup, steps))
+    if (record := earlier_record(run_dir, cmd)) is not None:
         return record
-    downstream.fresh_dir(run_dir)
     print(f"  {name}, seed {seed}: {steps} steps", flush=True)
     t = run(cmd, os.path.join(run_dir, "train.log"), env)
     backbone = os.path.join(run_dir, "backbone.safetensors")
@@ -135,7 +140,7 @@ def pretrain(args, env, name: str, seed: int, train_list: str, steps: int, steps
     shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)
     record = {"name": name, "seed": seed, "command": shlex.join(cmd), "backbone": backbone, "wall_s": t["wall_s"],
               "steps": max(r["step"] for r in metrics), "curve": curve}
-    with open(record_path, "w") as f:
+    with open(os.path.join(run_dir, "record.json"), "w") as f:
         json.dump(record, f, indent=1)
     return record
 
@@ -143,18 +148,16 @@ def pretrain(args, env, name: str, seed: int, train_list: str, steps: int, steps
 def quick(args, env, arm: str, seed: int, backbone: str) -> dict:
     """kNN (k 200) and fast-linear top-1 of a backbone on the target classes."""
     out = os.path.join(args.out, "runs", arm, f"seed{seed}", "quick")
-    cmd = [*launcher(args), "probe.py", "--pretrained", backbone, "--data", args.split["target"]["folder"],
+    cmd = [*launcher(args.procs), "probe.py", "--pretrained", backbone, "--data", args.split["target"]["folder"],
            "--mode", "quick", "--image-size", "32", "--batch-size", "512", "--workers", "0", "--seed", str(seed),
            "--fast-epochs", str(args.fast_epochs), "--mixed-precision", args.precision, "--output-dir", out]
-    record_path = os.path.join(out, "record.json")
-    if (record := downstream.reusable(record_path, cmd)) is not None:
+    if (record := earlier_record(out, cmd)) is not None:
         return record
-    downstream.fresh_dir(out)
     run(cmd, os.path.join(out, "probe.log"), env)
     results = json.load(open(os.path.join(out, "results.json")))["results"]
     record = {"arm": arm, "seed": seed, "command": shlex.join(cmd), "knn_top1": results["knn"]["k200"]["top1"],
               "fast_linear_top1": results["fast_linear"]["top1"]}
-    with open(record_path, "w") as f:
+    with open(os.path.join(out, "record.json"), "w") as f:
         json.dump(record, f, indent=1)
     return record
 
@@ -214,7 +217,7 @@ def labelled_images(args, cls: str) -> int:
     from bfcl.subsets import per_class_count
 
     folder = os.path.join(args.data, "train", cls)
-    return per_class_count(args.fraction, quality.count_images(folder))
+    return per_class_count(args.fraction, count_images(folder))
 
 
 def main(argv=None) -> int:
@@ -224,23 +227,21 @@ def main(argv=None) -> int:
         fail(f"{args.data} needs train/ and val/ ImageFolders (CIFAR-10 as JPEGs, see ../shared/data/README.md)")
     os.makedirs(args.out, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-    info = {"command": shlex.join([os.path.relpath(sys.executable, REPO), "bench/continued_pretraining.py",
-                                   *(argv if argv is not None else sys.argv[1:])]),
-            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "hardware": hardware(),
-            "git": git_commit(), "fraction": args.fraction, "seeds": args.seeds, "knn_points": args.knn_points}
+    info = {**run_info("bench/continued_pretraining.py", argv), "fraction": args.fraction, "seeds": args.seeds,
+            "knn_points": args.knn_points}
     args.split = info["split"] = split(args.data, args.out)
     source_list, target_list = args.split["source"]["list"], args.split["target"]["list"]
-    q = pretrain_settings(args, source_list, args.split["target"]["folder"])
-    batch = int(quality.recipe_value(q, "-b"))
+    setup = pretrain_settings(args, source_list, args.split["target"]["folder"])
+    batch = int(setup.recipe_value("-b"))
     steps_per_epoch = min(args.split["source"]["images"], args.split["target"]["images"]) // batch
     if steps_per_epoch == 0:
         fail(f"half of {args.data} does not fill one batch of {batch}; pass a smaller --batch-size")
     if args.steps:
         steps = args.steps
     else:
-        q.out = os.path.join(args.out, "calibration")
-        cal = quality.calibrate(q, env, steps_per_epoch, False, None)
-        steps = quality.steps_for_budget(cal, args.budget_min * 60, steps_per_epoch, args.knn_points)
+        setup = dataclasses.replace(setup, out=os.path.join(args.out, "calibration"))
+        cal = calibrate(setup, env, steps_per_epoch, False, None)
+        steps = steps_for_budget(cal, args.budget_min * 60, steps_per_epoch, args.knn_points)
         info["calibration"] = cal
     print(f"{info['date']} | {info['hardware']['cpu']} | {steps} steps per pretraining run", flush=True)
     info["steps"] = steps
@@ -262,13 +263,10 @@ def main(argv=None) -> int:
     ft = {arm: [downstream.finetune(argparse.Namespace(**{**vars(ft_args), "backbone": paths[s]}), env, "pretrained",
                                     args.fraction, s, ft_steps, samples, name=arm) for s in range(args.seeds)]
           for arm, paths in backbones.items()}
-    info["date_end"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    info["date_end"] = now()
     text, summary = report(info, {**pre, "source": source}, scores, ft)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"info": info, "summary": summary, "source": source, "pretraining": pre, "scores": scores,
-                   "finetune": ft}, f, indent=1)
+    write_results(args.out, text, {"info": info, "summary": summary, "source": source, "pretraining": pre,
+                                   "scores": scores, "finetune": ft})
     print(text)
     return 0
 
