@@ -40,11 +40,10 @@ from bfcl.embed_shards import (FORMAT, IndexImages, embed_shard, finished_shard,
 from bfcl.evaluation import Backbone, default_image_size
 from bfcl.errors import DataError
 from bfcl.images import DEFAULT_MAX_PIXELS, UnreadableImage, read_image
-from bfcl.index import ImageIndex, saved_or_built
+from bfcl.index import INDEX_FILE, ImageIndex, saved_or_built
 from bfcl.pretrained import set_head
 from bfcl.views import eval_resize
 
-INDEX_FILE = "image-index.safetensors"  # train.py's name for the saved index
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 

@@ -8,6 +8,8 @@ import os
 import pytest
 import torch
 
+from bfcl.export import export_backbone
+from bfcl.model import MoCo
 from bfcl.synthetic import make_image_folder
 from scripts import PARAM_HASHES, STEPS, TINY, TORCHRUN, checkpoint_steps, run, train_cmd
 
@@ -57,3 +59,22 @@ def two_process_run(tiny_data, tmp_path_factory):
     assert second.returncode == 0, second.stdout + second.stderr
     ranks = [[json.loads(line)["sha256"] for line in open(hashes / f"rank{r}.jsonl")] for r in range(2)]
     return {"out": out, "hashes": ranks, "first": first, "second": second, "steps_after_first": steps_after_first}
+
+
+# The small folder and export the flag and pretrained-file tests share (module scope: each module its own;
+# a module that defines its own `data` or `export` uses that one).
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """4 classes x 8 train and 4 val images, 16 px."""
+    return make_image_folder(str(tmp_path_factory.mktemp("data")), classes=4, train_per_class=8,
+                             val_per_class=4, size=16)
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory) -> str:
+    """A resnet18 backbone export (imagenet stem, 16 px, step 4), as train.py writes one."""
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp("export") / "backbone.safetensors")
+    export_backbone(MoCo("resnet18", "imagenet", 32, 64).state_dict(), path, arch="resnet18", stem="imagenet",
+                    image_size=16, step=4)
+    return path

@@ -5,22 +5,12 @@ or lies inside --data, and data folders that hold no usable images; each a one-l
 import os
 
 import pytest
-import torch
 
 import probe
 import train
 from bfcl.errors import ConfigError
-from bfcl.export import export_backbone
-from bfcl.model import MoCo
 from bfcl.synthetic import make_image_folder
 from scripts import IMAGENET_STEM, IMAGENET_STEM_ONE_EPOCH, IMAGENET_STEM_TINY, error_of
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """4 classes x 8 train and 4 val images, 16 px."""
-    return make_image_folder(str(tmp_path_factory.mktemp("data")), classes=4, train_per_class=8,
-                             val_per_class=4, size=16)
 
 
 @pytest.fixture(scope="module")
@@ -28,16 +18,6 @@ def data_12(tmp_path_factory):
     """4 classes x 12 train and 4 val images, 16 px (the settings checks' folder)."""
     return make_image_folder(str(tmp_path_factory.mktemp("data")), classes=4, train_per_class=12,
                              val_per_class=4, size=16)
-
-
-@pytest.fixture(scope="module")
-def export(tmp_path_factory) -> str:
-    """A resnet18 backbone export (imagenet stem, 16 px, step 4), as train.py writes one."""
-    torch.manual_seed(0)
-    path = str(tmp_path_factory.mktemp("export") / "backbone.safetensors")
-    export_backbone(MoCo("resnet18", "imagenet", 32, 64).state_dict(), path, arch="resnet18", stem="imagenet",
-                    image_size=16, step=4)
-    return path
 
 
 @pytest.mark.parametrize("flag, value, expected", [

@@ -17,7 +17,6 @@ from bfcl.export import export_backbone
 from bfcl.model import MoCo, mlp
 from bfcl.pretrained import (assert_backbone_unchanged, backbone_tensors, guess_arch_stem, load_backbone_state,
                              probe_model)
-from bfcl.synthetic import make_image_folder
 from scripts import error_of
 
 
@@ -224,22 +223,6 @@ def test_bn_head_leaves_only_head_tensors_missing():
     model = probe_model("resnet18", "imagenet", state, num_classes=3, bn_head=True)
     assert not any(p.requires_grad for p in model.fc[0].parameters()) and model.fc[0].affine is False
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["fc.1.weight", "fc.1.bias"]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_image_folder(str(tmp_path_factory.mktemp("data")), classes=4, train_per_class=8,
-                             val_per_class=4, size=16)
-
-
-@pytest.fixture(scope="module")
-def export(tmp_path_factory) -> str:
-    """A resnet18 backbone export (imagenet stem, 16 px, step 4), as train.py writes one."""
-    torch.manual_seed(0)
-    path = str(tmp_path_factory.mktemp("export") / "backbone.safetensors")
-    export_backbone(MoCo("resnet18", "imagenet", 32, 64).state_dict(), path, arch="resnet18", stem="imagenet",
-                    image_size=16, step=4)
-    return path
 
 
 def export_file(export, tmp_path, metadata: dict | None = None, edit=None) -> str:
