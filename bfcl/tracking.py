@@ -87,6 +87,12 @@ def tracker_objects(names: list[str], output_dir: str) -> list:
     return [make[name]() for name in names]
 
 
+def tracker_name(tracker) -> str:
+    """'mlflow' for Accelerate's tracker object or LoggerType, not the object's repr."""
+    name = getattr(tracker, "value", None) or getattr(tracker, "name", None)
+    return name if isinstance(name, str) else str(tracker)
+
+
 def hyperparameters(config: dict) -> dict:
     """The config as tracker hyper-parameters: bool/int/float/str kept, None and the rest as text."""
     return {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v) if isinstance(v, (list, dict))
@@ -119,7 +125,8 @@ def start_trackers(accelerator, output_dir: str, config: dict) -> None:
         accelerator.init_trackers(PROJECT, hyperparameters(config))
     except Exception as e:  # a tracker's own start-up: login, server, permissions
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise TrackingError(f"--report-to: starting {', '.join(map(str, accelerator.log_with))} failed ({first}); "
+        names = ", ".join(tracker_name(t) for t in accelerator.log_with)
+        raise TrackingError(f"--report-to: starting {names} failed ({first}); "
                             "fix the tracker's set-up or pass --report-to none") from None
     if accelerator.is_main_process:
         run = run_identity(output_dir)
