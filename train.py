@@ -47,6 +47,7 @@ from bfcl.model import ARCHS, STEMS, MoCo, is_vit, training_memory, uses_channel
 from bfcl.precision import CHOICES as PRECISIONS
 from bfcl.precision import PROBE_ENV, PROBE_STEPS, auto_is_measured, cache_key, decide_auto, rule_fallback
 from bfcl.optim import OPTIMIZERS, build_optimizer, param_groups
+from bfcl.paths import printable_text
 from bfcl.progress import ProgressLog
 from bfcl.recipes import RECIPES, apply_recipe
 from bfcl.runs import (EXIT_PREEMPTED, MAX_EPOCHS, MAX_WIDTH, StopSignal, available_memory, check_finite_weights,
@@ -412,7 +413,7 @@ def pretrain(args: argparse.Namespace, stop: StopSignal, recipe_notes: dict[str,
     # One output folder, one run: the main process holds <output-dir>/.lock until the end.
     with run_lock(config.output_dir, accelerator) as lock:
         if lock is not None and lock.message:
-            accelerator.print(lock.message)
+            accelerator.print(printable_text(lock.message))
         return build_and_train(config, notes, accelerator, bf_loss, knn, precision_reason, stop)
 
 

@@ -21,6 +21,7 @@ from accelerate.utils import broadcast_object_list
 from bfcl import __version__
 from bfcl.checkpoint import list_checkpoints
 from bfcl.errors import ConfigError, TrainingError
+from bfcl.paths import printable_text
 from bfcl.precision import emulated_bf16_warning, launch_device_type
 from bfcl.precision import resolve as resolve_precision
 from bfcl.runlock import take_lock
@@ -186,8 +187,9 @@ def check_finite_weights(model_state: dict, accelerator: Accelerator, step: int,
 
 
 def format_summary(summary: dict, width: int = 20) -> str:
-    """The derived quantities a script prints once at start, one 'name: value' a line."""
-    return "\n".join(f"{k:>{width}}: {v}" for k, v in summary.items())
+    """The derived quantities a script prints once at start, one 'name: value' a line; paths whose
+    bytes are not UTF-8 shown as \\xNN (bfcl.paths.printable_text), never a UnicodeEncodeError."""
+    return printable_text("\n".join(f"{k:>{width}}: {v}" for k, v in summary.items()))
 
 
 def code_version() -> str:
