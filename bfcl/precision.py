@@ -150,20 +150,29 @@ def choose(seconds: dict[str, float], margin: float = MARGIN) -> str:
     return "bf16" if fp32 / bf16 >= margin else "no"
 
 
+def step_clock() -> Callable[[], float]:
+    """What a step is timed with: with one thread per process (the small-image recipe), the process's
+    CPU time, which another job on the machine barely moves (wall-clock time under a loaded machine
+    measured 0.44x and 1.00x for the same step); with several threads, wall-clock time, since CPU time
+    would add up the threads (and their spinning) instead of showing what parallelism gains."""
+    return time.process_time if torch.get_num_threads() == 1 else time.perf_counter
+
+
 def time_precisions(step: Callable[[str], None], warmup: int = WARMUP_STEPS,
-                    timed: int = TIMED_STEPS) -> dict[str, float]:
+                    timed: int = TIMED_STEPS, clock: Callable[[], float] | None = None) -> dict[str, float]:
     """Median seconds of `step(precision)` for 'no' and 'bf16': `warmup` untimed steps of each, then
     `timed` steps of each, interleaved (fp32, bf16, fp32, bf16, ...), so that a slow spell of the
-    machine (another job, the clock) falls on both alike."""
+    machine (another job, the clock) falls on both alike. clock: step_clock() unless given."""
+    clock = clock or step_clock()
     for _ in range(warmup):
         for precision in ("no", "bf16"):
             step(precision)
     times: dict[str, list[float]] = {"no": [], "bf16": []}
     for _ in range(timed):
         for precision, spent in times.items():
-            start = time.perf_counter()
+            start = clock()
             step(precision)
-            spent.append(time.perf_counter() - start)
+            spent.append(clock() - start)
     return {precision: statistics.median(spent) for precision, spent in times.items()}
 
 
@@ -277,4 +286,5 @@ def decide_auto(key: str, make_step: Callable[[], Callable[[str], None]], images
         failed = write_cached(path, key, {"choice": choice, "img_per_s": {p: round(v, 1) for p, v in img_per_s.items()},
                                           "measured": time.strftime("%Y-%m-%d")})
         cached = f"; cached in {path}" if failed is None else f"; not cached ({failed})"
-    return choice, f"auto: measured {_describe(img_per_s)} on this CPU, {shape}{cached}"
+    clock = "CPU time" if step_clock() is time.process_time else "wall-clock"
+    return choice, f"auto: measured {_describe(img_per_s)} on this CPU ({clock}), {shape}{cached}"
