@@ -31,7 +31,7 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from bfcl.augment import BatchedTwoViews
 from bfcl.batchformer import dropout_seed
 from bfcl.checkpoint import (list_checkpoints, load_model_state, load_optimizer_state, optimizer_state_tensors,
-                             resume_checkpoint, save_checkpoint)
+                             peek_precision, resume_checkpoint, save_checkpoint)
 from bfcl.compiling import CompileOrEager
 from bfcl.errors import BfclError, ConfigError, TrainingError, one_line
 from bfcl.images import DEFAULT_MAX_PIXELS
@@ -45,12 +45,14 @@ from bfcl.loop import StopCheck, Window, batches, global_context
 from bfcl.loss import BF_LOSSES, bf_loss_from_add_bf, moco_loss
 from bfcl.model import ARCHS, STEMS, MoCo, is_vit, training_memory, uses_channels_last
 from bfcl.precision import CHOICES as PRECISIONS
+from bfcl.precision import PROBE_ENV, PROBE_STEPS, auto_is_measured, cache_key, decide_auto, rule_fallback
 from bfcl.optim import OPTIMIZERS, build_optimizer, param_groups
+from bfcl.paths import printable_text
 from bfcl.progress import ProgressLog
 from bfcl.recipes import RECIPES, apply_recipe
 from bfcl.runs import (EXIT_PREEMPTED, MAX_EPOCHS, MAX_WIDTH, StopSignal, available_memory, check_finite_weights,
                        check_free_disk, check_memory, check_output_dir, check_ranges, code_version, format_summary,
-                       make_accelerator, mark_stopped, run_lock, scaled_warmup)
+                       launch_state, make_accelerator, mark_stopped, run_lock, scaled_warmup)
 from bfcl.schedules import learning_rate, momentum
 from bfcl.views import PretrainDataset, pretrain_views
 
@@ -206,8 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--mixed-precision", choices=PRECISIONS, default=None,
                    help="overrides accelerate launch's --mixed_precision / config file (default: theirs; auto "
                    "where the launcher names none, as torchrun and plain python). 'auto': bf16 on GPUs that "
-                   "support it (else fp16) and on CPUs that compute it natively (AVX512-BF16, AMX), fp32 on other "
-                   "CPUs, where bf16 is emulated")
+                   "support it (else fp16); on CPUs that compute bf16 natively (AVX512-BF16, AMX) the faster of "
+                   "bf16 and fp32, timed on this run's model at start-up and cached (bfcl/precision.py; "
+                   f"{PROBE_ENV}=0 skips it); fp32 on other CPUs, where bf16 is emulated. A resume keeps the "
+                   "precision its checkpoint trained in")
     a.add_argument("--knn-every", type=int, default=0,
                    help="kNN top-1 on a held-out subset every N steps (0: off); labels from DIR/val/<class>/ (with "
                         "DIR/train as the bank for an ImageFolder, else two halves of DIR/val) or from --knn-data")
@@ -318,6 +322,65 @@ def build_model_and_optimizer(config, plan: Plan, device: torch.device):
     return model, build_optimizer(config.optimizer, groups, config.wd), param_names
 
 
+def decide_precision(config, bf_loss: str | None, processes: int, requested: str | None, device_type: str,
+                     chosen: str | None, why: str) -> tuple[str | None, str]:
+    """make_accelerator's decide: the precision this run trains in, and why (the summary's words).
+
+    Where auto decides (--mixed-precision auto, or no flag and no launcher setting), a resume keeps
+    the precision its checkpoint trained in, whatever this machine would pick; on a CPU with native
+    bf16 a fresh start takes the faster of bf16 and fp32 on this run's model (cached, else measured:
+    bfcl.precision.decide_auto), or today's rule where measuring cannot run. Explicit choices, the
+    launcher's setting and GPUs keep the rule (resume_checkpoint compares them with the checkpoint's)."""
+    named = (lambda text: text.replace("auto: ", "auto (no --mixed-precision, none from the launcher): ", 1)) \
+        if requested is None else (lambda text: text)
+    if chosen is None or not why.startswith("auto"):
+        return chosen, why
+    kept = peek_precision(config.output_dir, config.resume)
+    if kept is not None:
+        return kept[0], named(f"auto: kept from {kept[1]}, which trained in it (a resume does not choose again)")
+    if not auto_is_measured(requested, device_type):
+        return chosen, why
+    if os.environ.get(PROBE_ENV) == "0":
+        return chosen, named(rule_fallback(f"{PROBE_ENV}=0")[1])
+    if config.max_steps and config.max_steps < PROBE_STEPS:
+        return chosen, named(rule_fallback(f"--max-steps {config.max_steps} is below the {PROBE_STEPS} steps of each "
+                                           "precision timing needs")[1])
+    local = config.batch_size // processes
+    model = (f"{config.arch}, " + (f"patch {config.patch_size}" if is_vit(config.arch) else f"{config.stem} stem")
+             + f", BatchFormer {'on' if bf_loss else 'off'}, MLP {config.moco_mlp_dim}/{config.moco_dim}")
+    key = cache_key(processes, torch.get_num_threads(), model, config.image_size, local)
+    shape = f"{processes} x batch {local} x {config.image_size} px"
+    chosen, why = decide_auto(key, lambda: precision_probe_step(config, local, bf_loss), local * processes, shape)
+    return chosen, named(why)
+
+
+def precision_probe_step(config, local_batch: int, bf_loss: str | None):
+    """What bfcl.precision.time_precisions times for auto: one forward and backward of a model built as
+    this run's (MoCo, BatchFormer, channels-last as configured) on synthetic views of the run's batch
+    per process and image size, in fp32 or under bf16 autocast (as Accelerate wraps the forward). The
+    model is built under a forked RNG and the views come from their own generator, so the run's
+    model, its random state and its losses are those of a run whose precision is fixed."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model = MoCo(config.arch, config.stem, config.moco_dim, config.moco_mlp_dim, batchformer=bf_loss is not None,
+                     bf_trainable=config.bf_trainable, image_size=config.image_size, patch_size=config.patch_size,
+                     stop_grad_conv1=config.stop_grad_conv1)
+    memory_format = torch.channels_last if uses_channels_last(config.arch) else torch.contiguous_format
+    model = model.to(memory_format=memory_format).train()
+    views = torch.randn(2, local_batch, 3, config.image_size, config.image_size,
+                        generator=torch.Generator().manual_seed(0))
+    x1, x2 = (v.contiguous(memory_format=memory_format) for v in views)
+
+    def step(precision: str) -> None:
+        with torch.random.fork_rng(devices=[]):  # BatchFormer's dropout draws from the global generator
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                q1, q2, k1, k2 = model(x1, x2, batchformer=bf_loss is not None)
+            loss = moco_loss(q1, q2, k1, k2, 0, config.moco_t, bf_loss)
+            model.zero_grad(set_to_none=True)
+            loss.backward()
+    return step
+
+
 def main(argv=None) -> int:
     stop = StopSignal()  # first: a signal during start-up is honoured at the first step, not fatal
     try:
@@ -334,19 +397,23 @@ def pretrain(args: argparse.Namespace, stop: StopSignal, recipe_notes: dict[str,
     unused = [DistributedDataParallelKwargs(find_unused_parameters=True)] \
         if config.bf_trainable and config.bf_start_epoch > 0 else []
     trackers = tracker_objects(trackers_for(config.report_to), config.output_dir)  # a missing package: refused now
-    accelerator, precision_reason = make_accelerator(config.mixed_precision, unused, log_with=trackers)
+    # The processes first (the Accelerator needs the precision, which auto may measure on valid settings).
+    state = launch_state()
     bf_loss = config.bf_loss or bf_loss_from_add_bf(config.add_bf)
     knn = knn_source(config.data, config.train_list, config.knn_every, config.knn_data)
-    validate(config, accelerator.num_processes, bf_loss, knn)
+    validate(config, state.num_processes, bf_loss, knn)
     # Before anything is allocated: the MLP widths alone can exhaust the memory.
     needed = training_memory(config.arch, config.stem, config.moco_dim, config.moco_mlp_dim,
                              batchformer=bool(bf_loss), image_size=config.image_size, patch_size=config.patch_size)[1]
-    check_memory(needed, available_memory(accelerator.device),
+    check_memory(needed, available_memory(state.device),
                  f"--moco-mlp-dim {config.moco_mlp_dim} with --moco-dim {config.moco_dim}: the model")
+    decide = lambda requested, device_type, chosen, why: decide_precision(  # noqa: E731
+        config, bf_loss, state.num_processes, requested, device_type, chosen, why)
+    accelerator, precision_reason = make_accelerator(config.mixed_precision, unused, log_with=trackers, decide=decide)
     # One output folder, one run: the main process holds <output-dir>/.lock until the end.
     with run_lock(config.output_dir, accelerator) as lock:
         if lock is not None and lock.message:
-            accelerator.print(lock.message)
+            accelerator.print(printable_text(lock.message))
         return build_and_train(config, notes, accelerator, bf_loss, knn, precision_reason, stop)
 
 
@@ -387,7 +454,8 @@ def build_and_train(config, notes: dict[str, str | None], accelerator, bf_loss: 
     check_free_disk(config.output_dir, model.state_dict())
 
     path, resumed = resume_checkpoint(config.output_dir, config.resume, vars(config), RESUMABLE_CHANGES,
-                                      config.force_resume, plan.total_steps, ADDED_SINCE_0_1, plan.images)
+                                      config.force_resume, plan.total_steps, ADDED_SINCE_0_1, plan.images,
+                                      precision=accelerator.mixed_precision)
     start_step = 0
     if resumed is not None:
         load_model_state(model, resumed["model"], path)
@@ -429,7 +497,8 @@ def build_and_train(config, notes: dict[str, str | None], accelerator, bf_loss: 
     accelerator.print(format_summary(summary))
     if accelerator.is_main_process:
         with open(os.path.join(config.output_dir, "config.json"), "w") as f:
-            json.dump({"config": vars(config), "derived": summary}, f, indent=1)
+            json.dump({"config": vars(config), "derived": summary, "precision": accelerator.mixed_precision}, f,
+                      indent=1)
     start_trackers(accelerator, config.output_dir, vars(config))
     main_process, metrics_path = accelerator.is_main_process, os.path.join(config.output_dir, "metrics.jsonl")
     run = TrainingRun(config, plan, accelerator, moco, optimizer, param_names,
@@ -451,7 +520,7 @@ def save(run: TrainingRun, step: int, lr: float) -> None:
     state = run.moco.state_dict()
     check_finite_weights(state, accelerator, step, lr, config.output_dir)
     if accelerator.is_main_process:
-        meta = {"version": code_version(), "config": vars(config),
+        meta = {"version": code_version(), "config": vars(config), "precision": accelerator.mixed_precision,
                 "epoch": step / plan.steps_per_epoch, "steps_per_epoch": plan.steps_per_epoch, "images": plan.images,
                 "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
                 "rng": "derived from (seed, step, process index): nothing to restore"}

@@ -6,8 +6,8 @@ into place, so a run killed at any moment leaves either the old set or the new o
     <output-dir>/checkpoints/step-00001000/
         model.safetensors      model state, clean keys (no `module.` / `_orig_mod.` prefixes)
         optimizer.safetensors  optimizer state as "<parameter name>.<state key>" tensors
-        meta.json              config, step, epoch, code version, scaler state, and the size
-                               and SHA-256 of both tensor files (checked on load)
+        meta.json              config, step, epoch, code version, scaler state, the precision
+                               trained in, and the size and SHA-256 of both tensor files (checked on load)
     <output-dir>/backbone.safetensors  the base backbone with torchvision's key names
 """
 
@@ -31,6 +31,7 @@ TENSOR_FILES = ("model.safetensors", "optimizer.safetensors")
 MAX_META_BYTES = 16 << 20  # ours are a few KB; a bigger meta.json is not one of ours
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+PRECISIONS = ("no", "fp16", "bf16", "fp8")  # Accelerate's mixed_precision values
 
 
 def _sha256(path: str) -> str:
@@ -184,6 +185,8 @@ def _check_meta(meta, meta_path: str) -> None:
     if images is not None and not (isinstance(images, dict) and _is_int(images.get("count")) and images["count"] >= 0
                                    and isinstance(images.get("sha256"), str) and _SHA256.match(images["sha256"])):
         refuse('"images"', 'null or {"count": an integer >= 0, "sha256": 64 hex digits}', images)
+    if meta.get("precision") is not None and meta["precision"] not in PRECISIONS:
+        refuse('"precision"', f"null or one of {', '.join(PRECISIONS)}", meta["precision"])
     scaler = meta.get("scaler")
     if scaler is not None and (not isinstance(scaler, dict) or not all(
             (_is_int(v) or isinstance(v, float)) and math.isfinite(v) for v in scaler.values())):
@@ -338,9 +341,47 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, param_names: list[str
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
 
 
+def recorded_precision(meta: dict, path: str) -> str | None:
+    """The precision the checkpoint at `path` trained in: its meta.json's "precision" (bfcl since issue 33
+    case 15), else the first word of the "precision" line that its run folder's config.json derived
+    (written by every run since the start-up summary named the precision), else None (unknown)."""
+    if meta.get("precision") in PRECISIONS:
+        return meta["precision"]
+    try:
+        with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))), "config.json"),
+                  encoding="utf-8") as f:
+            derived = json.load(f)["derived"]["precision"]
+        word = derived.split()[0]
+    except (OSError, ValueError, RecursionError, KeyError, TypeError, AttributeError, IndexError):
+        return None
+    return word if word in PRECISIONS else None
+
+
+def peek_precision(output_dir: str, resume: str) -> tuple[str, str] | None:
+    """(precision, checkpoint path) that a resume will continue in, read before the run is set up (the
+    precision must be known before the Accelerator is built): the newest checkpoint whose meta.json
+    parses (resume 'auto') or the one named; None for a fresh start or an unknown precision. Only a
+    glance: resume_checkpoint verifies the checkpoint it takes and refuses one trained in another
+    precision than the run's, so a wrong glance cannot go unnoticed."""
+    if resume == "none":
+        return None
+    for path in reversed(list_checkpoints(output_dir)) if resume == "auto" else [resume]:
+        try:
+            if os.path.getsize(os.path.join(path, "meta.json")) > MAX_META_BYTES:
+                continue
+            with open(os.path.join(path, "meta.json"), encoding="utf-8") as f:
+                meta = json.load(f)
+        except (OSError, ValueError, RecursionError):
+            continue
+        if isinstance(meta, dict):
+            precision = recorded_precision(meta, path)
+            return (precision, path) if precision is not None else None
+    return None
+
+
 def resume_checkpoint(output_dir: str, resume: str, config: dict, may_change: set, force: bool,
                       total_steps: int, added: dict | None = None,
-                      images: dict | None = None) -> tuple[str | None, dict | None]:
+                      images: dict | None = None, precision: str | None = None) -> tuple[str | None, dict | None]:
     """What a script resumes from: (None, None) for a fresh start, else (path, {"model",
     "optimizer", "meta"}) of a verified checkpoint whose weights are sane, whose settings match
     `config` (except the keys in may_change, or anything with force) and whose step lies within
@@ -349,7 +390,10 @@ def resume_checkpoint(output_dir: str, resume: str, config: dict, may_change: se
     `added` holds options that older checkpoints do not record, with the value they had then.
     `images` is the identity of this run's training images (bfcl.index.ImageIndex.identity):
     where the checkpoint records one, a different list or order is refused unless `force`, whatever
-    files beside the checkpoint say. Every refusal is a one-line CheckpointError."""
+    files beside the checkpoint say. `precision` is the precision this run trains in (Accelerate's
+    mixed_precision): where the checkpoint's is known (recorded_precision), the precisions are compared
+    instead of the --mixed-precision flags, since one flag (auto, or none) gives different precisions on
+    different machines and launchers. Every refusal is a one-line CheckpointError."""
     if resume == "none":
         if list_checkpoints(output_dir):
             raise CheckpointError(f"--output-dir {output_dir} already holds checkpoints of another run; continue it "
@@ -361,8 +405,13 @@ def resume_checkpoint(output_dir: str, resume: str, config: dict, may_change: se
     model_state, optimizer_state, meta = load_checkpoint(path)
     check_weights(model_state, f"checkpoint {path}")
     old = {**(added or {}), **meta["config"]}
+    trained_in = recorded_precision(meta, path) if precision is not None else None
+    if trained_in is not None:
+        may_change = {*may_change, "mixed_precision"}
     changed = [f"--{k.replace('_', '-')} {old.get(k)!r} -> {config.get(k)!r}" for k in sorted(set(old) | set(config))
                if k not in may_change and old.get(k) != config.get(k)]
+    if trained_in is not None and trained_in != precision:
+        changed.append(f"precision: trained in {trained_in!r}, this run's {precision!r}")
     if changed and not force:
         raise CheckpointError(f"cannot resume {path}: settings differ ({'; '.join(changed)}); restore them or pass "
                               "--force-resume")

@@ -33,7 +33,8 @@ def one_line(error: Exception) -> str:
     """The message of an error, also after a DataLoader worker raised it: the loader raises it again
     in the main process with the worker's traceback as its message ("Caught DataError in DataLoader
     worker process 0. Original Traceback ... bfcl.errors.DataError: <message>")."""
-    lines = str(error).strip().splitlines()
+    from bfcl.paths import printable_text  # a path in the message may hold bytes that are not UTF-8
+    lines = printable_text(str(error)).strip().splitlines()
     if len(lines) <= 1:
         return lines[0] if lines else type(error).__name__
     return lines[-1].removeprefix(f"{type(error).__module__}.{type(error).__qualname__}: ")

@@ -28,6 +28,16 @@ def printable(path: "str | bytes | os.PathLike") -> str:
     return repr(text) if text != text.strip() else text
 
 
+def printable_text(text: str) -> str:
+    """A whole message that may hold paths, safe to print on any UTF-8 terminal: the bytes of a path
+    that are not UTF-8 (held by Python as lone surrogates, which raise UnicodeEncodeError when printed)
+    as \\xNN, like printable; the rest (newlines, spaces) as it is."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that no file name decoded to
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def describe_kind(mode: int) -> str:
     """'a folder', 'a FIFO', ... for a stat mode that is not a regular file."""
     kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),

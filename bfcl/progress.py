@@ -9,6 +9,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
+from bfcl.paths import printable_text
+
 
 def format_metrics(metrics: dict) -> str:
     """'loss 1.234 | lr 0.0600 | ...' for the numbers a person watches."""
@@ -91,7 +93,9 @@ class ProgressLog:
             print(f"step {step}/{self.total_steps} | {format_metrics(shown)} | eta {eta_text}", flush=True)
 
     def print(self, text: str) -> None:
-        (self.progress.console if self.progress is not None else self.console).print(text, soft_wrap=True)
+        # a path in the line may hold bytes that are not UTF-8 (bfcl/paths.py)
+        (self.progress.console if self.progress is not None else self.console).print(printable_text(text),
+                                                                                      soft_wrap=True)
         sys.stdout.flush()
 
     def close(self) -> None:

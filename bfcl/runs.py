@@ -15,12 +15,13 @@ import subprocess
 
 import psutil
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import broadcast_object_list
 
 from bfcl import __version__
 from bfcl.checkpoint import list_checkpoints
 from bfcl.errors import ConfigError, TrainingError
+from bfcl.paths import printable_text
 from bfcl.precision import emulated_bf16_warning, launch_device_type
 from bfcl.precision import resolve as resolve_precision
 from bfcl.runlock import take_lock
@@ -111,14 +112,31 @@ def run_lock(output_dir: str, accelerator: Accelerator):
             lock.release()
 
 
-def make_accelerator(precision: str | None = None, kwargs_handlers=(), log_with=None) -> tuple[Accelerator, str]:
+def launched_on_cpu() -> bool:
+    """torchrun without GPUs: Accelerate starts gloo only when told the processes are CPU ones."""
+    return "LOCAL_RANK" in os.environ and not torch.cuda.is_available()
+
+
+def launch_state() -> PartialState:
+    """The launcher's processes before the Accelerator: process group started and threads set, as the
+    Accelerator will find them. train.py validates its settings and measures auto's precision on it."""
+    return PartialState(cpu=launched_on_cpu())
+
+
+def make_accelerator(precision: str | None = None, kwargs_handlers=(), log_with=None,
+                     decide=None) -> tuple[Accelerator, str]:
     """(the Accelerator, why its precision): the launcher's processes and devices, with precision
     from --mixed-precision (None: the launcher's setting, 'auto' where it names none; 'auto': bf16
-    where the device computes it, bfcl/precision.py). log_with: Accelerate's trackers
-    (bfcl/tracking.py), or None. Prints the one-line warning for bf16 emulated on a CPU."""
-    # torchrun without GPUs: Accelerate starts gloo only when told the processes are CPU ones.
-    cpu = "LOCAL_RANK" in os.environ and not torch.cuda.is_available()
-    mixed_precision, why = resolve_precision(precision, launch_device_type(cpu))
+    where the device computes it, bfcl/precision.py). decide(requested, device type, precision, why)
+    -> (precision, why), where given, may replace the rule's choice before the Accelerator is built
+    (train.py: a resume keeps its checkpoint's precision, auto on a CPU is measured). log_with:
+    Accelerate's trackers (bfcl/tracking.py), or None. Prints the one-line warning for bf16 emulated
+    on a CPU."""
+    cpu = launched_on_cpu()
+    device_type = launch_device_type(cpu)
+    mixed_precision, why = resolve_precision(precision, device_type)
+    if decide is not None:
+        mixed_precision, why = decide(precision, device_type, mixed_precision, why)
     accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision, kwargs_handlers=list(kwargs_handlers),
                               log_with=log_with or None)
     warning = emulated_bf16_warning(accelerator.mixed_precision, accelerator.device.type)
@@ -169,8 +187,9 @@ def check_finite_weights(model_state: dict, accelerator: Accelerator, step: int,
 
 
 def format_summary(summary: dict, width: int = 20) -> str:
-    """The derived quantities a script prints once at start, one 'name: value' a line."""
-    return "\n".join(f"{k:>{width}}: {v}" for k, v in summary.items())
+    """The derived quantities a script prints once at start, one 'name: value' a line; paths whose
+    bytes are not UTF-8 shown as \\xNN (bfcl.paths.printable_text), never a UnicodeEncodeError."""
+    return printable_text("\n".join(f"{k:>{width}}: {v}" for k, v in summary.items()))
 
 
 def code_version() -> str:

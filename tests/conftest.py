@@ -17,6 +17,10 @@ from scripts import PARAM_HASHES, STEPS, TINY, TORCHRUN, checkpoint_steps, run, 
 # launch names a precision, since without it train.py and probe.py now pick auto (bf16 on a CPU that
 # computes it). Tests of the default itself remove it (tests/test_precision.py).
 os.environ.setdefault("ACCELERATE_MIXED_PRECISION", "no")
+# ... and where a test still reaches auto on this bf16-native CPU (--mixed-precision auto, the small-images
+# recipe), no timing at start-up: the rule decides, as before. The tests of the measurement set it to 1,
+# with BFCL_CACHE in their own temporary folder (tests/test_precision.py).
+os.environ.setdefault("BFCL_PRECISION_PROBE", "0")
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two pytest workers on two cores: one thread each
     os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -35,3 +35,36 @@ def test_an_undecodable_data_folder_is_named_in_printable_messages(tmp_path):
     index = index_folder(os.fsdecode(root))
     assert index.describe() == f"folder searched recursively {tmp_path}/caf\\xe9: 1 images"
     index.describe().encode("utf-8")
+
+
+def test_messages_and_the_summary_print_paths_that_are_not_utf8():
+    """Issue 33 case 8, the rest: the start-up summary, the log's lines and every error's one line go
+    through printable_text, so an --output-dir or a checkpoint path of Latin-1 bytes prints as \\xe9."""
+    from bfcl.errors import CheckpointError, one_line
+    from bfcl.paths import printable_text
+    from bfcl.runs import format_summary
+    path = os.fsdecode(b"/runs/caf\xe9/checkpoints/step-00000004")
+    with pytest.raises(UnicodeEncodeError):
+        path.encode("utf-8")  # what print() met before
+    assert printable_text(f"done: in {path}\nnext") == "done: in /runs/caf\\xe9/checkpoints/step-00000004\nnext"
+    assert printable_text("caf\ud800") == "caf\\ud800"  # a surrogate no file name decodes to
+    assert one_line(CheckpointError(f"cannot resume {path}: settings differ")) == \
+        "cannot resume /runs/caf\\xe9/checkpoints/step-00000004: settings differ"
+    summary = format_summary({"resumed from": f"{path} (step 4)", "processes": 1})
+    assert "resumed from: /runs/caf\\xe9/checkpoints/step-00000004 (step 4)" in summary
+    summary.encode("utf-8")
+
+
+@pytest.mark.slow
+def test_train_py_in_an_output_folder_that_is_not_utf8(tiny_data, tmp_path):
+    import subprocess
+    import sys
+    from scripts import ENV, REPO, TINY
+    out = os.path.join(os.fsencode(tmp_path), b"caf\xe9")
+    result = subprocess.run([sys.executable, "train.py", "--data", tiny_data, "--output-dir", out, *TINY,
+                             "--max-steps", "1"], cwd=REPO, capture_output=True, timeout=300,
+                            env={**os.environ, **ENV, "PYTHONIOENCODING": "utf-8"})
+    stdout = result.stdout.decode("utf-8")  # strict: no raw byte of the path got through
+    assert result.returncode == 0, stdout + result.stderr.decode("utf-8", "replace")
+    assert f"done: 1 steps; backbone (step 1) in {tmp_path}/caf\\xe9/backbone.safetensors" in stdout
+    assert f"{tmp_path}/caf\\xe9/image-index.safetensors" in stdout

@@ -53,7 +53,7 @@ def test_two_processes_agree_and_resume(two_process_run):
 
 def test_bf16_on_cpu_matches_fp32_and_resume_refuses_another_precision(tiny_data, straight_run, tmp_path):
     """--mixed-precision bf16 (autocast; NHWC on CPU too): the first loss is the fp32 run's up to
-    bf16 rounding, master weights stay fp32, and resuming in fp32 is refused as a changed setting,
+    bf16 rounding, master weights stay fp32, and resuming in fp32 is refused as a changed precision,
     with one line on stderr and no traceback."""
     result = run(train_cmd(tiny_data, tmp_path, "--mixed-precision", "bf16", "--max-steps", "1"))
     assert result.returncode == 0, result.stdout + result.stderr
@@ -69,7 +69,7 @@ def test_bf16_on_cpu_matches_fp32_and_resume_refuses_another_precision(tiny_data
     assert refused.returncode == 1
     assert refused.stderr.strip().startswith("error: ") and len(refused.stderr.strip().splitlines()) == 1, \
         refused.stderr
-    assert "settings differ (--mixed-precision 'bf16' -> 'no')" in refused.stderr
+    assert "settings differ (precision: trained in 'bf16', this run's 'no')" in refused.stderr
 
 
 def test_vit_resume_equals_straight_run(tiny_data, tmp_path):
