@@ -213,6 +213,15 @@ def class_scores(model, dataset, num_classes: int, batch: int, accelerator: Acce
     return scores, labels
 
 
+def groups_note(block: dict | None) -> str:
+    """', many / medium / few top-1 a / b / c' of a "longtail" block with groups (bfcl/longtail.py), else ''."""
+    groups = (block or {}).get("groups")
+    if not groups:
+        return ""
+    values = [groups[g]["top1"] for g in ("many", "medium", "few")]
+    return ", many / medium / few top-1 " + " / ".join("–" if v is None else f"{v:.1f}" for v in values)
+
+
 def results_table(results: dict, title: str) -> Table:
     table = Table(title=title)
     for column in ("evaluation", "top-1 %", "top-5 %", "note"):
@@ -220,13 +229,15 @@ def results_table(results: dict, title: str) -> Table:
     for name, r in results.get("knn", {}).items():
         if name.startswith("k") and isinstance(r, dict):
             table.add_row(f"kNN {name[1:]}-NN", f"{r['top1']:.2f}", f"{r['top5']:.2f}",
-                          f"T {results['knn']['temperature']}")
+                          f"T {results['knn']['temperature']}{groups_note(r.get('longtail'))}")
     if "fast_linear" in results:
         r = results["fast_linear"]
-        table.add_row("fast linear", f"{r['top1']:.2f}", f"{r['top5']:.2f}", "cached centre crops: NOT the protocol")
+        table.add_row("fast linear", f"{r['top1']:.2f}", f"{r['top5']:.2f}",
+                      f"cached centre crops: NOT the protocol{groups_note(r.get('longtail'))}")
     for mode, unit in (("linear", "epoch"), ("finetune", "step")):
         for which in ("best", "last") if mode in results else ():
             r = results[mode][which]
             table.add_row(f"{mode}, {which} {unit}", f"{r['top1']:.2f}", f"{r['top5']:.2f}",
-                          f"{'protocol, ' if mode == 'linear' else 'end to end, '}{unit} {r[unit]}")
+                          f"{'protocol, ' if mode == 'linear' else 'end to end, '}{unit} {r[unit]}"
+                          + (groups_note(results[mode].get("longtail")) if which == "last" else ""))
     return table

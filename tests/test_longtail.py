@@ -230,3 +230,26 @@ def test_evaluation_does_not_add_the_prior(tmp_path):
         bfcl.fine_tune(backbone, data, str(tmp_path / "focal"), epochs=1, batch_size=8, loss="focal")
     with pytest.raises(ConfigError, match="--max-train-samples"):
         bfcl.labelled_data(data_dir, 8, imbalance=4, max_train_samples=5)
+
+
+def test_results_table_notes_the_groups():
+    from rich.console import Console
+
+    from bfcl.evaluation import results_table
+    block = longtail_metrics(F.one_hot(torch.tensor([0, 1, 1]), 3).float(), torch.tensor([0, 1, 2]), [9, 5, 1],
+                             ["a", "b", "c"])
+    console = Console(width=200, record=True)
+    console.print(results_table({"fast_linear": {"top1": 66.7, "top5": 100.0, "longtail": block}}, "t"))
+    assert "many / medium / few top-1 100.0 / 100.0 / 0.0" in console.export_text()
+
+
+def test_resume_refuses_another_loss_or_subset(tmp_path):
+    """A fine-tuning run stopped after one step resumes only with the same --loss and --imbalance."""
+    data = lt_folder(tmp_path)
+    out = str(tmp_path / "ft")
+    base = [*PROBE_TINY, "--data", data, "--output-dir", out, "--mode", "finetune", "--epochs", "2", "-b", "8",
+            "--imbalance", "4"]
+    assert probe.main([*base, "--max-steps", "1", "--save-every", "1"]) == 0
+    for changed in (["--loss", "balanced-softmax"], ["--imbalance", "8"]):
+        message = error_of([*base, *changed])
+        assert ("loss" if "--loss" in changed else "imbalance") in message
