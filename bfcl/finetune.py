@@ -144,7 +144,7 @@ def finetune(backbone: Backbone, data: ProbeData, recipe: FinetuneRecipe, run: F
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     family = "vit" if is_vit(backbone.arch) else "resnet"
     image_size = data.image_size
-    prior = log_prior(class_counts(data.train.targets, len(data.classes))) \
+    prior = log_prior(class_counts(data.train.targets, len(data.classes))).to(device) \
         if check_loss(run.loss) == "balanced-softmax" else None
     set_seed(run.seed)  # the same head on every process
     model = finetune_model(backbone, recipe, len(data.classes), image_size, world, device, run.bf_head)

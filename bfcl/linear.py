@@ -143,7 +143,7 @@ def linear_probe(backbone: Backbone, data: ProbeData, accelerator: Accelerator, 
     it on [x ; BF(x)], the labels twice; the backbone stays frozen, and evaluation uses the head alone.
     loss "balanced-softmax": Balanced Softmax, the training subset's log class prior added to the
     logits of the loss only (bfcl/longtail.py). "longtail": the last epoch's per-class and group top-1."""
-    prior = log_prior(class_counts(data.train.targets, len(data.classes))) \
+    prior = log_prior(class_counts(data.train.targets, len(data.classes))).to(accelerator.device) \
         if check_loss(loss) == "balanced-softmax" else None
     world, device = accelerator.num_processes, accelerator.device
     local_batch = batch_size // world

@@ -36,7 +36,6 @@ import torch
 from bfcl.errors import ConfigError
 
 LOSSES = ("ce", "balanced-softmax")
-LITERATURE = (("many", 100, None), ("medium", 20, 100), ("few", None, 20))  # (name, > low, <= high) see below
 GROUP_RULE = ("thirds by class size: the round(C/3) largest classes are many, the round(C/3) smallest few, the "
               "rest medium (ties by class index)")
 LITERATURE_RULE = "training images per class: many > 100, medium 20-100, few < 20 (an empty group is null)"

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from bfcl.images import DataError
 from bfcl.errors import ConfigError
+from bfcl.images import DataError
 from bfcl.lists import read_list
 from bfcl.longtail import first_by_hash, longtail_subset
 from bfcl.paths import printable
