@@ -16,7 +16,7 @@ VIT_ARGS ?= -a vit_tiny --patch-size 8 --optimizer adamw --lr 5e-4 --wd 0.1 --mo
 	--moco-mlp-dim 1024 --crop-min 0.2
 
 .PHONY: venv lint test test-e2e test-fast smoke-test bench-speed bench-quality bench-quality-vit bench-finetune bench-bf \
-	bench-downstream bench-continue bench-recipe bench-data-index bench-embed clean
+	bench-downstream bench-continue bench-recipe bench-data-index bench-embed bench-longtail clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -127,6 +127,15 @@ OUT_EMBED ?= bench-results/embed
 EMBED_ARGS ?=
 bench-embed: venv
 	$(BIN)/python bench/embed_bench.py --out $(OUT_EMBED) $(EMBED_ARGS)
+
+# Long tails (issue 36, bench/longtail.py; docs/longtail.md): CIFAR-10-LT at R 100 (12,406 images). Pretraining on
+# them, MoCo v3 / --add_bf 1 / after-warmup, 600 steps each, 2 seeds, kNN by many/medium/few; fine-tuning from MoCo
+# v3, --add_bf 1 and random init with CE and Balanced Softmax, each with and without --bf-head, 2 seeds (3 where
+# the paired std is above 0.5), 2.5 min each; about 1 h 55 min on 2 cores (not run end to end yet).
+OUT_LT ?= bench-results/longtail
+LT_ARGS ?=
+bench-longtail: venv
+	$(BIN)/python bench/longtail.py --seeds $(SEEDS) --out $(OUT_LT) $(LT_ARGS)
 
 clean:
 	rm -rf build bench-results .pytest_cache

@@ -48,21 +48,36 @@ subset of train/ drawn from --subset-seed alone (N of each class, or all of a sm
 each class rounded half up, at least 1), --train-list FILE on the images a list names. The subset
 used is written to OUTPUT/train_list.txt, which --train-list reads back (bfcl/subsets.py).
 
+Long tails, in every mode but embed (docs/longtail.md, bfcl/longtail.py): --imbalance R keeps the
+CIFAR-LT subset of Cao et al. (LDAM): the i-th class int(n_max x R^(-i/(C-1))) images, n_max the
+smallest class (or --labels-per-class N), class order and images from --subset-seed; CIFAR-10 at
+R 100 keeps 12,406 images. val/ stays balanced. --loss balanced-softmax (linear, fast-linear,
+finetune) trains with Balanced Softmax: the subset's log class prior added to the logits of the
+loss, evaluation unchanged. Every classifying result gets a "longtail" block: per-class top-1 with
+the class's train and val images, and many / medium / few group top-1 (thirds by class size; the
+literature's > 100 / 20-100 / < 20 split beside it).
+
 results.json in --output-dir (only the modes that ran appear under "results"):
   {"pretrained": PATH or "random-init", "source": layout read, "arch": "resnet50",
    "stem": "imagenet", "step": int or null, "image_size": 224, "num_classes": 1000,
    "train_samples": int, "val_samples": int, "processes": int, "config": {parsed options},
    "subset": null, or {"rule": "--label-fraction 0.01", "seed": 0 (null for a list), "size": int,
-              "available": int, "per_class": {class: int}, "sha256": of train_list.txt, "list": "train_list.txt"},
+              "available": int, "per_class": {class: int}, "sha256": of train_list.txt, "list": "train_list.txt",
+              and with --imbalance "imbalance": R, "class_order": [classes, head first]},
    "results": {
-     "knn":         {"temperature": 0.07, "k20": {"top1": %, "top5": %}, "k200": {...}},
-     "fast_linear": {"protocol": false, "epochs": 100, "top1": %, "top5": %},
+     "knn":         {"temperature": 0.07, "k20": {"top1": %, "top5": %, "longtail": {...}}, "k200": {...}},
+     "fast_linear": {"protocol": false, "epochs": 100, "criterion": "ce", "top1": %, "top5": %, "longtail": {...}},
      "linear":      {"protocol": true, "bn_head": false, "epochs": 90, "batch_size": 1024, "lr": 0.4,
                      "best": {"epoch": int, "top1": %, "top5": %, "loss": float, "lr": float},
-                     "last": {same keys}, "history": [{same keys}, one per epoch]},
+                     "last": {same keys}, "history": [{same keys}, one per epoch], "criterion": "ce",
+                     "longtail": of the last epoch},
      "finetune":    {"recipe": {...}, "steps": int, "batch_size": int, "lr": float,
                      "best": {"step": int, "top1": %, "top5": %, "loss": float, ...}, "last": {...},
-                     "history": [one per evaluation], "model": "OUTPUT/finetuned.safetensors"}}}
+                     "history": [one per evaluation], "model": "OUTPUT/finetuned.safetensors", "criterion": "ce",
+                     "longtail": of the final model}}}
+  "longtail": {"per_class": {class: {"train": int, "val": int, "top1": %}}, "group_rule": str,
+               "groups": {"many" | "medium" | "few": {"classes": int, "train": [min, max], "top1": %}} or null,
+               "literature_rule": str, "literature": {same keys, an empty group null}}
 --mode embed writes {"pretrained", "source", "arch", "stem", "image_size", "processes", "config", "results":
   {"embed": {"rows": int, "width": int, "unreadable": int, "shards_computed": int, "shards_reused": int,
              "embed_seconds": float, "images_per_s": float, "files": [paths written],
@@ -88,6 +103,7 @@ from bfcl.finetune import RECIPE_FLAGS, FinetuneRun, finetune, finetune_recipe
 from bfcl.images import DEFAULT_MAX_PIXELS
 from bfcl.index import training_index
 from bfcl.linear import FAST_LINEAR_BATCH, FAST_LINEAR_LR, linear_epochs, linear_peak_lr, linear_probe, quick_checks
+from bfcl.longtail import LOSSES
 from bfcl.model import ARCHS, STEMS, is_vit
 from bfcl.neighbours import DUPLICATE_THRESHOLD, check_k, check_threshold, search_and_write
 from bfcl.precision import CHOICES as PRECISIONS
@@ -113,7 +129,8 @@ FLAG_RANGES = {  # (low, high, low inclusive, high inclusive), checked before an
     "layer_decay": (0, 1, False, True), "save_every": (1, INF, True, True), "keep": (0, INF, True, True),
     "log_every": (1, INF, True, True), "max_steps": (0, INF, True, True), "eval_every": (0, INF, True, True),
     "labels_per_class": (1, INF, True, True), "label_fraction": (0, 1, False, True),
-    "subset_seed": (0, INF, True, True), "neighbours": (1, INF, True, True), "shard_size": (1, INF, True, True),
+    "subset_seed": (0, INF, True, True), "imbalance": (1, INF, True, True), "neighbours": (1, INF, True, True),
+    "shard_size": (1, INF, True, True),
     "neighbour_block": (1, INF, True, True),
 }
 
@@ -171,7 +188,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "or bare names as in SimCLR's ImageNet 1 %% / 10 %% lists), e.g. a run's train_list.txt; "
                         "--mode embed: the images to embed, relative to --data, as train.py's --train-list")
     a.add_argument("--subset-seed", type=int, default=0,
-                   help="which images --labels-per-class / --label-fraction draw, in every mode, process and start")
+                   help="which images --labels-per-class / --label-fraction / --imbalance draw (and --imbalance's "
+                        "class order), in every mode, process and start")
+    a.add_argument("--imbalance", type=float, default=None, metavar="R",
+                   help="long-tailed train/ (CIFAR-10-LT / CIFAR-100-LT protocol, LDAM): the i-th class keeps "
+                        "int(n_max x R^(-i/(C-1))) images, n_max the smallest class's count or --labels-per-class; "
+                        "not with --label-fraction, --train-list or --max-train-samples. val/ stays balanced")
     a.add_argument("--workers", type=int, default=8, help="data-loading processes per process")
     a.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help="images with more pixels are treated as unreadable (decompression-bomb guard)")
@@ -196,6 +218,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="1: a trainable BatchFormer between the feature and a shared head, which sees [x ; BF(x)] "
                         "with the labels twice; removed at evaluation and from the exported classifier "
                         "(bfcl/bf_head.py)")
+    a.add_argument("--loss", choices=LOSSES, default="ce",
+                   help="training loss of linear, fast-linear and finetune: 'balanced-softmax' adds the training "
+                        "subset's log class prior to the logits of the loss (Ren et al. 2020), evaluation unchanged")
     a.add_argument("--add_bf", dest="add_bf", type=int, choices=(0, 1), action=DeprecatedAddBf, help=argparse.SUPPRESS)
     a = p.add_argument_group("fine-tuning (--mode finetune; each flag overrides the recipe: bfcl/finetune_recipe.py)")
     a.add_argument("--wd", type=float, default=None, help="weight decay (1e-4 ResNets, 0.05 ViTs)")
@@ -298,7 +323,7 @@ def probe(args: argparse.Namespace) -> int:
         data = labelled_data(args.data, image_size, labels_per_class=args.labels_per_class,
                              label_fraction=args.label_fraction, train_list=args.train_list,
                              subset_seed=args.subset_seed, max_train_samples=args.max_train_samples, seed=args.seed,
-                             max_image_pixels=args.max_image_pixels)
+                             max_image_pixels=args.max_image_pixels, imbalance=args.imbalance)
         backbone.model(len(data.classes), image_size=image_size)  # fail now, in one line, if it does not fit
     except ValueError as e:  # CheckpointError, DataError, or a ViT image size that is no multiple of its patch
         raise ConfigError(str(e)) from None
@@ -336,16 +361,16 @@ def probe(args: argparse.Namespace) -> int:
         results = quick_checks(backbone, data, accelerator, knn_ks=args.knn_k if "knn" in modes else None,
                                knn_t=args.knn_t, fast_epochs=args.fast_epochs if "fast-linear" in modes else None,
                                features_file=os.path.join(args.output_dir, "features.safetensors")
-                               if args.save_features else None, **shared)
+                               if args.save_features else None, loss=args.loss, **shared)
     if "linear" in modes:
         results["linear"] = linear_probe(backbone, data, accelerator, epochs=args.epochs, lr=args.lr,
-                                         bn_head=args.bn_head, bf_head=bool(args.add_bf), **shared)
+                                         bn_head=args.bn_head, bf_head=bool(args.add_bf), loss=args.loss, **shared)
     if "finetune" in modes:
         run = FinetuneRun(args.output_dir, args.batch_size, pretrained=not args.random_init, bf_head=bool(args.add_bf),
                           seed=args.seed, workers=args.workers, resume=args.resume, force_resume=args.force_resume,
                           max_steps=args.max_steps, save_every=args.save_every, keep=args.keep,
                           log_every=args.log_every, eval_every=args.eval_every, eval_epoch_ends=args.eval_epoch_ends,
-                          max_bad_image_share=args.max_bad_image_share)
+                          max_bad_image_share=args.max_bad_image_share, loss=args.loss)
         with run_lock(args.output_dir, accelerator):
             outcome = finetune(backbone, data, recipe, run, accelerator, record=vars(args))
         if outcome == EXIT_PREEMPTED:
@@ -369,7 +394,8 @@ def probe(args: argparse.Namespace) -> int:
     return 0
 
 
-LABEL_FLAGS = ("max_train_samples", "labels_per_class", "label_fraction")  # train/ subsets: meaningless to embed
+# train/ subsets: meaningless to embed
+LABEL_FLAGS = ("max_train_samples", "labels_per_class", "label_fraction", "imbalance")
 
 
 def embed(args: argparse.Namespace, accelerator, precision_reason: str) -> int:

@@ -1,5 +1,6 @@
 """bench/downstream.py's outputs: results.md, results.json and downstream.svg (top-1 against the label
-fraction, log x; an SVG written by hand as bench/quality_report.py does), and the lr sweep's sweep.md."""
+fraction, log x; an SVG written by hand by line_plot, which bench/longtail.py's plot uses too), and the
+lr sweep's sweep.md."""
 
 import math
 import os
@@ -88,43 +89,52 @@ def markdown(info: dict, quick: list[dict], records: list[dict]) -> str:
 
 def svg(info: dict, quick: list[dict], records: list[dict]) -> str:
     """Top-1 against the label fraction on a log axis: one line per start and method."""
-    width, height = 760, 470
-    left, top, w, h = 60, 40, 460, 360
     fractions = sorted(info["fractions"])
-    lo, hi = math.log10(fractions[0]), math.log10(fractions[-1])
+    lines = []
+    for key, _, colour in METHODS:
+        for start in STARTS:
+            points = [(f, statistics.mean(v)) for f in fractions if (v := scores(quick, records, start, f)[key])]
+            lines.append((points, colour, DASH[start]))
+    legend = [(label, colour, "") for _, label, colour in METHODS] + [(start, "#444", DASH[start]) for start in STARTS]
+    return line_plot("Top-1 against the fraction of labels (" + info["hardware"]["cpu"] + ")", fractions, labels,
+                     "labelled images (log scale)", "top-1 on val (%)", lines, legend)
+
+
+def line_plot(title: str, xs: list[float], tick_label, x_label: str, y_label: str, lines: list, legend: list,
+              width: int = 760, height: int = 470, plot_width: int = 460) -> str:
+    """An SVG line plot, written by hand (no plotting package): y in 0-100 %, x on a log axis with a
+    tick at each of xs (labelled tick_label(x)); lines [(points [(x, y)], colour, dash)], an empty
+    one skipped; legend [(label, colour, dash)] right of the plot. bench/downstream.py's and
+    bench/longtail.py's plots."""
+    left, top, w, h = 60, 40, plot_width, 360
+    xs = sorted(xs)
+    lo, hi = math.log10(xs[0]), math.log10(xs[-1])
     lo, hi = (lo - 0.5, hi + 0.5) if hi - lo < 1e-9 else (lo, hi)
     sx = lambda f: left + w * (math.log10(f) - lo) / (hi - lo)
     sy = lambda v: top + h * (1 - v / 100)
-    out = [f'<text x="{width / 2}" y="20" text-anchor="middle" font-weight="bold">'
-           f'{escape("Top-1 against the fraction of labels (" + info["hardware"]["cpu"] + ")")}</text>',
+    out = [f'<text x="{width / 2}" y="20" text-anchor="middle" font-weight="bold">{escape(title)}</text>',
            f'<rect x="{left}" y="{top}" width="{w}" height="{h}" fill="none" stroke="#444"/>']
     for v in range(0, 101, 10):
         out += [f'<line x1="{left}" y1="{sy(v):.1f}" x2="{left + w}" y2="{sy(v):.1f}" stroke="#ddd"/>',
                 f'<text x="{left - 6}" y="{sy(v) + 4:.1f}" text-anchor="end">{v}</text>']
-    for f in fractions:
+    for f in xs:
         out += [f'<line x1="{sx(f):.1f}" y1="{top}" x2="{sx(f):.1f}" y2="{top + h}" stroke="#ddd"/>',
-                f'<text x="{sx(f):.1f}" y="{top + h + 16}" text-anchor="middle">{labels(f)}</text>']
-    out += [f'<text x="{left + w / 2}" y="{top + h + 36}" text-anchor="middle">labelled images (log scale)</text>',
+                f'<text x="{sx(f):.1f}" y="{top + h + 16}" text-anchor="middle">{escape(tick_label(f))}</text>']
+    out += [f'<text x="{left + w / 2}" y="{top + h + 36}" text-anchor="middle">{escape(x_label)}</text>',
             f'<text x="16" y="{top + h / 2}" text-anchor="middle" transform="rotate(-90 16 {top + h / 2})">'
-            'top-1 on val (%)</text>']
-    for key, _, colour in METHODS:
-        for start in STARTS:
-            points = [(f, statistics.mean(v)) for f in fractions if (v := scores(quick, records, start, f)[key])]
-            if not points:
-                continue
-            dash = f' stroke-dasharray="{DASH[start]}"' if DASH[start] else ""
-            coords = " ".join(f"{sx(f):.1f},{sy(v):.1f}" for f, v in points)
-            out.append(f'<polyline points="{coords}" fill="none" stroke="{colour}" stroke-width="2"{dash}/>')
-            out += [f'<circle cx="{sx(f):.1f}" cy="{sy(v):.1f}" r="3" fill="{colour}"/>' for f, v in points]
+            f'{escape(y_label)}</text>']
+    for points, colour, dash in lines:
+        if not points:
+            continue
+        dashed = f' stroke-dasharray="{dash}"' if dash else ""
+        coords = " ".join(f"{sx(f):.1f},{sy(v):.1f}" for f, v in points)
+        out.append(f'<polyline points="{coords}" fill="none" stroke="{colour}" stroke-width="2"{dashed}/>')
+        out += [f'<circle cx="{sx(f):.1f}" cy="{sy(v):.1f}" r="3" fill="{colour}"/>' for f, v in points]
     y = top + 10
-    for key, label, colour in METHODS:
+    for label, colour, dash in legend:
+        dashed = f' stroke-dasharray="{dash}"' if dash else ""
         out += [f'<line x1="{left + w + 20}" y1="{y}" x2="{left + w + 44}" y2="{y}" stroke="{colour}" '
-                f'stroke-width="2"/>', f'<text x="{left + w + 50}" y="{y + 4}">{escape(label)}</text>']
-        y += 20
-    for start in STARTS:
-        dash = f' stroke-dasharray="{DASH[start]}"' if DASH[start] else ""
-        out += [f'<line x1="{left + w + 20}" y1="{y}" x2="{left + w + 44}" y2="{y}" stroke="#444" '
-                f'stroke-width="2"{dash}/>', f'<text x="{left + w + 50}" y="{y + 4}">{start}</text>']
+                f'stroke-width="2"{dashed}/>', f'<text x="{left + w + 50}" y="{y + 4}">{escape(label)}</text>']
         y += 20
     return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
             f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">\n'

@@ -10,6 +10,10 @@ Every function takes an optional `accelerator` (None: the launcher's, or the CPU
 plain Python process) and gives the results on the main process (None on the others, where a
 result needs one process's computation). Bad input raises a bfcl.errors.BfclError whose message
 is one line. probe.py is these same functions behind flags; results match its results.json.
+
+Long tails (docs/longtail.md): labelled_data(..., imbalance=100) trains on the CIFAR-LT subset;
+fast_linear, linear_probe and fine_tune take loss="balanced-softmax"; every result holds its
+"longtail" block (per-class and many / medium / few top-1).
 """
 
 from accelerate import Accelerator
@@ -18,6 +22,7 @@ from bfcl import linear
 from bfcl.evaluation import Backbone, ProbeData, labelled_data, load_backbone
 from bfcl.finetune import FinetuneRun, finetune_recipe
 from bfcl.finetune import finetune as finetune_loop
+from bfcl.longtail import check_loss
 from bfcl.runs import check_output_dir, make_accelerator, run_lock
 
 __all__ = ["load_backbone", "labelled_data", "features", "knn_accuracy", "fast_linear", "linear_probe", "fine_tune"]
@@ -49,31 +54,34 @@ def knn_accuracy(backbone: Backbone, data: ProbeData, ks=(20, 200), temperature:
 
 
 def fast_linear(backbone: Backbone, data: ProbeData, epochs: int = 100, seed: int = 0, batch_size: int = 256,
-                workers: int = 0, accelerator: Accelerator | None = None) -> dict | None:
+                workers: int = 0, accelerator: Accelerator | None = None, loss: str = "ce") -> dict | None:
     """A linear head on cached centre-crop features (a quick check, not the protocol): results.json's
-    "fast_linear", {"protocol": False, "epochs": E, "top1": %, "top5": %}."""
+    "fast_linear", {"protocol": False, "epochs": E, "top1": %, "top5": %, ...}. loss: "ce" or
+    "balanced-softmax"."""
     results = linear.quick_checks(backbone, data, _or_default(accelerator), knn_ks=None, fast_epochs=epochs,
-                                  seed=seed, batch_size=batch_size, workers=workers)
+                                  seed=seed, batch_size=batch_size, workers=workers, loss=loss)
     return results.get("fast_linear")
 
 
 def linear_probe(backbone: Backbone, data: ProbeData, epochs: int | None = None, batch_size: int = 1024,
                  lr: float | None = None, bn_head: bool = False, bf_head: bool = False, seed: int = 0,
-                 workers: int = 0, accelerator: Accelerator | None = None) -> dict:
+                 workers: int = 0, accelerator: Accelerator | None = None, loss: str = "ce") -> dict:
     """MoCo v3's linear protocol (docs/method.md#linear-protocol): results.json's "linear", with
-    best/last/history. epochs None: 90; lr: base lr x batch_size / 256 (None: 0.1 ResNets, 3 ViTs)."""
+    best/last/history. epochs None: 90; lr: base lr x batch_size / 256 (None: 0.1 ResNets, 3 ViTs);
+    loss: "ce" or "balanced-softmax"."""
     return linear.linear_probe(backbone, data, _or_default(accelerator), epochs=epochs, batch_size=batch_size, lr=lr,
-                               bn_head=bn_head, bf_head=bf_head, seed=seed, workers=workers)
+                               bn_head=bn_head, bf_head=bf_head, seed=seed, workers=workers, loss=loss)
 
 
 def fine_tune(backbone: Backbone, data: ProbeData, output_dir: str, epochs: float | None = None,
              lr: float | None = None, batch_size: int = 256, seed: int = 0, bf_head: bool = False, workers: int = 0,
              resume: str = "auto", max_steps: int = 0, log_every: int = 10, accelerator: Accelerator | None = None,
-             **recipe) -> dict | int:
+             loss: str = "ce", **recipe) -> dict | int:
     """End-to-end fine-tuning (docs/method.md#fine-tuning) with the recipe of the backbone's family
     (pretrained or random init); epochs, lr (base, scaled by batch_size as the recipe says) and any
     other FinetuneRecipe field in `recipe` override it. Checkpoints, metrics.jsonl and
-    finetuned.safetensors go to output_dir, from which a second call resumes ('auto').
+    finetuned.safetensors go to output_dir, from which a second call resumes ('auto'). loss: "ce" or
+    "balanced-softmax" (Balanced Softmax, bfcl/longtail.py).
     Returns results.json's "finetune" (best/last/history), or bfcl.runs.EXIT_PREEMPTED when a stop
     signal (SIGINT, SIGTERM) came: a checkpoint was written, call again to resume."""
     accelerator = _or_default(accelerator)
@@ -81,6 +89,6 @@ def fine_tune(backbone: Backbone, data: ProbeData, output_dir: str, epochs: floa
     chosen, _ = finetune_recipe(backbone.arch, pretrained, epochs=epochs, base_lr=lr, **recipe)
     check_output_dir(output_dir)
     run = FinetuneRun(output_dir, batch_size, pretrained=pretrained, bf_head=bf_head, seed=seed, workers=workers,
-                      resume=resume, max_steps=max_steps, log_every=log_every)
+                      resume=resume, max_steps=max_steps, log_every=log_every, loss=check_loss(loss))
     with run_lock(output_dir, accelerator):
         return finetune_loop(backbone, data, chosen, run, accelerator)

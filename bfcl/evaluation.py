@@ -17,10 +17,11 @@ from accelerate.utils import set_seed
 from rich.table import Table
 from torch.utils.data import DataLoader, Subset
 
-from bfcl.errors import CheckpointError, DataError
+from bfcl.errors import CheckpointError, ConfigError, DataError
 from bfcl.folders import check_train_val
 from bfcl.images import DEFAULT_MAX_PIXELS, LabelledImages, image_folder, read_image, scan_image_folder
 from bfcl.knn import extract_features, topk_accuracy
+from bfcl.longtail import class_counts, longtail_metrics
 from bfcl.model import ARCHS, build_backbone, is_vit
 from bfcl.pretrained import guess_architecture, head_name, load_backbone_state, probe_model
 from bfcl.subsets import LabelSubset, label_subset, random_subset
@@ -98,19 +99,25 @@ class ProbeData:
 def labelled_data(root: str, image_size: int | None = None, backbone: Backbone | None = None, *,
                   labels_per_class: int | None = None, label_fraction: float | None = None,
                   train_list: str | None = None, subset_seed: int = 0, max_train_samples: int = 0, seed: int = 0,
-                  max_image_pixels: int = DEFAULT_MAX_PIXELS) -> ProbeData:
+                  max_image_pixels: int = DEFAULT_MAX_PIXELS, imbalance: float | None = None) -> ProbeData:
     """The labelled ImageFolder `root` (train/<class>/ and val/<class>/, the same classes) as probes
     and fine-tuning take it. image_size None: default_image_size(backbone, ...) (224 without one).
 
     Few labels: labels_per_class N or label_fraction F train on a class-balanced subset of train/
     drawn from subset_seed alone, train_list on the images a file lists (bfcl/subsets.py);
-    otherwise max_train_samples > 0 keeps a random subset of that size drawn from seed."""
+    otherwise max_train_samples > 0 keeps a random subset of that size drawn from seed.
+    Long tails: imbalance R keeps the CIFAR-LT protocol's long-tailed subset (bfcl/longtail.py),
+    class order and images from subset_seed, alone or with labels_per_class as the head's count;
+    val/ stays as it is (balanced)."""
+    if imbalance is not None and max_train_samples:
+        raise ConfigError("--imbalance draws its own subset; drop --max-train-samples (or use --labels-per-class N "
+                          "to set the head class's count)")
     train_root, val_root = os.path.join(root, "train"), os.path.join(root, "val")
     classes = check_train_val(root)
     if image_size is None:
         image_size = default_image_size(backbone, train_root, None, max_image_pixels)[0] if backbone else 224
     train = image_folder(train_root, eval_transform(image_size), max_pixels=max_image_pixels)
-    subset = label_subset(train, train_root, subset_seed, labels_per_class, label_fraction, train_list)
+    subset = label_subset(train, train_root, subset_seed, labels_per_class, label_fraction, train_list, imbalance)
     if subset is not None:
         train = train.subset(subset.indices)
     elif max_train_samples and max_train_samples < len(train):
@@ -178,10 +185,21 @@ def features(model, dataset, batch: int, accelerator: Accelerator, workers: int 
     return gather_in_order(accelerator, indices, len(dataset), local, labels)
 
 
-@torch.no_grad()
 def evaluate(model, dataset, num_classes: int, batch: int, accelerator: Accelerator, workers: int = 0,
              max_bad_image_share: float = 0.01) -> dict:
     """Top-1/top-5 of a classifier on the whole val set, each image counted once."""
+    return topk_accuracy(*class_scores(model, dataset, num_classes, batch, accelerator, workers, max_bad_image_share))
+
+
+def longtail_of(scores: torch.Tensor, labels: torch.Tensor, data: ProbeData) -> dict:
+    """results.json's "longtail" block (bfcl/longtail.py) of val scores, with data.train's class sizes."""
+    return longtail_metrics(scores, labels, class_counts(data.train.targets, len(data.classes)), data.classes)
+
+
+@torch.no_grad()
+def class_scores(model, dataset, num_classes: int, batch: int, accelerator: Accelerator, workers: int = 0,
+                 max_bad_image_share: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores [M, K], labels [M]) of a classifier on the whole data set, in data-set order, on every process."""
     indices, loader = sharded_loader(dataset, batch, accelerator, workers)
     scores, labels = [torch.zeros(0, num_classes)], [torch.zeros(0, dtype=torch.long)]  # a process may get none
     failed = 0
@@ -192,7 +210,16 @@ def evaluate(model, dataset, num_classes: int, batch: int, accelerator: Accelera
             failed += int(failed_reads.sum())
     check_failed_reads(summed(accelerator, failed), len(dataset), max_bad_image_share)
     scores, labels = gather_in_order(accelerator, indices, len(dataset), torch.cat(scores), torch.cat(labels))
-    return topk_accuracy(scores, labels)
+    return scores, labels
+
+
+def groups_note(block: dict | None) -> str:
+    """', many / medium / few top-1 a / b / c' of a "longtail" block with groups (bfcl/longtail.py), else ''."""
+    groups = (block or {}).get("groups")
+    if not groups:
+        return ""
+    values = [groups[g]["top1"] for g in ("many", "medium", "few")]
+    return ", many / medium / few top-1 " + " / ".join("–" if v is None else f"{v:.1f}" for v in values)
 
 
 def results_table(results: dict, title: str) -> Table:
@@ -202,13 +229,15 @@ def results_table(results: dict, title: str) -> Table:
     for name, r in results.get("knn", {}).items():
         if name.startswith("k") and isinstance(r, dict):
             table.add_row(f"kNN {name[1:]}-NN", f"{r['top1']:.2f}", f"{r['top5']:.2f}",
-                          f"T {results['knn']['temperature']}")
+                          f"T {results['knn']['temperature']}{groups_note(r.get('longtail'))}")
     if "fast_linear" in results:
         r = results["fast_linear"]
-        table.add_row("fast linear", f"{r['top1']:.2f}", f"{r['top5']:.2f}", "cached centre crops: NOT the protocol")
+        table.add_row("fast linear", f"{r['top1']:.2f}", f"{r['top5']:.2f}",
+                      f"cached centre crops: NOT the protocol{groups_note(r.get('longtail'))}")
     for mode, unit in (("linear", "epoch"), ("finetune", "step")):
         for which in ("best", "last") if mode in results else ():
             r = results[mode][which]
             table.add_row(f"{mode}, {which} {unit}", f"{r['top1']:.2f}", f"{r['top5']:.2f}",
-                          f"{'protocol, ' if mode == 'linear' else 'end to end, '}{unit} {r[unit]}")
+                          f"{'protocol, ' if mode == 'linear' else 'end to end, '}{unit} {r[unit]}"
+                          + (groups_note(results[mode].get("longtail")) if which == "last" else ""))
     return table

@@ -20,9 +20,11 @@ from bfcl.bf_head import BatchFormerClassifier, targets_for
 from bfcl.checkpoint import (load_model_state, load_optimizer_state, optimizer_state_tensors, resume_checkpoint,
                              save_checkpoint, save_file_atomic)
 from bfcl.errors import ConfigError, TrainingError
-from bfcl.evaluation import Backbone, ProbeData, check_failed_reads, evaluate
+from bfcl.evaluation import Backbone, ProbeData, check_failed_reads, class_scores, longtail_of
 from bfcl.finetune_recipe import (FinetuneRecipe, MixupCutmix, add_drop_path, lr_at, recipe_for,
                                   recipe_reason, soft_target_cross_entropy, train_transform)
+from bfcl.knn import topk_accuracy
+from bfcl.longtail import check_loss, class_counts, log_prior, training_logits
 from bfcl.loop import Window, batches
 from bfcl.model import is_vit
 from bfcl.optim import param_groups
@@ -94,6 +96,7 @@ class FinetuneRun:
     eval_every: int = 0
     eval_epoch_ends: bool | None = None  # None: evaluation_steps' bounded default
     max_bad_image_share: float = 0.01
+    loss: str = "ce"  # or "balanced-softmax": the training subset's log prior added to the loss's logits
 
 
 def evaluation_steps(total_steps: int, steps_per_epoch: int, batch_size: int, val_size: int,
@@ -134,11 +137,15 @@ def finetune(backbone: Backbone, data: ProbeData, recipe: FinetuneRecipe, run: F
 
     record: the settings stored in every checkpoint and compared on resume (probe.py: its parsed
     flags; default: `run` itself). Per step: lr (warm-up, cosine to min_lr) -> Mixup/CutMix ->
-    forward -> soft-target loss -> backward -> optimizer step; at sync points: log, evaluate,
-    checkpoint, stop. ConfigError, DataError, CheckpointError or TrainingError when it cannot."""
+    forward -> soft-target loss (of logits + log prior under run.loss "balanced-softmax", Balanced
+    Softmax; evaluation sees the plain logits) -> backward -> optimizer step; at sync points: log,
+    evaluate, checkpoint, stop. "longtail": the final evaluation's per-class and group top-1
+    (bfcl/longtail.py). ConfigError, DataError, CheckpointError or TrainingError when it cannot."""
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     family = "vit" if is_vit(backbone.arch) else "resnet"
     image_size = data.image_size
+    prior = log_prior(class_counts(data.train.targets, len(data.classes))).to(device) \
+        if check_loss(run.loss) == "balanced-softmax" else None
     set_seed(run.seed)  # the same head on every process
     model = finetune_model(backbone, recipe, len(data.classes), image_size, world, device, run.bf_head)
     if run.bf_head:  # BatchFormer's tensors after the classifier's, in groups of their own at the head's lr
@@ -166,7 +173,7 @@ def finetune(backbone: Backbone, data: ProbeData, recipe: FinetuneRecipe, run: F
     if data.subset is not None:  # a --train-list file may change under the same name
         config["subset_sha256"] = data.subset.record["sha256"]
     path, resumed = resume_checkpoint(run.output_dir, run.resume, config, FINETUNE_RESUMABLE, run.force_resume,
-                                      total_steps, added={"subset_seed": 0})
+                                      total_steps, added={"subset_seed": 0, "loss": "ce", "imbalance": None})
     if resumed is not None:
         load_model_state(model, resumed["model"], path)
         load_optimizer_state(optimizer, param_names, resumed["optimizer"])
@@ -184,6 +191,8 @@ def finetune(backbone: Backbone, data: ProbeData, recipe: FinetuneRecipe, run: F
         "augmentation": f"mixup {recipe.mixup}, cutmix {recipe.cutmix}, randaugment {recipe.randaugment}, "
                         f"erasing {recipe.random_erasing}, smoothing {recipe.label_smoothing}",
         "drop path / layer decay": f"{recipe.drop_path if family == 'vit' else '-'} / {recipe.layer_decay}",
+        "loss": "Balanced Softmax (log class prior added to the training logits)" if prior is not None
+                else "cross-entropy",
         "BatchFormer in the classifier": "[x ; BF(x)] through the shared head, labels twice; removed at evaluation "
                                          "and in the export" if run.bf_head else "no",
         "evaluation on val/": f"after steps {', '.join(map(str, eval_steps))}"
@@ -200,9 +209,12 @@ def finetune(backbone: Backbone, data: ProbeData, recipe: FinetuneRecipe, run: F
     steps = batches(train_set, run.batch_size, rank, world, run.seed, start, last_step, run.workers,
                     pin_memory=device.type == "cuda")
 
+    last_scores = []  # the latest evaluation's (scores, labels), for the long-tail metrics
+
     def evaluate_val() -> dict:
-        return evaluate(model, data.val, len(data.classes), run.batch_size // world, accelerator, run.workers,
-                        run.max_bad_image_share)
+        last_scores[:] = class_scores(model, data.val, len(data.classes), run.batch_size // world, accelerator,
+                                      run.workers, run.max_bad_image_share)
+        return topk_accuracy(*last_scores)
 
     for step, (images, labels, failed) in steps:
         window.data_arrived()
@@ -212,7 +224,8 @@ def finetune(backbone: Backbone, data: ProbeData, recipe: FinetuneRecipe, run: F
         torch.manual_seed(dropout_seed(run.seed, step, rank))  # Mixup/CutMix and drop path
         images, targets = mix(images.to(device, non_blocking=True), labels.to(device, non_blocking=True))
         logits = ddp_model(images).float()  # [N, K], or [2N, K] with BatchFormer: the targets twice
-        loss = soft_target_cross_entropy(logits, targets_for(logits, targets), recipe.label_smoothing)
+        loss = soft_target_cross_entropy(training_logits(logits, prior), targets_for(logits, targets),
+                                         recipe.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         optimizer.step()
@@ -254,6 +267,9 @@ def finetune(backbone: Backbone, data: ProbeData, recipe: FinetuneRecipe, run: F
     if not history or history[-1]["step"] != final:  # resumed from a checkpoint saved between evaluations
         model.eval()
         history.append({"step": final, **evaluate_val()})
+    elif not last_scores:  # resumed after the final evaluation: score the final model again for the per-class top-1
+        model.eval()
+        evaluate_val()
     path = os.path.join(run.output_dir, "finetuned.safetensors")
     if accelerator.is_main_process:  # the fine-tuned classifier, torchvision keys, head included, no BatchFormer
         state = model.classifier_state() if run.bf_head else model.state_dict()
@@ -261,7 +277,8 @@ def finetune(backbone: Backbone, data: ProbeData, recipe: FinetuneRecipe, run: F
     accelerator.wait_for_everyone()
     best = max(history, key=lambda h: h["top1"])
     return {"recipe": dataclasses.asdict(recipe), "steps": final, "batch_size": run.batch_size, "lr": peak_lr,
-            "best": best, "last": history[-1], "history": history, "model": path}
+            "criterion": run.loss, "best": best, "last": history[-1], "history": history, "model": path,
+            "longtail": longtail_of(*last_scores, data)}
 
 
 def classifier_metadata(backbone: Backbone, image_size: int, num_classes: int, step: int) -> dict:

@@ -14,6 +14,8 @@ images; with one seed a smaller subset lies inside a larger one. A class with n 
     labels_per_class N:  min(N, n), all of its images when it has fewer than N;
     fraction F:          F x n rounded half up, at least 1 (no class loses all its labels), so
                          the total is within half an image per class of F x the train images.
+Long-tailed subsets (imbalance R, alone or with labels_per_class N as the head's count) are
+bfcl/longtail.py's: the same draw within each class, class sizes from the LDAM protocol.
 """
 
 import hashlib
@@ -24,8 +26,10 @@ from dataclasses import dataclass
 
 import torch
 
+from bfcl.errors import ConfigError
 from bfcl.images import DataError
 from bfcl.lists import read_list
+from bfcl.longtail import first_by_hash, longtail_subset
 from bfcl.paths import printable
 
 LIST_NAME = "train_list.txt"
@@ -78,7 +82,7 @@ def balanced_subset(targets, paths: list[str], seed: int, labels_per_class: int 
     for indices in members.values():
         count = min(labels_per_class, len(indices)) if labels_per_class is not None \
             else per_class_count(fraction, len(indices))
-        keep += sorted(indices, key=lambda i: hashlib.sha256(f"{seed}/{paths[i]}".encode()).digest())[:count]
+        keep += first_by_hash(indices, paths, seed, count)
     return sorted(keep)
 
 
@@ -116,14 +120,26 @@ def _bare_names(paths: list[str]) -> dict[str, list[int]]:
 
 
 def label_subset(images, root: str, seed: int, labels_per_class: int | None = None, fraction: float | None = None,
-                 train_list: str | None = None) -> LabelSubset | None:
+                 train_list: str | None = None, imbalance: float | None = None) -> LabelSubset | None:
     """The subset of `images` (LabelledImages of `root`) that one of the three options picks, or
     None when none is given. record: how it was chosen, its size, per-class counts and the SHA-256
-    of its list file."""
-    if labels_per_class is None and fraction is None and train_list is None:
+    of its list file. imbalance R: the long-tailed subset (bfcl/longtail.py), with labels_per_class
+    as the head class's count if given; not with fraction or train_list (ConfigError); its record
+    adds "imbalance" and "class_order" (class names, head first)."""
+    if labels_per_class is None and fraction is None and train_list is None and imbalance is None:
         return None
     paths = relative_paths(images, root)
-    if train_list is not None:
+    order = None
+    if imbalance is not None:
+        if fraction is not None or train_list is not None:
+            raise ConfigError(f"--imbalance takes the head class's count from the data or --labels-per-class, not "
+                              f"from --{'label-fraction' if fraction is not None else 'train-list'}; drop one of them "
+                              "(a --train-list written by an --imbalance run is already long-tailed)")
+        indices, order, _ = longtail_subset(images.targets, paths, seed, imbalance, len(images.classes),
+                                            labels_per_class)
+        rule = f"--imbalance {imbalance:g}" + (f" --labels-per-class {labels_per_class}"
+                                               if labels_per_class is not None else "")
+    elif train_list is not None:
         indices, rule = read_train_list(train_list, paths, root), f"--train-list {train_list}"
     else:
         indices = balanced_subset(images.targets, paths, seed, labels_per_class, fraction)
@@ -135,6 +151,8 @@ def label_subset(images, root: str, seed: int, labels_per_class: int | None = No
               "available": len(images),
               "per_class": {c: counts.get(k, 0) for c, k in sorted(images.class_to_idx.items(), key=lambda x: x[1])},
               "sha256": hashlib.sha256(text).hexdigest(), "list": LIST_NAME}
+    if order is not None:
+        record.update(imbalance=imbalance, class_order=[images.classes[c] for c in order])
     return LabelSubset(indices, text, record)
 
 
