@@ -43,7 +43,8 @@ from bfcl.timm_export import TIMM_FILE, export_timm  # --export-format timm
 from bfcl.tracking import REPORT_TO, start_trackers, tracker_log, tracker_objects, trackers_for
 from bfcl.loop import StopCheck, Window, batches, global_context
 from bfcl.loss import BF_LOSSES, bf_loss_from_add_bf, moco_loss, multiview_loss
-from bfcl.model import ARCHS, BF_VIEWS, PER_VIEW, STEMS, MoCo, is_vit, training_memory, uses_channels_last
+from bfcl.model import (ARCHS, BF_VIEWS, PER_VIEW, STEMS, MoCo, is_vit, layer4_input_side, training_memory,
+                        uses_channels_last)
 from bfcl.precision import CHOICES as PRECISIONS
 from bfcl.optim import OPTIMIZERS, build_optimizer, param_groups
 from bfcl.progress import ProgressLog
@@ -146,8 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "contrasted with the global views' keys (docs/multicrop.md); needs --augment batched")
     a.add_argument("--local-crop-size", type=int, default=None,
                    help="side of the local crops (default with --local-crops: DINO's 96/224 of --image-size, "
-                        "rounded, for a ViT to whole patches: 14 at 32 px (ViT/4, /8: 16), 27 at 64 (ViT/8: 24), "
-                        "96 at 224)")
+                        "rounded, for a ViT to whole patches: 14 at 32 px (ViT/4: 12, ViT/8: 16), 27 at 64 "
+                        "(ViT/8: 24), 96 at 224)")
     a.add_argument("--local-crop-scale", type=float, nargs=2, default=[0.05, 0.4], metavar=("MIN", "MAX"),
                    help="area share range of the local crops (DINO's)")
     a.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS,
@@ -319,6 +320,19 @@ def validate_views(config) -> None:
                           f"use {max(1, round(size / config.patch_size)) * config.patch_size}")
 
 
+def check_local_crop_precision(config, precision: str, device_type: str) -> None:
+    """Local crops that give a ResNet's layer4 a 1 x 1 map (14 px with the ImageNet stem, DINO's
+    size at 32 px) in bf16 on a CPU: refused, since PyTorch's CPU bf16 convolution returns NaN weight
+    gradients there in about half the steps (docs/recipes.md#small-images, docs/multicrop.md#views)."""
+    if not config.local_crops or is_vit(config.arch) or precision != "bf16" or device_type != "cpu":
+        return
+    if layer4_input_side(config.local_crop_size, config.stem) < 2:
+        smallest = next(s for s in range(config.local_crop_size, 4096) if layer4_input_side(s, config.stem) >= 2)
+        raise ConfigError(f"--local-crop-size {config.local_crop_size} gives {config.arch}'s layer4 a 1x1 map, where "
+                          "CPU bf16 convolutions return NaN gradients; use --local-crop-size "
+                          f"{smallest} or more, --stem small or --mixed-precision no")
+
+
 def views_note(config, bf_loss: str | None) -> str:
     """The start-up summary's line on the views of each image."""
     note = f"{config.global_views} global at {config.image_size} px"
@@ -398,6 +412,7 @@ def pretrain(args: argparse.Namespace, stop: StopSignal, recipe_notes: dict[str,
     bf_loss = config.bf_loss or bf_loss_from_add_bf(config.add_bf)
     knn = knn_source(config.data, config.train_list, config.knn_every, config.knn_data)
     validate(config, accelerator.num_processes, bf_loss, knn)
+    check_local_crop_precision(config, accelerator.mixed_precision, accelerator.device.type)
     # Before anything is allocated: the MLP widths alone can exhaust the memory.
     needed = training_memory(config.arch, config.stem, config.moco_dim, config.moco_mlp_dim,
                              batchformer=bool(bf_loss), image_size=config.image_size, patch_size=config.patch_size)[1]

@@ -1,4 +1,5 @@
-"""MoCo v3's two-view augmentation on batches of uint8 tensors, on any device.
+"""MoCo v3's two-view augmentation on batches of uint8 tensors, on any device; and multi-crop's
+views (BatchedMultiViews: more global views, DINO's local crops; docs/multicrop.md#views).
 
 The per-image PIL recipe (bfcl.views.pretrain_views) runs in the data-loading processes and
 is the usual bottleneck at 224 px. This module splits the work in two:
@@ -276,7 +277,7 @@ LOCAL_BLUR_P = 0.5
 def local_crop_size(image_size: int, patch_size: int | None = None) -> int:
     """--local-crop-size's default: DINO's 96 px of 224, scaled to the image size and rounded;
     for a ViT (patch_size given) rounded to a whole number of patches, at least one.
-    32 px -> 14 (ViT patch 4 or 8: 16), 64 px -> 27 (patch 8: 24), 224 px -> 96 (patch 16: 96)."""
+    32 px -> 14 (ViT patch 4: 12, patch 8: 16), 64 px -> 27 (patch 8: 24), 224 px -> 96 (patch 16: 96)."""
     size = image_size * 96 / 224
     return patch_size * max(1, round(size / patch_size)) if patch_size else round(size)
 

@@ -66,6 +66,17 @@ def build_backbone(arch: str, stem: str = "imagenet", image_size: int = 224, pat
     return backbone
 
 
+def layer4_input_side(image_size: int, stem: str) -> int:
+    """The side of the map a torchvision ResNet's layer4 gets from a square input: stride 2 in conv1
+    and the max-pool (ImageNet stem only), then in layer2 and layer3, each ceil(side / 2)."""
+    side = image_size if stem == "small" else (image_size - 1) // 2 + 1
+    if stem != "small":
+        side = (side - 1) // 2 + 1
+    for _ in range(2):
+        side = (side - 1) // 2 + 1
+    return side
+
+
 def mlp(in_dim: int, hidden_dim: int, out_dim: int, last_bn: bool, num_layers: int = 2) -> nn.Sequential:
     """[N, in] -> [N, out]: (Linear(no bias) -> BN -> ReLU) x (num_layers - 1) -> Linear(no bias)
     [-> BN(affine=False)], as MoCo v3's _build_mlp."""
@@ -95,6 +106,8 @@ class MoCo(nn.Module):
 
     forward(x1, x2) with views [N, 3, H, W] returns q1, q2 (with gradient) and k1, k2 (without),
     each [N, dim], or [2N, dim] with BatchFormer in training ([plain ; BatchFormer] rows).
+
+    forward(..., more_views, local_views) and forward_views: multi-crop (docs/multicrop.md#model).
 
     BatchFormer is ONE module used by both encoders, on each view separately. The released
     code made it part of both encoders, so freezing the momentum encoder froze it too: its

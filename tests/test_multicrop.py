@@ -16,7 +16,7 @@ import train
 from bfcl.augment import LOCAL_SCALE, BatchedMultiViews, BatchedTwoViews, local_crop_size
 from bfcl.errors import ConfigError
 from bfcl.loss import BF_LOSSES, JOINT, moco_loss, multiview_loss, pair_loss, view_pairs
-from bfcl.model import JOINT_VIEWS, PER_VIEW, MoCo
+from bfcl.model import JOINT_VIEWS, PER_VIEW, MoCo, build_backbone, layer4_input_side
 from bfcl.optim import build_optimizer, param_groups
 from bfcl.vit import resample_pos_embedding
 from scripts import REPO, STEPS, TINY, VIT_TINY, assert_same_weights, final_weights, metrics, run, train_cmd
@@ -309,7 +309,7 @@ def test_global_and_local_views_shapes_recipes_and_crop_areas():
 
 def namespace(**kwargs):
     values = dict(global_views=2, local_crops=2, local_crop_size=14, local_crop_scale=[0.05, 0.4], augment="batched",
-                  image_size=32, arch="resnet18", patch_size=16, bf_views=PER_VIEW)
+                  image_size=32, arch="resnet18", stem="imagenet", patch_size=16, bf_views=PER_VIEW)
     return argparse.Namespace(**{**values, **kwargs})
 
 
@@ -324,6 +324,33 @@ def namespace(**kwargs):
 def test_multicrop_flags_are_refused_in_one_line(change, message):
     with pytest.raises(ConfigError, match=message.replace("+", r"\+")):
         train.validate_views(namespace(**change))
+
+
+@pytest.mark.parametrize("stem", ["imagenet", "small"])
+def test_layer4_input_side_is_torchvisions(stem):
+    backbone = build_backbone("resnet18", stem).eval()
+    seen = []
+    backbone.layer4.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[-1]))
+    sizes = (7, 14, 16, 17, 24, 32)
+    with torch.no_grad():
+        for size in sizes:
+            backbone(torch.zeros(1, 3, size, size))
+    assert seen == [layer4_input_side(size, stem) for size in sizes]
+    if stem == "imagenet":
+        assert [layer4_input_side(s, stem) for s in (14, 16, 17, 24)] == [1, 1, 2, 2]
+
+
+def test_local_crops_that_give_layer4_a_1x1_map_are_refused_in_cpu_bf16():
+    """DINO's 14 px at 32 px with the ImageNet stem: layer4 sees 1 x 1, where CPU bf16 convolutions
+    return NaN weight gradients (docs/recipes.md#small-images); fine in fp32, on GPUs, with the small stem."""
+    with pytest.raises(ConfigError, match="--local-crop-size 14 gives resnet18's layer4 a 1x1 map.*use "
+                                          "--local-crop-size 17 or more"):
+        train.check_local_crop_precision(namespace(), "bf16", "cpu")
+    for config, precision, device in ((namespace(), "no", "cpu"), (namespace(), "bf16", "cuda"),
+                                      (namespace(stem="small"), "bf16", "cpu"),
+                                      (namespace(local_crop_size=17), "bf16", "cpu"),
+                                      (namespace(local_crops=0, local_crop_size=None), "bf16", "cpu")):
+        train.check_local_crop_precision(config, precision, device)
 
 
 def test_local_crop_size_is_filled_only_with_local_crops():
