@@ -19,6 +19,7 @@ train.py does); BatchFormer as released without and with 4 local crops, per view
 Outputs in --out (default bench-results/multicrop): as bench/bf_study.py's.
 """
 
+import dataclasses
 import sys
 
 import bf_study
@@ -52,18 +53,23 @@ def flags(arm: str, epochs: float) -> list[str]:
     if not epochs:
         drop = {i for i, w in enumerate(words) if w in ("{epochs-half-batch}", "{warmup-half-batch}")}
         words = [w for i, w in enumerate(words) if i not in drop and i + 1 not in drop]
-    half = epochs / 2  # total steps = round(steps per epoch at half the batch x epochs) = the planned steps
-    return [w.replace("{half-batch}", str(RECIPE_BATCH[0] // 2)).replace("{epochs-half-batch}", repr(half))
+    # train.py's steps = round(steps per epoch at half the batch x epochs) = the planned steps
+    half = epochs * STUDY["steps_per_epoch"] / STUDY["half_steps_per_epoch"]
+    return [w.replace("{half-batch}", str(STUDY["batch"] // 2)).replace("{epochs-half-batch}", repr(half))
             .replace("{warmup-half-batch}", repr(half * WARMUP_SHARE)) for w in words]
 
 
-RECIPE_BATCH = [256]  # the study's recipe batch (--quality-args --batch-size), read when its setup is made
+# The study's recipe batch (--quality-args --batch-size) and steps per epoch at it and at its half (CIFAR-10's
+# train set: 195 and 390), read when the study makes its setup.
+STUDY = {"batch": 256, "steps_per_epoch": 195, "half_steps_per_epoch": 390}
 setup_of = bf_study.setup_of
 
 
 def setup_with_batch(args):
     setup = setup_of(args)
-    RECIPE_BATCH[0] = int(setup.recipe_value("-b"))
+    batch = int(setup.recipe_value("-b"))
+    STUDY.update(batch=batch, steps_per_epoch=setup.steps_per_epoch(),
+                 half_steps_per_epoch=dataclasses.replace(setup, batch_size=batch // 2).steps_per_epoch())
     return setup
 
 
