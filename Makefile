@@ -16,7 +16,7 @@ VIT_ARGS ?= -a vit_tiny --patch-size 8 --optimizer adamw --lr 5e-4 --wd 0.1 --mo
 	--moco-mlp-dim 1024 --crop-min 0.2
 
 .PHONY: venv lint test test-e2e test-fast smoke-test bench-speed bench-quality bench-quality-vit bench-finetune bench-bf \
-	bench-downstream bench-continue bench-recipe bench-data-index bench-embed bench-longtail clean
+	bench-downstream bench-continue bench-recipe bench-multicrop bench-data-index bench-embed bench-longtail clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -113,6 +113,16 @@ bench-bf: venv
 		--variants released,best:2:$(BF_OUT)/screen/results.json
 	$(BIN)/python bench/bf_study.py --budget-min 45 --seeds 1 --out $(BF_OUT)/trend \
 		--variants best:1:$(BF_OUT)/confirm/results.json
+
+# Multi-crop (issue 37, docs/multicrop.md): local crops, more global views and BatchFormer over several views
+# against MoCo v3's two views at equal wall-clock and at equal steps (bench/multicrop.py): 10 runs of BUDGET minutes
+# per seed, the arms again at MoCo v3's step count, calibration: up to ~10 h on 2 cores at the defaults;
+# MULTICROP_ARGS="--variants local-2,local-6" for fewer arms.
+MULTICROP_OUT ?= bench-results/multicrop
+MULTICROP_ARGS ?=
+bench-multicrop: venv
+	$(BIN)/python bench/multicrop.py --budget-min $(BUDGET) --seeds $(SEEDS) --equal-steps --out $(MULTICROP_OUT) \
+		$(MULTICROP_ARGS)
 
 # The image index at 100 k and 1.28 M empty files, ImageNet-shaped and photo-dump-shaped: index time, size,
 # memory of 8 loader workers (bench/data_index.py; docs/data.md). Writes and deletes ~2.8 M files in /tmp.

@@ -28,7 +28,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
-from bfcl.augment import BatchedTwoViews
+from bfcl.augment import BatchedMultiViews, BatchedTwoViews, local_crop_size
 from bfcl.batchformer import dropout_seed
 from bfcl.checkpoint import (list_checkpoints, load_model_state, load_optimizer_state, optimizer_state_tensors,
                              peek_precision, resume_checkpoint, save_checkpoint)
@@ -42,8 +42,9 @@ from bfcl.knn import KnnMonitor, check_knn_source, knn_monitor, knn_source
 from bfcl.timm_export import TIMM_FILE, export_timm  # --export-format timm
 from bfcl.tracking import REPORT_TO, start_trackers, tracker_log, tracker_objects, trackers_for
 from bfcl.loop import StopCheck, Window, batches, global_context
-from bfcl.loss import BF_LOSSES, bf_loss_from_add_bf, moco_loss
-from bfcl.model import ARCHS, STEMS, MoCo, is_vit, training_memory, uses_channels_last
+from bfcl.loss import BF_LOSSES, bf_loss_from_add_bf, moco_loss, multiview_loss
+from bfcl.model import (ARCHS, BF_VIEWS, PER_VIEW, STEMS, MoCo, is_vit, layer4_input_side, training_memory,
+                        uses_channels_last)
 from bfcl.precision import CHOICES as PRECISIONS
 from bfcl.precision import PROBE_ENV, PROBE_STEPS, auto_is_measured, cache_key, decide_auto, rule_fallback
 from bfcl.optim import OPTIMIZERS, build_optimizer, param_groups
@@ -63,7 +64,10 @@ RESUMABLE_CHANGES = {"workers", "output_dir", "resume", "force_resume", "log_eve
 
 # Options that checkpoints of bfcl 0.1.0 do not record, with the value those runs had.
 ADDED_SINCE_0_1 = {"patch_size": 16, "stop_grad_conv1": True, "max_image_pixels": DEFAULT_MAX_PIXELS,
-                   "bf_context": "local", "bf_start_epoch": 0.0, "recipe": None, "init_from": None}
+                   "bf_context": "local", "bf_start_epoch": 0.0, "recipe": None, "init_from": None,
+                   # multi-crop (issue 37): checkpoints before it had MoCo v3's two views
+                   "global_views": 2, "local_crops": 0, "local_crop_size": None, "local_crop_scale": [0.05, 0.4],
+                   "bf_views": PER_VIEW}
 
 # MoCo v3's recipes. Flags left unset (None) take the value of the backbone's family; the
 # start-up summary names the ViT values that replaced the ResNet ones.
@@ -87,6 +91,8 @@ FLAG_RANGES = {
     "max_steps": (0, INF, True, True), "max_nonfinite_steps": (0, INF, True, True),
     "max_bad_image_share": (0, 1, True, True), "knn_every": (0, INF, True, True),
     "knn_samples": (1, INF, True, True),
+    "global_views": (2, 64, True, True), "local_crops": (0, 64, True, True), "local_crop_size": (1, 4096, True, True),
+    "local_crop_scale": (0, 1, False, True),
 }
 
 
@@ -134,6 +140,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'pil': each loader worker makes both views per image (PIL); 'batched': workers only decode, "
                         "squash to a fixed size and draw the parameters, and the views of the whole batch are made "
                         "on the training device (bfcl/augment.py), for when the loader is the bottleneck")
+    a.add_argument("--global-views", type=int, default=2,
+                   help="views of each image at --image-size, recipes A, B, A, B, ... (2: MoCo v3's pair); every "
+                        "view's query meets every other view's key (docs/multicrop.md); needs --augment batched "
+                        "above 2")
+    a.add_argument("--local-crops", type=int, default=0,
+                   help="extra small views of each image (DINO's multi-crop), through the base side only and "
+                        "contrasted with the global views' keys (docs/multicrop.md); needs --augment batched")
+    a.add_argument("--local-crop-size", type=int, default=None,
+                   help="side of the local crops (default with --local-crops: DINO's 96/224 of --image-size, "
+                        "rounded, for a ViT to whole patches: 14 at 32 px (ViT/4: 12, ViT/8: 16), 27 at 64 "
+                        "(ViT/8: 24), 96 at 224)")
+    a.add_argument("--local-crop-scale", type=float, nargs=2, default=[0.05, 0.4], metavar=("MIN", "MAX"),
+                   help="area share range of the local crops (DINO's)")
     a.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help="images with more pixels are treated as unreadable (decompression-bomb guard); raise it for "
                         "huge images")
@@ -168,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--bf-context", choices=("local", "global"), default="local",
                    help="what BatchFormer attends over: 'local' the batch of each process (as released, so the "
                         "process count changes it), 'global' the whole global batch, gathered with gradients")
+    a.add_argument("--bf-views", choices=BF_VIEWS, default=PER_VIEW,
+                   help="with several views: 'per-view' one BatchFormer sequence per view (as released for MoCo "
+                        "v3's two), 'joint' one sequence of all views' rows (docs/multicrop.md#batchformer)")
     a.add_argument("--bf-start-epoch", type=float, default=0.0,
                    help="BatchFormer (and its loss) on from this epoch; plain MoCo v3 before it")
     a = p.add_argument_group("optimisation")
@@ -240,7 +262,10 @@ def with_recipe(args: argparse.Namespace) -> tuple[argparse.Namespace, dict[str,
     notes = {"ViT recipe defaults": ", ".join(switched) or None,
              "warm-up": f"{filled['warmup_epochs']:g} epochs: the recipe's share of the shortened --epochs "
                         f"{args.epochs:g}" if scaled else None}
-    return argparse.Namespace(**{**vars(args), **filled}), notes
+    config = argparse.Namespace(**{**vars(args), **filled})
+    if config.local_crops and config.local_crop_size is None:  # DINO's 96 px of 224, scaled (bfcl/augment.py)
+        config.local_crop_size = local_crop_size(config.image_size, config.patch_size if is_vit(config.arch) else None)
+    return config, notes
 
 
 def validate(config, num_processes: int, bf_loss: str | None, knn: tuple[str, str | None]) -> None:
@@ -261,6 +286,7 @@ def validate(config, num_processes: int, bf_loss: str | None, knn: tuple[str, st
     if is_vit(config.arch) and config.image_size % config.patch_size:
         raise ConfigError(f"--image-size {config.image_size} is not a multiple of --patch-size {config.patch_size}; "
                           "change one of them")
+    validate_views(config)
     find_layout(config.data, config.train_list)
     check_knn_source(knn[0], config.data, config.knn_data)
     if config.export_format == "timm" and not is_vit(config.arch):
@@ -270,6 +296,54 @@ def validate(config, num_processes: int, bf_loss: str | None, knn: tuple[str, st
         raise ConfigError(f"--resume {config.resume} is not a checkpoint folder; pass checkpoints/step-* of a run, "
                           "auto or none")
     check_output_dir(config.output_dir, config.data)
+
+
+def multicrop(config) -> bool:
+    """Whether a step takes the multi-crop path (MoCo.forward_views, multiview_loss) rather than
+    MoCo v3's two views exactly as before issue 37."""
+    return config.global_views > 2 or config.local_crops > 0 or config.bf_views != PER_VIEW
+
+
+def validate_views(config) -> None:
+    """The multi-crop flags (docs/multicrop.md), refused in one line each."""
+    low, high = config.local_crop_scale
+    if low >= high:
+        raise ConfigError(f"--local-crop-scale {low:g} {high:g}: the first (smallest area share) must be below "
+                          "the second")
+    if (config.global_views > 2 or config.local_crops) and config.augment != "batched":
+        raise ConfigError("--global-views above 2 and --local-crops are made by the batched augmentation; add "
+                          "--augment batched")
+    if not config.local_crops:
+        return
+    size = config.local_crop_size
+    if size >= config.image_size:
+        raise ConfigError(f"--local-crop-size {size} is not smaller than --image-size {config.image_size}; local "
+                          "crops are the small views: pass a smaller size")
+    if is_vit(config.arch) and size % config.patch_size:
+        raise ConfigError(f"--local-crop-size {size} is not a multiple of --patch-size {config.patch_size}; "
+                          f"use {max(1, round(size / config.patch_size)) * config.patch_size}")
+
+
+def check_local_crop_precision(config, precision: str, device_type: str) -> None:
+    """Local crops that give a ResNet's layer4 a 1 x 1 map (14 px with the ImageNet stem, DINO's
+    size at 32 px) in bf16 on a CPU: refused, since PyTorch's CPU bf16 convolution returns NaN weight
+    gradients there in about half the steps (docs/recipes.md#small-images, docs/multicrop.md#views)."""
+    if not config.local_crops or is_vit(config.arch) or precision != "bf16" or device_type != "cpu":
+        return
+    if layer4_input_side(config.local_crop_size, config.stem) < 2:
+        smallest = next(s for s in range(config.local_crop_size, 4096) if layer4_input_side(s, config.stem) >= 2)
+        raise ConfigError(f"--local-crop-size {config.local_crop_size} gives {config.arch}'s layer4 a 1x1 map, where "
+                          "CPU bf16 convolutions return NaN gradients; use --local-crop-size "
+                          f"{smallest} or more, --stem small or --mixed-precision no")
+
+
+def views_note(config, bf_loss: str | None) -> str:
+    """The start-up summary's line on the views of each image."""
+    note = f"{config.global_views} global at {config.image_size} px"
+    if config.local_crops:
+        low, high = config.local_crop_scale
+        note += f" + {config.local_crops} local at {config.local_crop_size} px (area {low:g}-{high:g})"
+    return note + (f"; BatchFormer {config.bf_views}" if bf_loss else "")
 
 
 @dataclass(frozen=True)
@@ -410,6 +484,7 @@ def pretrain(args: argparse.Namespace, stop: StopSignal, recipe_notes: dict[str,
     decide = lambda requested, device_type, chosen, why: decide_precision(  # noqa: E731
         config, bf_loss, state.num_processes, requested, device_type, chosen, why)
     accelerator, precision_reason = make_accelerator(config.mixed_precision, unused, log_with=trackers, decide=decide)
+    check_local_crop_precision(config, accelerator.mixed_precision, accelerator.device.type)
     # One output folder, one run: the main process holds <output-dir>/.lock until the end.
     with run_lock(config.output_dir, accelerator) as lock:
         if lock is not None and lock.message:
@@ -438,8 +513,14 @@ class TrainingRun:
 def build_and_train(config, notes: dict[str, str | None], accelerator, bf_loss: str | None,
                     knn: tuple[str, str | None], precision_reason: str, stop: StopSignal) -> int:
     """Build everything, print the summary, resume if asked, train."""
-    augment = BatchedTwoViews(config.image_size, config.crop_min, config.blur, compile=config.compile) \
-        if config.augment == "batched" else None
+    if config.augment != "batched":
+        augment = None
+    elif multicrop(config):
+        augment = BatchedMultiViews(config.image_size, config.crop_min, config.blur, config.global_views,
+                                    config.local_crops, config.local_crop_size, config.local_crop_scale,
+                                    compile=config.compile)
+    else:
+        augment = BatchedTwoViews(config.image_size, config.crop_min, config.blur, compile=config.compile)
     views = augment.dataset_transforms() if augment else pretrain_views(config.image_size, config.crop_min, config.blur)
     # Only a fresh start (or --force-resume) may rebuild a saved index that no longer matches the data:
     # a resume reading other images in another order would not be exact.
@@ -480,6 +561,7 @@ def build_and_train(config, notes: dict[str, str | None], accelerator, bf_loss: 
         "processes": plan.processes, "device": str(accelerator.device),
         "precision": f"{accelerator.mixed_precision} ({precision_reason})",
         "batch per process": plan.local_batch, "global batch": config.batch_size,
+        "views per image": views_note(config, bf_loss) if multicrop(config) else None,
         "optimizer": config.optimizer, "lr (scaled)": plan.peak_lr,
         "steps per epoch": plan.steps_per_epoch, "total steps": plan.total_steps, "warmup steps": plan.warmup_steps,
         "trainable params": sum(p.numel() for p in moco.parameters() if p.requires_grad),
@@ -553,6 +635,7 @@ def train(run: TrainingRun, model, dataset, augment, start_step: int) -> int:
     steps = batches(dataset, config.batch_size, rank, plan.processes, config.seed, start_step, plan.last_step,
                     config.workers, pin_memory=device.type == "cuda")
     context = global_context(accelerator) if config.bf_context == "global" else None
+    several_views = multicrop(config)
     for step, (x1, x2, _, failed) in steps:
         run.window.data_arrived()
         bf_on = plan.bf_loss is not None and step >= plan.bf_start_step
@@ -561,14 +644,17 @@ def train(run: TrainingRun, model, dataset, augment, start_step: int) -> int:
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
         torch.manual_seed(dropout_seed(config.seed, step, rank))  # BatchFormer's dropout
-        if augment is not None:  # x1: uint8 images at the source size, x2: each image's view parameters
-            x1, x2 = augment(x1.to(device, non_blocking=True), x2)
-        x1 = x1.to(device, non_blocking=True, memory_format=memory_format)
-        x2 = x2.to(device, non_blocking=True, memory_format=memory_format)
+        if several_views:  # --global-views, --local-crops, --bf-views joint (docs/multicrop.md)
+            loss = multicrop_loss(run, model, augment, x1, x2, bf_on, context, memory_format)
+        else:
+            if augment is not None:  # x1: uint8 images at the source size, x2: each image's view parameters
+                x1, x2 = augment(x1.to(device, non_blocking=True), x2)
+            x1 = x1.to(device, non_blocking=True, memory_format=memory_format)
+            x2 = x2.to(device, non_blocking=True, memory_format=memory_format)
 
-        q1, q2, k1, k2 = model(x1, x2, batchformer=bf_on, context=context)
-        loss = moco_loss(q1, q2, accelerator.gather(k1), accelerator.gather(k2), rank, config.moco_t,
-                         plan.bf_loss if bf_on else None)
+            q1, q2, k1, k2 = model(x1, x2, batchformer=bf_on, context=context)
+            loss = moco_loss(q1, q2, accelerator.gather(k1), accelerator.gather(k2), rank, config.moco_t,
+                             plan.bf_loss if bf_on else None)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         optimizer.step()
@@ -580,6 +666,24 @@ def train(run: TrainingRun, model, dataset, augment, start_step: int) -> int:
     # The last step's sync point saved and exported; only a resume with nothing left to train (a
     # run killed between its last checkpoint and the export) must write the export here.
     return finish(run, max(start_step, plan.last_step), export_again=start_step >= plan.last_step)
+
+
+def multicrop_loss(run: TrainingRun, model, augment, x1, x2, bf_on: bool, context, memory_format) -> torch.Tensor:
+    """One step's forward and loss with several views: the global views' and local views' queries
+    against the gathered keys of the global views (MoCo.forward_views, multiview_loss)."""
+    config, accelerator = run.config, run.accelerator
+    device = accelerator.device
+    if augment is not None:  # x1: uint8 images at the source size, x2: each image's view parameters
+        views, local = augment(x1.to(device, non_blocking=True), x2)
+    else:  # --bf-views joint with the loader's two views
+        views, local = [x1, x2], None
+    views = [v.to(device, non_blocking=True, memory_format=memory_format) for v in views]
+    if local is not None:
+        local = local.to(device, non_blocking=True, memory_format=memory_format)
+    q_global, q_local, k_global = model(views[0], views[1], batchformer=bf_on, context=context,
+                                        more_views=tuple(views[2:]), local_views=local, bf_views=config.bf_views)
+    return multiview_loss(q_global, q_local, [accelerator.gather(k) for k in k_global], accelerator.process_index,
+                          config.moco_t, run.plan.bf_loss if bf_on else None)
 
 
 def sync_point(run: TrainingRun, done: int, lr: float, m: float) -> str | None:

@@ -45,11 +45,13 @@ VARIANTS = {
     "after-warmup": ["--bf-loss", "pairs-sum", "--bf-start-epoch", "{warmup}"],
     "global": ["--bf-loss", "pairs-sum", "--bf-context", "global"],
 }
+# The report's title and --out's default folder (bench/multicrop.py runs this study with its own arms).
+TITLE, RESULTS = "BatchFormer variants", "bf-study"
 COLOURS = ("#d62728", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = bench_parser(__doc__, "bf-study")
+    p = bench_parser(__doc__, RESULTS)
     p.add_argument("--budget-min", type=float, default=5, help="wall-clock minutes per pretraining run")
     p.add_argument("--seeds", type=int, default=2, help="seeds 0..N-1, each variant paired with MoCo v3 by seed")
     p.add_argument("--variants", default=",".join(VARIANTS),
@@ -200,7 +202,7 @@ def report(args, info: dict, cal: dict, records: list[dict], variants: list[str]
             rows[-1] += f" {'–' if name == 'moco' else cell(steps_diff)} |"
     best = sorted(variants, key=lambda v: -summary[v]["knn_diff_mean"])
     wins = [v for v in variants if summary[v]["knn_diff_mean"] > 2 * summary[v]["knn_diff_std"] > 0]
-    text = (f"# BatchFormer variants on {info['data_name']}, {args.budget_min:g} min per run, "
+    text = (f"# {TITLE} on {info['data_name']}, {args.budget_min:g} min per run, "
             f"{args.seeds} seed(s)\n\n" + "\n".join(provenance(info)) + f"\n- recipe: `{info['recipe']}`\n\n"
             + "\n".join(rows) +
             f"\n\nBest by paired kNN difference: {', '.join(best)}. Beating MoCo v3 by more than twice the paired "
@@ -208,7 +210,7 @@ def report(args, info: dict, cal: dict, records: list[dict], variants: list[str]
     write_results(args.out, text, {**info, "calibration": cal, "runs": records, "summary": summary, "ranking": best})
     series = {"moco": ("MoCo v3", "#1f77b4"), **{v: (v, COLOURS[i % len(COLOURS)]) for i, v in enumerate(variants)}}
     with open(os.path.join(args.out, "knn_curve.svg"), "w") as f:
-        f.write(svg(records, f"{info['data_name']}, {args.budget_min:g} min per run: BatchFormer variants", series))
+        f.write(svg(records, f"{info['data_name']}, {args.budget_min:g} min per run: {TITLE}", series))
     return text
 
 

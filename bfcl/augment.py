@@ -1,4 +1,5 @@
-"""MoCo v3's two-view augmentation on batches of uint8 tensors, on any device.
+"""MoCo v3's two-view augmentation on batches of uint8 tensors, on any device; and multi-crop's
+views (BatchedMultiViews: more global views, DINO's local crops; docs/multicrop.md#views).
 
 The per-image PIL recipe (bfcl.views.pretrain_views) runs in the data-loading processes and
 is the usual bottleneck at 224 px. This module splits the work in two:
@@ -48,17 +49,18 @@ SIGMA_RANGE = (0.1, 2.0)
 SOLARIZE_THRESHOLD = 128 / 255
 
 
-def draw_crop_boxes(sizes: torch.Tensor, crop_min: float, generator=None) -> torch.Tensor:
+def draw_crop_boxes(sizes: torch.Tensor, crop_min: float, generator=None, crop_max: float = 1.0) -> torch.Tensor:
     """RandomResizedCrop's box for each row of sizes [n, 2] = (height, width) in pixels.
     Returns boxes [n, 4] = (x0, y0, x1, y1) in pixel units, float (see crop_boxes)."""
     return crop_boxes(sizes, crop_min,
-                      torch.rand(sizes.shape[0], CROP_UNIFORMS, dtype=torch.float64, generator=generator))
+                      torch.rand(sizes.shape[0], CROP_UNIFORMS, dtype=torch.float64, generator=generator), crop_max)
 
 
-def crop_boxes(sizes: torch.Tensor, crop_min: float, u: torch.Tensor) -> torch.Tensor:
+def crop_boxes(sizes: torch.Tensor, crop_min: float, u: torch.Tensor, crop_max: float = 1.0) -> torch.Tensor:
     """torchvision's RandomResizedCrop rule, from uniforms u [n, 22] in [0, 1).
 
-    Ten tries of area share ~ U[crop_min, 1] and log aspect ratio ~ U[log 3/4, log 4/3]; the
+    Ten tries of area share ~ U[crop_min, crop_max] (scale=(crop_min, crop_max); 1 for the global
+    views, --local-crop-scale's for local crops) and log aspect ratio ~ U[log 3/4, log 4/3]; the
     first try that fits wins, at a uniform integer position; if none fits, the centre crop at
     the nearest allowed aspect ratio. Returns boxes [n, 4] = (x0, y0, x1, y1), float.
     Plain Python per row: a loader draws one image at a time, where tensor ops cost more.
@@ -66,7 +68,7 @@ def crop_boxes(sizes: torch.Tensor, crop_min: float, u: torch.Tensor) -> torch.T
     boxes = []
     for (height, width), r in zip(sizes.tolist(), u.tolist()):
         for t in range(10):
-            area = height * width * (crop_min + (1 - crop_min) * r[t])
+            area = height * width * (crop_min + (crop_max - crop_min) * r[t])
             aspect = math.exp(LOG_RATIO[0] + (LOG_RATIO[1] - LOG_RATIO[0]) * r[10 + t])
             w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
             if 0 < w <= width and 0 < h <= height:
@@ -80,7 +82,8 @@ def crop_boxes(sizes: torch.Tensor, crop_min: float, u: torch.Tensor) -> torch.T
     return torch.tensor(boxes, dtype=torch.float32).view(-1, 4)
 
 
-def draw_view_params(sizes: torch.Tensor, crop_min: float, blur_p, solarize_p, generator=None) -> dict:
+def draw_view_params(sizes: torch.Tensor, crop_min: float, blur_p, solarize_p, generator=None,
+                     crop_max: float = 1.0) -> dict:
     """Random parameters of one view per row: sizes [n, 2] (height, width) of the images,
     blur_p and solarize_p [n] the recipe's probabilities for each row.
 
@@ -93,7 +96,7 @@ def draw_view_params(sizes: torch.Tensor, crop_min: float, blur_p, solarize_p, g
     u = torch.rand(sizes.shape[0], CROP_UNIFORMS + 14, dtype=torch.float64, generator=generator)
     v = u[:, CROP_UNIFORMS:].float()
     return {
-        "box": crop_boxes(sizes, crop_min, u),
+        "box": crop_boxes(sizes, crop_min, u, crop_max),
         "jitter": v[:, 0] < 0.8,
         "factors": JITTER_LOW + JITTER_WIDTH * v[:, 1:5],
         "order": v[:, 5:9].argsort(dim=1),  # a uniform random permutation per row
@@ -246,15 +249,96 @@ class BatchedTwoViews:
         source = images.float().div_(255)
         image_index = torch.arange(b, device=device, dtype=torch.float32).repeat(2)[:, None]
         boxes = torch.cat([image_index, p["box"]], dim=1)  # [2B, 5] = (image, x0, y0, x1, y1)
-        chunk = self.chunk or 2 * b
+        views = self._views(source, boxes, p, self.image_size, self.blur_size)
+        return views[:b], views[b:]
+
+    def _views(self, source: torch.Tensor, boxes: torch.Tensor, p: dict, size: int, blur_size: int) -> torch.Tensor:
+        """Crop boxes [R, 5] = (image, x0, y0, x1, y1) of source [B, 3, S, S] to size x size, then
+        augment_rows with p's rows [R, ...]: views [R, 3, size, size], self.chunk rows at a time."""
+        chunk = self.chunk or boxes.shape[0]
         views = []
-        for start in range(0, 2 * b, chunk):
+        for start in range(0, boxes.shape[0], chunk):
             rows = {k: v[start:start + chunk] for k, v in p.items()}
             # aligned=True: box edges are pixel edges, samples at output pixel centres (bilinear,
             # as interpolate(align_corners=False)); sampling_ratio=-1 averages ceil(box/out)
             # samples per output pixel, so downscaling is antialiased with a box filter.
-            crops = roi_align(source, boxes[start:start + chunk], self.image_size, spatial_scale=1.0,
+            crops = roi_align(source, boxes[start:start + chunk], size, spatial_scale=1.0,
                               sampling_ratio=-1, aligned=True)
-            views.append(self.augment_rows(crops, rows, self.blur_size, self.mean, self.std))
-        views = torch.cat(views) if len(views) > 1 else views[0]
-        return views[:b], views[b:]
+            views.append(self.augment_rows(crops, rows, blur_size, self.mean, self.std))
+        return torch.cat(views) if len(views) > 1 else views[0]
+
+
+# DINO's local crops at 224 px: 96 px, area share (0.05, 0.4), blur with probability 0.5, no
+# solarization (docs/multicrop.md).
+LOCAL_SCALE = (0.05, 0.4)
+LOCAL_BLUR_P = 0.5
+
+
+def local_crop_size(image_size: int, patch_size: int | None = None) -> int:
+    """--local-crop-size's default: DINO's 96 px of 224, scaled to the image size and rounded;
+    for a ViT (patch_size given) rounded to a whole number of patches, at least one.
+    32 px -> 14 (ViT patch 4: 12, patch 8: 16), 64 px -> 27 (patch 8: 24), 224 px -> 96 (patch 16: 96)."""
+    size = image_size * 96 / 224
+    return patch_size * max(1, round(size / patch_size)) if patch_size else round(size)
+
+
+class BatchedMultiViews(BatchedTwoViews):
+    """Multi-crop (train.py --global-views V, --local-crops N): V global views at image_size,
+    recipes A, B, A, B, ... (V = 2 is MoCo v3's pair), and N local views at local_size with area
+    share local_scale, DINO's local recipe (blur p 0.5 where blur is on, no solarization), made
+    by the same batched augmentation (docs/multicrop.md#views).
+
+    dataset_transforms()'s draw_params gives [V + N, ...] rows per image: the globals' first,
+    drawn as BatchedTwoViews draws its two (for V = 2 the same values from the same seed), then
+    the locals'. __call__(images [B, 3, S, S], params [B, V + N, ...]) -> (globals, locals):
+    a list of V tensors [B, 3, image_size, image_size], and None or one tensor
+    [N·B, 3, local_size, local_size], view-major (rows [l·B, (l+1)·B) are local view l).
+    """
+
+    def __init__(self, image_size: int = 224, crop_min: float = 0.2, blur: bool = True, global_views: int = 2,
+                 local_crops: int = 0, local_size: int | None = None, local_scale=LOCAL_SCALE,
+                 source_size: int | None = None, mean=IMAGENET_MEAN, std=IMAGENET_STD, chunk: int | None = None,
+                 compile: bool = False):
+        super().__init__(image_size, crop_min, blur, source_size, mean, std, chunk, compile)
+        self.global_views, self.local_crops = global_views, local_crops
+        self.local_size = local_size or local_crop_size(image_size)
+        self.local_scale = tuple(local_scale)
+        self.local_blur_p = LOCAL_BLUR_P if blur else 0.0
+        self.local_blur_size = min(2 * math.ceil(3 * SIGMA_RANGE[1]) + 1, 2 * (self.local_size // 2) - 1)
+
+    def _draw(self, sizes: torch.Tensor, views: int, crop_min: float, crop_max: float, blur_p, solarize_p,
+              generator) -> dict:
+        n = sizes.shape[0]
+        rows = sizes.repeat_interleave(views, dim=0)  # [views·n, 2]: image-major
+        p = draw_view_params(rows, crop_min, torch.tensor(blur_p).repeat(n), torch.tensor(solarize_p).repeat(n),
+                             generator, crop_max)
+        p["box"] = p["box"] * (self.source_size / rows.flip(1).repeat(1, 2).float())
+        return {k: v.view(n, views, *v.shape[1:]) for k, v in p.items()}
+
+    def draw(self, sizes: torch.Tensor, generator=None) -> dict:
+        v = self.global_views
+        recipes = [(self.blur_p[i % 2], self.solarize_p[i % 2]) for i in range(v)]  # A, B, A, B, ...
+        p = self._draw(sizes, v, self.crop_min, 1.0, [b for b, _ in recipes], [s for _, s in recipes], generator)
+        if self.local_crops:
+            n = self.local_crops
+            local = self._draw(sizes, n, self.local_scale[0], self.local_scale[1], [self.local_blur_p] * n,
+                               [0.0] * n, generator)
+            p = {k: torch.cat([p[k], local[k]], dim=1) for k in p}
+        return p
+
+    def __call__(self, images: torch.Tensor, params: dict):
+        b, device = images.shape[0], images.device
+        v, n = self.global_views, self.local_crops
+        # [B, V + N, ...] -> [(V + N)·B, ...], view-major
+        p = {k: t.to(device, non_blocking=True).transpose(0, 1).reshape((v + n) * b, *t.shape[2:])
+             for k, t in params.items()}
+        source = images.float().div_(255)
+        image_index = torch.arange(b, device=device, dtype=torch.float32).repeat(v + n)[:, None]
+        boxes = torch.cat([image_index, p["box"]], dim=1)
+        first = {k: t[:v * b] for k, t in p.items()}
+        views = self._views(source, boxes[:v * b], first, self.image_size, self.blur_size)
+        local = None
+        if n:
+            rest = {k: t[v * b:] for k, t in p.items()}
+            local = self._views(source, boxes[v * b:], rest, self.local_size, self.local_blur_size)
+        return list(views.split(b)), local

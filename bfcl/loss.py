@@ -77,3 +77,45 @@ def moco_loss(q1, q2, k1_all, k2_all, rank: int, temperature: float, bf_loss: st
             total = total + contrastive_loss(q1_halves[x], k2_halves[y], rank, temperature)
             total = total + contrastive_loss(q2_halves[x], k1_halves[y], rank, temperature)
     return total / 4 if bf_loss == PAIRS_MEAN else total
+
+
+def pair_loss(q, k_all, rank: int, temperature: float, bf_loss: str | None) -> torch.Tensor:
+    """One query view against one key view, under a BatchFormer variant: what each of the two
+    halves of moco_loss is. None and joint: ctr(q, k_all); pairs-sum: Σ over x, y in {o, b} of
+    ctr(q_x, k_y), 4 terms; pairs-mean: the same divided by 4 (shapes as in moco_loss)."""
+    if bf_loss is None or bf_loss == JOINT:
+        return contrastive_loss(q, k_all, rank, temperature)
+    if bf_loss not in BF_LOSSES:
+        raise ValueError(f"unknown BatchFormer loss {bf_loss!r}; choose one of {', '.join(BF_LOSSES)}")
+    n = q.shape[0] // 2
+    total = 0.0
+    for q_half in q.split(n):
+        for k_half in _halves(k_all, n):
+            total = total + contrastive_loss(q_half, k_half, rank, temperature)
+    return total / 4 if bf_loss == PAIRS_MEAN else total
+
+
+def view_pairs(global_views: int, local_views: int) -> list[tuple[str, int, int]]:
+    """The (query kind, query view, key view) pairs of multiview_loss: every global view's query
+    against every OTHER global view's key, then every local view's query against every global
+    view's key. V·(V - 1) + L·V pairs; (global 0 -> key 1, global 1 -> key 0) for MoCo v3's two."""
+    return ([("global", i, g) for i in range(global_views) for g in range(global_views) if i != g]
+            + [("local", j, g) for j in range(local_views) for g in range(global_views)])
+
+
+def multiview_loss(q_global, q_local, k_global_all, rank: int, temperature: float,
+                   bf_loss: str | None) -> torch.Tensor:
+    """Multi-crop MoCo v3 (train.py --global-views, --local-crops; docs/multicrop.md#loss).
+
+    q_global: V query tensors, one per global view; q_local: L, one per local view; k_global_all:
+    V gathered key tensors, the global views' only (the momentum encoder never sees a local view).
+    Shapes per tensor as in moco_loss. Every pair of view_pairs contributes pair_loss (same
+    temperature, same 2T scaling); the loss is 2 x their mean, so that MoCo v3's two views give
+    ctr(q1, k2) + ctr(q2, k1), moco_loss up to the order of the additions, and more views change
+    which pairs are averaged, not the loss's scale (nor, with LARS, the effective step)."""
+    queries = {"global": q_global, "local": q_local}
+    pairs = view_pairs(len(q_global), len(q_local))
+    total = 0.0
+    for kind, i, g in pairs:
+        total = total + pair_loss(queries[kind][i], k_global_all[g], rank, temperature, bf_loss)
+    return total * (2 / len(pairs))

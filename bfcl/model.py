@@ -18,6 +18,10 @@ RESNET_ARCHS = ("resnet18", "resnet34", "resnet50")
 VIT_ARCHS = ("vit_tiny", "vit_small", "vit_base")  # bfcl.vit.VIT_SIZES
 ARCHS = RESNET_ARCHS + VIT_ARCHS
 STEMS = ("imagenet", "small")
+# What BatchFormer sees with several views (train.py --bf-views, docs/multicrop.md#batchformer):
+# each view's rows as their own sequence (as released), or all views' rows as one sequence.
+PER_VIEW, JOINT_VIEWS = "per-view", "joint"
+BF_VIEWS = (PER_VIEW, JOINT_VIEWS)
 
 
 def is_vit(arch: str) -> bool:
@@ -62,6 +66,17 @@ def build_backbone(arch: str, stem: str = "imagenet", image_size: int = 224, pat
     return backbone
 
 
+def layer4_input_side(image_size: int, stem: str) -> int:
+    """The side of the map a torchvision ResNet's layer4 gets from a square input: stride 2 in conv1
+    and the max-pool (ImageNet stem only), then in layer2 and layer3, each ceil(side / 2)."""
+    side = image_size if stem == "small" else (image_size - 1) // 2 + 1
+    if stem != "small":
+        side = (side - 1) // 2 + 1
+    for _ in range(2):
+        side = (side - 1) // 2 + 1
+    return side
+
+
 def mlp(in_dim: int, hidden_dim: int, out_dim: int, last_bn: bool, num_layers: int = 2) -> nn.Sequential:
     """[N, in] -> [N, out]: (Linear(no bias) -> BN -> ReLU) x (num_layers - 1) -> Linear(no bias)
     [-> BN(affine=False)], as MoCo v3's _build_mlp."""
@@ -91,6 +106,8 @@ class MoCo(nn.Module):
 
     forward(x1, x2) with views [N, 3, H, W] returns q1, q2 (with gradient) and k1, k2 (without),
     each [N, dim], or [2N, dim] with BatchFormer in training ([plain ; BatchFormer] rows).
+
+    forward(..., more_views, local_views) and forward_views: multi-crop (docs/multicrop.md#model).
 
     BatchFormer is ONE module used by both encoders, on each view separately. The released
     code made it part of both encoders, so freezing the momentum encoder froze it too: its
@@ -134,15 +151,75 @@ class MoCo(nn.Module):
             features = self.batchformer(features, context)
         return encoder.projector(features)
 
-    def forward(self, x1: torch.Tensor, x2: torch.Tensor, batchformer: bool = True, context=None):
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor, batchformer: bool = True, context=None,
+                more_views: tuple = (), local_views: torch.Tensor | None = None, bf_views: str = PER_VIEW):
         """batchformer=False skips BatchFormer for this step (train.py --bf-start-epoch); context
-        is BatchFormer's (None: the local batch; see BatchFormer.forward)."""
+        is BatchFormer's (None: the local batch; see BatchFormer.forward).
+
+        With no more_views, no local_views and bf_views per-view: MoCo v3's two views, (q1, q2, k1, k2).
+        Otherwise multi-crop (forward_views): (queries of the global views, queries of the local
+        views, keys of the global views), three lists."""
+        if more_views or local_views is not None or bf_views != PER_VIEW:
+            return self.forward_views([x1, x2, *more_views], local_views, batchformer, context, bf_views)
         q1 = self.predictor(self._embed(self.base_encoder, x1, batchformer, context))
         q2 = self.predictor(self._embed(self.base_encoder, x2, batchformer, context))
         with torch.no_grad():  # BatchFormer draws its own dropout sample here
             k1 = self._embed(self.momentum_encoder, x1, batchformer, context)
             k2 = self._embed(self.momentum_encoder, x2, batchformer, context)
         return q1, q2, k1, k2
+
+    def _batchformer_groups(self, groups: list[torch.Tensor], context, bf_views: str) -> list[torch.Tensor]:
+        """Features [B_i, C] of each view group -> [2B_i, C] = [plain ; BatchFormer] rows each.
+        per-view: one BatchFormer sequence per group, as released for each view; joint: one
+        sequence of all the groups' rows (docs/multicrop.md#batchformer)."""
+        if bf_views not in BF_VIEWS:
+            raise ValueError(f"unknown bf_views {bf_views!r}; choose one of {', '.join(BF_VIEWS)}")
+        if bf_views == PER_VIEW or not self.batchformer.training:  # eval: BatchFormer is the identity
+            return [self.batchformer(f, context) for f in groups]
+        sizes = [f.shape[0] for f in groups]
+        mixed = self.batchformer(torch.cat(groups), context)[sum(sizes):].split(sizes)
+        return [torch.cat([f, m]) for f, m in zip(groups, mixed)]
+
+    def _heads(self, encoder: Encoder, rows: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The projector once on all rows given (one tensor per view group, each [plain ; BatchFormer]
+        rows): the shared-head rule, for every group together."""
+        sizes = [r.shape[0] for r in rows]
+        return list(encoder.projector(torch.cat(rows) if len(rows) > 1 else rows[0]).split(sizes))
+
+    def forward_views(self, global_views: list[torch.Tensor], local_views: torch.Tensor | None = None,
+                      batchformer: bool = True, context=None, bf_views: str = PER_VIEW):
+        """Multi-crop (docs/multicrop.md): global views, each [B, 3, S, S], and local views
+        [L·B, 3, s, s] (view-major), or None.
+
+        Base side: each global view through backbone, BatchFormer and heads as forward() does one;
+        the local views through the backbone in ONE pass (same-size crops batched, as DINO's
+        multi-crop wrapper), BatchFormer on each local view's B rows (per-view) or on all views'
+        rows together (joint), then projector and predictor in one pass over every local row,
+        plain and BatchFormer rows alike (the shared heads). Momentum side: the global views only;
+        it never sees a local view.
+
+        Returns (q_global [V], q_local [L], k_global [V]): lists of [B, dim] tensors, [2B, dim]
+        ([plain ; BatchFormer] rows) with BatchFormer in training.
+        """
+        b = global_views[0].shape[0]
+        bf = batchformer and self.batchformer is not None
+
+        def embed(encoder: Encoder, views: list[torch.Tensor], local: torch.Tensor | None):
+            globals_ = [encoder.backbone(x) for x in views]
+            locals_ = list(encoder.backbone(local).split(b)) if local is not None else []
+            rows = self._batchformer_groups(globals_ + locals_, context, bf_views) if bf else globals_ + locals_
+            g = [encoder.projector(r) for r in rows[:len(views)]]  # each global view its own pass, as forward()
+            return g, (self._heads(encoder, rows[len(views):]) if locals_ else [])
+
+        q_global, local_embeddings = embed(self.base_encoder, global_views, local_views)
+        q_global = [self.predictor(z) for z in q_global]
+        q_local = []
+        if local_embeddings:
+            sizes = [z.shape[0] for z in local_embeddings]
+            q_local = list(self.predictor(torch.cat(local_embeddings)).split(sizes))
+        with torch.no_grad():  # BatchFormer draws its own dropout sample here
+            k_global, _ = embed(self.momentum_encoder, global_views, None)
+        return q_global, q_local, k_global
 
     @torch.no_grad()
     def update_momentum_encoder(self, m: float) -> None:

@@ -13,6 +13,7 @@ import math
 import re
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.models.vision_transformer import VisionTransformer
 
@@ -69,12 +70,47 @@ def _init_moco_v3(vit: VisionTransformer) -> None:
     nn.init.zeros_(conv.bias)
 
 
+def resample_pos_embedding(pos: torch.Tensor, grid: int) -> torch.Tensor:
+    """A position embedding [1, 1 + G², D] for a grid x grid token grid: the cls row as it is, the
+    G x G patch rows resized bicubically (align_corners=False), as DINO's interpolate_pos_encoding
+    does for its local crops: a patch keeps its RELATIVE place in the crop, so a local crop reads
+    as a whole image at a lower resolution (docs/multicrop.md#vit). Rows are patches row-major,
+    as torchvision's tokens; the grid G itself is returned unchanged."""
+    old = math.isqrt(pos.shape[1] - 1)
+    if grid == old:
+        return pos
+    patches = pos[:, 1:].reshape(1, old, old, -1).permute(0, 3, 1, 2)  # [1, D, G, G]
+    patches = F.interpolate(patches, size=(grid, grid), mode="bicubic", align_corners=False)
+    return torch.cat([pos[:, :1], patches.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)], dim=1)
+
+
+class MoCoViT(VisionTransformer):
+    """torchvision's VisionTransformer that also takes square inputs of another size, a multiple
+    of the patch (train.py --local-crops with a ViT): their token grid gets the position
+    embedding resampled to it (resample_pos_embedding). At image_size, exactly torchvision's
+    forward; the state dict is torchvision's, so exports load into VisionTransformer."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        if h == w == self.image_size:
+            return super().forward(x)
+        if h != w or h % self.patch_size:
+            raise ValueError(f"a ViT with {self.patch_size} px patches takes square inputs of a multiple of "
+                             f"{self.patch_size} px, got {h} x {w}")
+        tokens = self.conv_proj(x).flatten(2).transpose(1, 2)  # [n, g², D], patches row-major
+        tokens = torch.cat([self.class_token.expand(n, -1, -1), tokens], dim=1)
+        encoder = self.encoder
+        tokens = tokens + resample_pos_embedding(encoder.pos_embedding, h // self.patch_size)
+        tokens = encoder.ln(encoder.layers(encoder.dropout(tokens)))
+        return self.heads(tokens[:, 0])
+
+
 def build_vit(
     arch: str, image_size: int = 224, patch_size: int = 16, stop_grad_conv1: bool = True
 ) -> VisionTransformer:
     """A MoCo v3 ViT on torchvision's class: images [N, 3, S, S] -> cls features [N, width].
 
-    S must equal image_size (torchvision asserts it on every forward). `heads` is the identity, so
+    S is image_size, or another multiple of the patch (local crops, MoCoViT). `heads` is the identity, so
     the output is the cls token after the final LayerNorm; `feature_dim` is the width.
     The position embedding is a frozen Parameter (requires_grad False) holding
     `sincos_pos_embedding`; stop_grad_conv1 freezes the patch projection at its random init
@@ -90,7 +126,7 @@ def build_vit(
             f"use a multiple of it such as {image_size // patch_size * patch_size or patch_size}"
         )
     width, depth, heads = VIT_SIZES[arch]
-    vit = VisionTransformer(
+    vit = MoCoViT(
         image_size=image_size,
         patch_size=patch_size,
         num_layers=depth,
