@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from bfcl import precision
+from bfcl import auto_precision, precision
 from bfcl.synthetic import make_image_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -211,10 +211,10 @@ def test_the_timing_leaves_the_run_untouched():
                                                     "16", "-b", "4", "--moco-mlp-dim", "32", "--moco-dim", "16",
                                                     "--add_bf", "1"]))
     torch.manual_seed(1)
-    real = train.MoCo("resnet18", "small", 16, 32, batchformer=True, image_size=16)
+    real = auto_precision.MoCo("resnet18", "small", 16, 32, batchformer=True, image_size=16)
     before = {k: v.clone() for k, v in real.state_dict().items()}
     rng = torch.get_rng_state()
-    seconds = precision.time_precisions(train.precision_probe_step(config, 4, "pairs-sum"), warmup=1, timed=1)
+    seconds = precision.time_precisions(auto_precision.precision_probe_step(config, 4, "pairs-sum"), warmup=1, timed=1)
     assert set(seconds) == {"no", "bf16"} and all(s > 0 for s in seconds.values())
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(v, before[k]) for k, v in real.state_dict().items())
@@ -230,19 +230,18 @@ def test_resume_keeps_the_precision_it_trained_in(monkeypatch, tmp_path):
     """A checkpoint records its precision; a resume under auto takes it without measuring, even where this
     machine would choose otherwise, and a checkpoint written before the record (a torchrun run without a
     flag before case 14: fp32) is read from its run's config.json."""
-    import train
     from bfcl.checkpoint import save_checkpoint
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)  # the rule would say bf16
-    monkeypatch.setattr(train, "decide_auto", lambda *a: pytest.fail("a resume must not measure"))
+    monkeypatch.setattr(auto_precision, "decide_auto", lambda *a: pytest.fail("a resume must not measure"))
     save_checkpoint(str(tmp_path), 4, {"w": torch.zeros(1)}, {}, {"config": {}, "precision": "no"}, keep=0)
-    chosen, why = train.decide_precision(_config(tmp_path), None, 2, None, "cpu", "bf16", "auto: rule")
+    chosen, why = auto_precision.decide_precision(_config(tmp_path), None, 2, None, "cpu", "bf16", "auto: rule")
     assert chosen == "no" and why.startswith("auto (no --mixed-precision, none from the launcher): kept from ")
     assert "step-00000004" in why
     save_checkpoint(str(tmp_path), 8, {"w": torch.zeros(1)}, {}, {"config": {}}, keep=0)  # nothing recorded ...
     (tmp_path / "config.json").write_text('{"derived": {"precision": "no (accelerate launch\'s setting: no)"}}')
-    assert train.decide_precision(_config(tmp_path), None, 2, "auto", "cpu", "bf16", "auto: rule")[0] == "no"
+    assert auto_precision.decide_precision(_config(tmp_path), None, 2, "auto", "cpu", "bf16", "auto: rule")[0] == "no"
     # explicit choices and a fresh start are not the resume's business here (resume_checkpoint compares them)
-    assert train.decide_precision(_config(tmp_path), None, 2, "bf16", "cpu", "bf16", "asked for") == \
+    assert auto_precision.decide_precision(_config(tmp_path), None, 2, "bf16", "cpu", "bf16", "asked for") == \
         ("bf16", "asked for")
 
 
@@ -266,14 +265,14 @@ def test_resume_compares_the_precision_used_not_the_flag(tmp_path):
     ([], {"BFCL_PRECISION_PROBE": "0"}, "not measured (BFCL_PRECISION_PROBE=0); native bf16 rule"),
 ])
 def test_where_measuring_cannot_run_the_rule_decides_and_says_so(monkeypatch, tmp_path, extra, env, reason):
-    import train
     monkeypatch.setenv("BFCL_PRECISION_PROBE", "1")
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
-    monkeypatch.setattr(train, "decide_auto", lambda *a: pytest.fail("must not measure"))
-    chosen, why = train.decide_precision(_config(tmp_path, *extra), None, 2, "auto", "cpu", "bf16", "auto: rule")
+    monkeypatch.setattr(auto_precision, "decide_auto", lambda *a: pytest.fail("must not measure"))
+    chosen, why = auto_precision.decide_precision(_config(tmp_path, *extra), None, 2, "auto", "cpu", "bf16",
+                                                  "auto: rule")
     assert chosen == "bf16" and why.startswith("auto: " + reason)
 
 
