@@ -372,6 +372,7 @@ MULTICROP = ["--augment", "batched", "--global-views", "3", "--local-crops", "2"
 
 
 @pytest.mark.slow
+@pytest.mark.e2e  # about 35 s each: in make test-e2e, to keep make test near 8 minutes
 def test_defaults_give_the_losses_and_weights_of_the_code_before_multicrop(tiny_data, straight_run, tmp_path):
     """The tiny run (scripts.TINY, BatchFormer on) of the last commit before multi-crop, on this
     machine, against this code's run with the new flags at their defaults: bit for bit."""
@@ -397,6 +398,7 @@ def test_defaults_give_the_losses_and_weights_of_the_code_before_multicrop(tiny_
 
 
 @pytest.mark.slow
+@pytest.mark.e2e  # about 35 s each: in make test-e2e, to keep make test near 8 minutes
 def test_resume_mid_run_with_local_crops_is_bit_exact(tiny_data, tmp_path):
     """3 global views and 2 local crops, BatchFormer per view: stopped after step 3 and resumed,
     the run ends with the uninterrupted run's losses and weights."""
