@@ -18,6 +18,7 @@ from bfcl.checkpoint import CheckpointError, save_file_atomic
 from bfcl.evaluation import gather_in_order, shard
 from bfcl.images import UnreadableImage, read_image
 from bfcl.index import ImageIndex
+from bfcl.paths import atomic_open
 from bfcl.views import eval_transform
 
 FORMAT = "bfcl-embeddings-1"
@@ -63,13 +64,9 @@ class IndexImages(Dataset):
 
 
 def write_text_atomic(path: str, lines) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
+    with atomic_open(path, "wb") as f:
         for line in lines:
             f.write(os.fsencode(line) + b"\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def refuse_other(output_dir: str, file: str, meta: dict, want: dict) -> None:

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from bfcl.checkpoint import save_file_atomic
+from bfcl.paths import atomic_open
 
 # neighbours.csv has N·K lines; above this a spreadsheet (Excel stops at 1,048,576 rows) cannot
 # open it and nobody reads it, so only neighbours.safetensors is written.
@@ -218,14 +219,10 @@ def scores_to_first(x: torch.Tensor, groups: list[list[int]]) -> list[list[float
 
 
 def _atomic_csv(path: str, header: list[str], rows) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", newline="") as f:
+    with atomic_open(path, newline="") as f:
         w = csv.writer(f)
         w.writerow(header)
         w.writerows(rows)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_neighbours(output_dir: str, indices: torch.Tensor, scores: torch.Tensor, paths: list[str],

@@ -10,6 +10,7 @@ open_regular(path) refuses, in one line, anything but a regular file: a FIFO blo
 forever, /dev/zero never ends, a folder fails with a message naming no cause.
 """
 
+import contextlib
 import os
 import stat
 
@@ -68,4 +69,23 @@ def open_regular(path: "str | bytes", what: str, mode: str = "rb"):
         return os.fdopen(fd, mode)
     except BaseException:
         os.close(fd)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_open(path: str, mode: str = "w", **kwargs):
+    """Open PATH.tmp-PID for writing; when the block ends, flush, fsync and rename it over `path`, so a
+    reader or a kill sees the old file or the new one, never half of one. An error removes the
+    temporary and is raised; `path` is left as it was. (docs/reliability.md: every file is written
+    under NAME.tmp-PID and renamed into place.)"""
+    temporary = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(temporary, mode, **kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
         raise

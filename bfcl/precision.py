@@ -26,6 +26,8 @@ from collections.abc import Callable
 
 import torch
 
+from bfcl.paths import atomic_open
+
 CHOICES = ("auto", "no", "fp16", "bf16")
 
 
@@ -219,17 +221,11 @@ def write_cached(path: str, key: str, entry: dict) -> str | None:
     """Add `entry` under `key` (other keys kept), written atomically (a temporary renamed into place).
     None when written, else why not (the run goes on: the cache only saves a later run the measurement)."""
     entries = {**_entries(path), key: entry}
-    temporary = f"{path}.tmp-{os.getpid()}"
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(temporary, "w", encoding="utf-8") as f:
+        with atomic_open(path, encoding="utf-8") as f:
             json.dump({"format": CACHE_FORMAT, "entries": entries}, f, indent=1)
-        os.replace(temporary, path)
     except OSError as e:
-        try:
-            os.remove(temporary)
-        except OSError:
-            pass
         return e.strerror or str(e)
     return None
 

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
-from bfcl.paths import printable_text
+from bfcl.paths import atomic_open, printable_text
 
 
 def format_metrics(metrics: dict) -> str:
@@ -39,14 +39,10 @@ def truncate_metrics(path: str, start_step: int) -> None:
     under a temporary name and renamed, so a kill here leaves the old file or the new one."""
     if not os.path.exists(path):
         return
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(path, encoding="utf-8", errors="replace") as old, open(tmp, "w", encoding="utf-8") as new:
+    with open(path, encoding="utf-8", errors="replace") as old, atomic_open(path, encoding="utf-8") as new:
         for line in old:
             if line.endswith("\n") and _kept_step(line, start_step):
                 new.write(line)
-        new.flush()
-        os.fsync(new.fileno())
-    os.replace(tmp, path)
 
 
 class ProgressLog:

@@ -21,7 +21,7 @@ from accelerate.utils import broadcast_object_list
 from bfcl import __version__
 from bfcl.checkpoint import list_checkpoints
 from bfcl.errors import ConfigError, TrainingError
-from bfcl.paths import printable_text
+from bfcl.paths import atomic_open, printable_text
 from bfcl.precision import emulated_bf16_warning, launch_device_type
 from bfcl.precision import resolve as resolve_precision
 from bfcl.runlock import take_lock
@@ -237,10 +237,8 @@ STOP_MARKER = "STOPPED"
 def mark_stopped(output_dir: str, step: int) -> None:
     """Write OUTPUT/STOPPED, atomically: 'stopped cleanly at step N; run the same command to resume'."""
     path = os.path.join(output_dir, STOP_MARKER)
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w") as f:
+    with atomic_open(path) as f:
         f.write(f"stopped cleanly at step {step}; run the same command to resume\n")
-    os.replace(temporary, path)
 
 
 def clear_stop_marker(output_dir: str) -> None:

@@ -6,7 +6,7 @@ import pytest
 
 from bfcl.errors import DataError
 from bfcl.index import find_layout, index_folder
-from bfcl.paths import printable
+from bfcl.paths import atomic_open, printable
 
 
 @pytest.mark.parametrize("raw, shown", [
@@ -68,3 +68,16 @@ def test_train_py_in_an_output_folder_that_is_not_utf8(tiny_data, tmp_path):
     assert result.returncode == 0, stdout + result.stderr.decode("utf-8", "replace")
     assert f"done: 1 steps; backbone (step 1) in {tmp_path}/caf\\xe9/backbone.safetensors" in stdout
     assert f"{tmp_path}/caf\\xe9/image-index.safetensors" in stdout
+
+
+def test_atomic_open_leaves_the_old_file_or_the_new_one(tmp_path):
+    path = tmp_path / "STOPPED"
+    path.write_text("old\n")
+    with pytest.raises(RuntimeError, match="disk"):
+        with atomic_open(str(path)) as f:
+            f.write("half")
+            raise RuntimeError("disk gone")
+    assert path.read_text() == "old\n" and os.listdir(tmp_path) == ["STOPPED"]
+    with atomic_open(str(path), "wb") as f:
+        f.write(b"new\n")
+    assert path.read_bytes() == b"new\n" and os.listdir(tmp_path) == ["STOPPED"]
